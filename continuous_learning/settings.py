@@ -1,0 +1,301 @@
+"""One frozen settings object: workspace paths and every knob.
+
+Precedence: CLI flags > environment (`CL_<SECTION>_<FIELD>`, plus the short names below) > `cl.toml` in the
+workspace > defaults. Unknown keys and wrong types are rejected with a message that names them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .errors import ConfigError
+
+BUNDLED_MODEL = "bundled:SmolLM2-135M-Instruct"
+DEFAULT_KNOWLEDGE_PATTERNS = (
+    r"\b(?:lot|batch|part|order|serial)\s*(?:no\.?|number|#)?\s*[A-Z]{1,4}-?\d{1,6}[A-Z]?\b",
+)
+
+
+def _knob(default: Any, help: str) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    base_model: str = _knob(BUNDLED_MODEL, "Base model: 'bundled:...', a local HF folder, a hub id in the HF cache, or a .gguf file")
+    cache_dir: str = _knob("", "Where converted base models are cached (default: <home>/models)")
+    threads: int = _knob(0, "Torch CPU threads (0 = torch default)")
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    system_prompt: str = _knob("You are a helpful assistant.", "System prompt of new chat sessions")
+    max_new_tokens: int = _knob(256, "Longest answer in tokens")
+    temperature: float = _knob(0.0, "0 = greedy decoding")
+    top_p: float = _knob(0.9, "Nucleus sampling when temperature > 0")
+    context_tokens: int = _knob(0, "Context window kept for history (0 = the model's own limit)")
+    ask_comment: bool = _knob(False, "Ask for a free-text comment after each rating")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    entities: list = _knob(
+        ["EMAIL_ADDRESS", "PHONE_NUMBER", "US_SSN", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "PERSON"],
+        "Presidio entity types redacted before anything is written",
+    )
+    score_threshold: float = _knob(0.35, "Minimum Presidio score for a span to be redacted")
+    flag_threshold: float = _knob(0.2, "Spans scoring between this and score_threshold flag the turn as possible PII")
+    max_text_chars: int = _knob(20000, "Longest accepted text (characters) per message")
+
+
+@dataclass(frozen=True)
+class KnowledgeConfig:
+    patterns: list = _knob(list(DEFAULT_KNOWLEDGE_PATTERNS), "Regexes whose matches are aggregated as facts")
+
+
+@dataclass(frozen=True)
+class CurateConfig:
+    helpful_threshold: int = _knob(4, "Score at or above which a turn counts as helpful")
+    unhelpful_threshold: int = _knob(2, "Score at or below which a turn counts as unhelpful")
+    include_unrated: bool = _knob(False, "Also train on turns nobody rated")
+    min_chars: int = _knob(2, "Shortest prompt/answer kept")
+    max_chars: int = _knob(8000, "Longest prompt/answer kept")
+    blocklist: list = _knob([], "Words or phrases; turns containing any are dropped (case-insensitive)")
+    near_dup_threshold: float = _knob(0.8, "Jaccard similarity above which two examples are near duplicates")
+    domain_cap: float = _knob(0.5, "Largest share of a snapshot one domain may take (1.0 = no cap)")
+    eval_fraction: float = _knob(0.1, "Share of examples held out for evaluation")
+    replay_fraction: float = _knob(0.3, "Replay sample from earlier snapshots, as a share of the new examples")
+    retention_days: int = _knob(0, "Drop raw interactions older than this on every curate (0 = keep)")
+    seed: int = _knob(0, "Seed for splits and replay sampling")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    load_in_4bit: bool = _knob(True, "QLoRA: base weights in 4-bit NF4 (bitsandbytes)")
+    lora_r: int = _knob(16, "LoRA rank")
+    lora_alpha: int = _knob(32, "LoRA alpha")
+    lora_dropout: float = _knob(0.05, "LoRA dropout")
+    target_modules: str = _knob("all-linear", "Modules that get LoRA ('all-linear' or comma-separated names)")
+    learning_rate: float = _knob(5e-4, "Peak learning rate (small incremental batches need a high one)")
+    epochs: int = _knob(0, "Epochs over the snapshot (0 = use max_steps)")
+    max_steps: int = _knob(60, "Optimizer steps when epochs = 0")
+    batch_size: int = _knob(1, "Examples per micro-batch")
+    grad_accum: int = _knob(1, "Micro-batches per optimizer step")
+    max_seq_len: int = _knob(512, "Longest training sequence in tokens")
+    warmup_ratio: float = _knob(0.05, "Share of steps for linear warm-up")
+    weight_decay: float = _knob(0.0, "AdamW weight decay")
+    gradient_checkpointing: bool = _knob(False, "Trade compute for memory (pays off on long sequences / big models)")
+    checkpoint_every: int = _knob(20, "Save a resumable checkpoint every N steps")
+    seed: int = _knob(0, "Random seed")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eval_file: str = _knob("eval/qa_eval.jsonl", "Keyword QA file (relative to the workspace)")
+    general_file: str = _knob("", "Everyday-questions anchor file ('' = the shipped one)")
+    general_tolerance: float = _knob(0.1, "Largest allowed drop in general-ability accuracy")
+    max_new_tokens: int = _knob(64, "Answer length during evaluation")
+    batch_size: int = _knob(8, "Prompts generated together")
+    alpha: float = _knob(0.05, "Significance level of the McNemar test in the promotion gate")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "chat": ChatConfig,
+    "privacy": PrivacyConfig,
+    "knowledge": KnowledgeConfig,
+    "curate": CurateConfig,
+    "train": TrainConfig,
+    "eval": EvalConfig,
+}
+# Short environment names that users expect, mapped to section.field.
+ENV_ALIASES = {"CL_BASE_MODEL": ("model", "base_model"), "CL_MODEL_CACHE": ("model", "cache_dir")}
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    model: ModelConfig = field(default_factory=ModelConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    knowledge: KnowledgeConfig = field(default_factory=KnowledgeConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    debug: bool = False
+
+    # --- workspace layout -------------------------------------------------------------------------
+    @property
+    def raw_log(self) -> Path:
+        return self.home / "data" / "ingestion" / "raw_interactions.jsonl"
+
+    @property
+    def curated_dir(self) -> Path:
+        return self.home / "data" / "curated"
+
+    @property
+    def knowledge_file(self) -> Path:
+        return self.home / "knowledge" / "knowledge.json"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def learning_events(self) -> Path:
+        return self.logs_dir / "learning_events.jsonl"
+
+    @property
+    def generation_metrics(self) -> Path:
+        return self.logs_dir / "generation_metrics.jsonl"
+
+    @property
+    def feedback_metrics(self) -> Path:
+        return self.logs_dir / "feedback_metrics.json"
+
+    @property
+    def eval_dir(self) -> Path:
+        return self.home / "eval"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.home / "adapters"
+
+    @property
+    def registry_file(self) -> Path:
+        return self.adapters_dir / "registry.json"
+
+    @property
+    def salt_file(self) -> Path:
+        return self.home / ".cl" / "user_hash_salt"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.home / ".cl" / "locks"
+
+    @property
+    def model_cache(self) -> Path:
+        return Path(self.model.cache_dir).expanduser() if self.model.cache_dir else self.home / "models"
+
+    def resolve_in_home(self, relative: str | Path) -> Path:
+        """A path from config or CLI, confined to the workspace."""
+        path = Path(relative).expanduser()
+        path = path if path.is_absolute() else self.home / path
+        return path
+
+    def as_dict(self) -> dict:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["home"] = str(self.home)
+        return out
+
+
+def _coerce(value: Any, typ: Any, where: str) -> Any:
+    """Check or convert one value to the declared type; strings from the environment are parsed."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"1", "true", "yes", "on", "0", "false", "no", "off"}:
+            return value.lower() in {"1", "true", "yes", "on"}
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    elif typ is list:
+        if isinstance(value, list):
+            return value
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+    raise ConfigError(f"{where}: expected {typ.__name__}, got {value!r}", "fix the value in cl.toml or the environment")
+
+
+def _section_overrides(section: str, values: dict, origin: str) -> dict:
+    cls = SECTIONS[section]
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    out = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(
+                f"{origin}: unknown setting '{section}.{key}'",
+                f"known settings in [{section}]: {', '.join(sorted(known))}",
+            )
+        out[key] = _coerce(value, hints[key], f"{origin}: {section}.{key}")
+    return out
+
+
+def _read_toml(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})", "fix or delete the file") from None
+    for section, values in doc.items():
+        if section not in SECTIONS or not isinstance(values, dict):
+            raise ConfigError(f"{path}: unknown section [{section}]", f"known sections: {', '.join(SECTIONS)}")
+    return doc
+
+
+def _env_overrides(env: dict[str, str]) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for name, (section, key) in ENV_ALIASES.items():
+        if env.get(name):
+            out.setdefault(section, {})[key] = env[name]
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            name = f"CL_{section}_{f.name}".upper()
+            if name in env:
+                out.setdefault(section, {})[f.name] = env[name]
+    return out
+
+
+def load_settings(
+    home: str | Path | None = None,
+    overrides: dict[str, dict] | None = None,
+    env: dict[str, str] | None = None,
+    debug: bool = False,
+) -> Settings:
+    """Build the settings once: flags (`overrides`, by section) > env > cl.toml > defaults."""
+    env = dict(os.environ) if env is None else env
+    root = Path(home or env.get("CL_HOME") or ".").expanduser().resolve()
+    layers = [
+        (_read_toml(root / "cl.toml"), str(root / "cl.toml")),
+        (_env_overrides(env), "environment"),
+        ({k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in (overrides or {}).items()}, "option"),
+    ]
+    sections = {name: cls() for name, cls in SECTIONS.items()}
+    for values_by_section, origin in layers:
+        for section, values in values_by_section.items():
+            sections[section] = replace(sections[section], **_section_overrides(section, values, origin))
+    return Settings(home=root, debug=debug, **sections)
+
+
+def describe(settings: Settings) -> list[tuple[str, str, str]]:
+    """(key, value, help) rows for `cl config`."""
+    rows = [("home", str(settings.home), "Workspace root (--home / CL_HOME)")]
+    for section, cls in SECTIONS.items():
+        current = getattr(settings, section)
+        for f in fields(cls):
+            rows.append((f"{section}.{f.name}", repr(getattr(current, f.name)), f.metadata.get("help", "")))
+    return rows

@@ -1,0 +1,193 @@
+"""JSONL and JSON files: locked whole-line appends, a streaming reader that survives a torn last line,
+and atomic rewrites (temp file, fsync, rename). User data: files 0600, folders 0700."""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import orjson
+from filelock import FileLock, Timeout
+
+from .errors import CLError, InputError, LockHeldError
+
+FILE_MODE = 0o600
+DIR_MODE = 0o700
+
+
+def ensure_dir(path: Path) -> Path:
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    except PermissionError:
+        raise CLError(f"cannot create folder {path}: permission denied", "choose a writable workspace with --home") from None
+    return path
+
+
+def _disk_error(path: Path, exc: OSError) -> CLError:
+    if exc.errno == errno.ENOSPC:
+        return CLError(f"disk full while writing {path}", "free some space and run the command again; nothing stored was changed")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return CLError(f"cannot write {path}: {os.strerror(exc.errno)}", "make the workspace writable or choose another with --home")
+    return CLError(f"cannot write {path}: {exc}")
+
+
+def _lock_for(path: Path, timeout: float = 30.0) -> FileLock:
+    return FileLock(str(path) + ".lock", timeout=timeout, mode=FILE_MODE)
+
+
+def dumps_line(record: Any) -> bytes:
+    return orjson.dumps(record) + b"\n"
+
+
+def append_jsonl(path: Path, records: Iterable[Any]) -> int:
+    """Append records as whole lines in ONE write under an advisory lock. Returns the count appended."""
+    payload = b"".join(dumps_line(r) for r in records)
+    if not payload:
+        return 0
+    ensure_dir(path.parent)
+    try:
+        with _lock_for(path):
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            try:
+                if _ends_torn(fd):  # a writer died mid-line: start ours on a fresh line
+                    payload = b"\n" + payload
+                _write_all(fd, payload)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    except OSError as exc:
+        raise _disk_error(path, exc) from None
+    return payload.count(b"\n") - (1 if payload.startswith(b"\n") else 0)
+
+
+def _ends_torn(fd: int) -> bool:
+    size = os.fstat(fd).st_size
+    return size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+@dataclass
+class ReadReport:
+    """What a streaming read skipped, so callers can tell the user."""
+
+    bad_lines: list[tuple[int, str]] = field(default_factory=list)  # (line number, reason)
+    torn_tail: bool = False
+
+    @property
+    def skipped(self) -> int:
+        return len(self.bad_lines)
+
+
+def iter_jsonl(path: Path, report: ReadReport | None = None, max_line_bytes: int = 64 * 1024 * 1024) -> Iterator[tuple[int, Any]]:
+    """Stream (line number, parsed record). Undecodable lines are skipped and noted in `report`."""
+    report = report if report is not None else ReadReport()
+    if not path.exists():
+        return
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if not raw.endswith(b"\n"):
+                report.torn_tail = True
+            if not raw.strip():
+                continue
+            if len(raw) > max_line_bytes:
+                report.bad_lines.append((number, f"line longer than {max_line_bytes} bytes"))
+                continue
+            try:
+                yield number, orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                reason = "torn last line" if not raw.endswith(b"\n") else f"not valid JSON ({exc})"
+                report.bad_lines.append((number, reason))
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    if not path.exists():
+        return default
+    try:
+        return orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{path} is not valid JSON ({exc})", "restore it from a backup or delete it") from None
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over the target: all or nothing."""
+    ensure_dir(path.parent)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, FILE_MODE)
+        _write_all(fd, data)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise _disk_error(path, exc) from None
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_bytes(path, orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+
+
+def atomic_write_jsonl(path: Path, records: Iterable[Any]) -> None:
+    atomic_write_bytes(path, b"".join(dumps_line(r) for r in records))
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Temp files left by a process killed mid-write are garbage: the rename never happened."""
+    removed = 0
+    if folder.exists():
+        for tmp in folder.glob(".*.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+                removed += 1
+    return removed
+
+
+@contextlib.contextmanager
+def workspace_lock(lock_dir: Path, name: str, wait: float = 0.0):
+    """Exclusive lock for commands that change shared state (registry, training, rewrites).
+
+    flock-based: the kernel drops it when the holder dies, so a killed process never leaves a stale lock.
+    """
+    ensure_dir(lock_dir)
+    lock_path = lock_dir / f"{name}.lock"
+    owner_file = lock_dir / f"{name}.owner"
+    lock = FileLock(str(lock_path), timeout=wait, mode=FILE_MODE)
+    try:
+        lock.acquire()
+    except Timeout:
+        holder = owner_file.read_text(encoding="utf-8").strip() if owner_file.exists() else "another process"
+        raise LockHeldError(
+            f"the workspace '{name}' lock is held by {holder}",
+            "wait for that command to finish and run this one again",
+        ) from None
+    try:
+        owner_file.write_text(f"pid {os.getpid()}", encoding="utf-8")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            owner_file.unlink()
+        lock.release()

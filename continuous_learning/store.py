@@ -20,8 +20,11 @@ DIR_MODE = 0o700
 
 
 def ensure_dir(path: Path) -> Path:
+    """Create a folder and any missing parents as 0700 (mkdir's mode applies to the leaf only)."""
     try:
-        path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+        for folder in reversed([path, *path.parents]):
+            if not folder.exists():
+                folder.mkdir(mode=DIR_MODE, exist_ok=True)
     except PermissionError:
         raise CLError(f"cannot create folder {path}: permission denied", "choose a writable workspace with --home") from None
     return path
@@ -51,7 +54,7 @@ def append_jsonl(path: Path, records: Iterable[Any]) -> int:
     ensure_dir(path.parent)
     try:
         with _lock_for(path):
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+            fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
             try:
                 if _ends_torn(fd):  # a writer died mid-line: start ours on a fresh line
                     payload = b"\n" + payload

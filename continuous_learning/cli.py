@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-import traceback
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from .errors import CLError
+from .errors import CLError, NothingToDo
 from .settings import Settings, describe, load_settings
 
 console = Console(highlight=False)
@@ -25,6 +24,9 @@ class _Group(TyperGroup):
     def invoke(self, ctx: typer.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except NothingToDo as exc:
+            console.print(exc.message + (f" ({exc.hint})" if exc.hint else ""), markup=False)
+            raise typer.Exit(exc.exit_code) from None
         except CLError as exc:
             if _debug(ctx):
                 raise
@@ -209,8 +211,9 @@ def _curate_rows(counts: dict) -> list[tuple[str, int]]:
     rows = [(f"selected: {kind}", n) for kind, n in counts["selected"].items()]
     rows += [(f"dropped: {reason}", n) for reason, n in counts["dropped"].items() if n]
     rows += [("deduped: exact", counts["deduped"]["exact"]), ("deduped: near", counts["deduped"]["near"])]
-    rows += [(f"capped: {domain}", n) for domain, n in counts["capped"]["by_domain"].items()]
-    rows += [("late feedback picked up", counts["late_feedback"]), ("replayed from earlier snapshots", counts["replayed"])]
+    rows += [(f"capped: {domain} (deferred to the next run)", n) for domain, n in counts["capped"]["by_domain"].items()]
+    rows += [("late feedback picked up", counts["late_feedback"]), ("deferred turns taken now", counts["deferred"]),
+             ("replayed from earlier snapshots", counts["replayed"])]
     if counts["bad_lines"] or counts["bad_records"]:
         rows.append(("unreadable log lines/records (skipped)", counts["bad_lines"] + counts["bad_records"]))
     return rows + [("train examples", counts["train"]), ("eval examples", counts["eval"])]
@@ -232,20 +235,39 @@ def curate_cmd(
     ctx: typer.Context,
     full: bool = typer.Option(False, "--full", help="Rebuild from all logs, ignoring where the last snapshot stopped."),
     include_unrated: bool = typer.Option(False, "--include-unrated", help="Also train on turns nobody rated (low weight)."),
-    note: Optional[str] = typer.Option(None, "--note", help="A note stored with the snapshot."),
-    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    note: Optional[str] = typer.Option(None, "--note", help="A note stored with the snapshot (and the adapter)."),
+    train: bool = typer.Option(False, "--train", help="Then train an adapter on the new snapshot."),
+    evaluate: bool = typer.Option(False, "--eval", help="Then evaluate the new adapter and promote it if it is better."),
+    no_promote: bool = typer.Option(False, "--no-promote", help="With --eval: show the gate decision but never promote."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest (and later stages' results) as JSON."),
 ) -> None:
-    """Turn new rated turns into a versioned training snapshot in data/curated/."""
+    """Turn new rated turns into a versioned training snapshot in data/curated/ (--train --eval: the whole loop)."""
     from .curate import run_curate
+    from .evaluate import evaluate_and_gate
 
+    if evaluate and not train:
+        raise CLError("--eval needs --train", "use 'cl eval' to evaluate an existing adapter")
     settings = settings_from(ctx)
     with _StageProgress(enabled=not as_json) as progress:
         manifest = run_curate(settings, full=full, include_unrated=True if include_unrated else None, note=note, progress=progress)
-    # Later stages chain here when manifest["status"] == "created" (manifest["id"] names the snapshot).
-    if as_json:
-        print_json(manifest)
-    else:
+    results: dict[str, Any] = {"curate": manifest}
+    if not as_json:
         _print_curate_summary(manifest)
+    if train and manifest["status"] == "created":
+        entry = _train_with_progress(settings, snapshot=manifest["id"], note=note, quiet=as_json)
+        results["train"] = entry
+        if not as_json:
+            _print_trained(settings, entry)
+        if evaluate:
+            report = evaluate_and_gate(settings, candidate=entry["version"], promote=not no_promote,
+                                       progress=None if as_json else _dim_line)
+            results["eval"] = report
+            if not as_json:
+                _print_eval_report(report, no_promote)
+    elif train and not as_json:
+        console.print("nothing to train on")
+    if as_json:
+        print_json(results if train else manifest)
 
 
 @app.command("snapshots")
@@ -297,10 +319,6 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the registry entry as JSON (no progress bar)."),
 ) -> None:
     """Fine-tune a LoRA adapter (QLoRA by default) on a curated snapshot; registers it as a candidate."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from .train import run_training
-
     settings = settings_from(
         ctx,
         train={
@@ -317,6 +335,20 @@ def train_cmd(
             "seed": seed,
         },
     )
+    entry = _train_with_progress(settings, snapshot=snapshot, fresh=fresh, resume=resume, note=note, quiet=as_json)
+    if as_json:
+        print_json(entry)
+    else:
+        _print_trained(settings, entry)
+
+
+def _train_with_progress(settings: Settings, snapshot: Optional[str] = None, fresh: bool = False, resume: bool = False,
+                         note: Optional[str] = None, quiet: bool = False) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .train import run_training
+
+    as_json = quiet
     bar = Progress(
         TextColumn("[bold]training"),
         BarColumn(),
@@ -350,10 +382,10 @@ def train_cmd(
             bar.console.print(f"[dim]{event['message']}[/dim]")
 
     with bar:
-        entry = run_training(settings, snapshot_id=snapshot, fresh=fresh, resume=resume, note=note, progress=show)
-    if as_json:
-        print_json(entry)
-        return
+        return run_training(settings, snapshot_id=snapshot, fresh=fresh, resume=resume, note=note, progress=show)
+
+
+def _print_trained(settings: Settings, entry: dict) -> None:
     metrics = entry.get("metrics", {})
     start = f"from {entry['parent']}" if entry.get("parent") else "from the base model"
     console.print(
@@ -391,11 +423,19 @@ def eval_cmd(
         against=against,
         snapshot=snapshot,
         include_general=not no_general,
-        progress=lambda msg: err_console.print(f"[dim]{msg}[/dim]"),
+        progress=None if as_json else _dim_line,
     )
     if as_json:
         print_json(report)
         return
+    _print_eval_report(report, no_promote)
+
+
+def _dim_line(message: str) -> None:
+    err_console.print(f"[dim]{escape(message)}[/dim]")
+
+
+def _print_eval_report(report: dict, no_promote: bool) -> None:
     console.print(_eval_table(report["subject"], report["against"]))
     _eval_print_gate(report, no_promote)
 
@@ -596,6 +636,71 @@ def _adapter_print_lineage(entry: dict, chain: list[str], is_champion: bool) -> 
         tps = "-" if e.get("tokens_per_s") is None else f"{e['tokens_per_s']:.1f}"
         table.add_row(str(e.get("created_at", ""))[:19], (e.get("eval_file") or {}).get("path", "-"), f"{e.get('passed')}/{e.get('total')}", general, loss, tps)
     console.print(table)
+
+
+# === privacy: forget / retention / export ===
+@app.command("forget")
+def forget_cmd(
+    ctx: typer.Context,
+    user: str = typer.Option(..., "--user", help="The user id to forget (hashed with the workspace salt, never logged)."),
+    yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Delete one user's interactions, feedback and snapshot examples; taint the adapters trained on them."""
+    from .gdpr import forget_user
+
+    settings = settings_from(ctx)
+    if not yes:
+        typer.confirm("Permanently delete everything stored about this user?", abort=True)
+    report = forget_user(settings, user)
+    if as_json:
+        print_json(report.to_dict())
+        return
+    if report.found_nothing:
+        console.print("nothing stored for this user; nothing changed")
+        return
+    console.print(f"removed {report.interactions} interaction(s), {report.feedback_events} feedback event(s), "
+                  f"{report.snapshot_examples} snapshot example(s) from {len(report.snapshots)} snapshot(s)")
+    console.print(f"tainted {len(report.adapters_tainted)} adapter(s): {', '.join(report.adapters_tainted) or '-'}")
+    if report.champion_move:
+        from .decisions import label
+
+        move = report.champion_move
+        console.print(f"champion: {label(move['from'])} -> {label(move['to'])} (the old one was trained on this user's data)")
+
+
+@app.command("retention")
+def retention_cmd(
+    ctx: typer.Context,
+    days: int = typer.Option(..., "--days", help="Drop raw interactions (and their feedback) older than this."),
+) -> None:
+    """Drop raw interactions older than N days from the log (atomic rewrite)."""
+    from .gdpr import apply_retention
+    from .records import FEEDBACK, INTERACTION
+
+    dropped = apply_retention(settings_from(ctx), days)
+    console.print(f"dropped {dropped[INTERACTION]} interaction(s) and {dropped[FEEDBACK]} feedback event(s) older than {days} day(s)")
+
+
+@app.command("export")
+def export_cmd(
+    ctx: typer.Context,
+    user: str = typer.Option(..., "--user", help="The user id whose data to export."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write JSONL here (0600) instead of stdout."),
+) -> None:
+    """Everything stored about one user, as JSONL (right of access)."""
+    from .gdpr import export_user
+    from .store import atomic_write_jsonl, dumps_line
+
+    records = export_user(settings_from(ctx), user)
+    if out is None:
+        for record in records:
+            sys.stdout.write(dumps_line(record).decode())
+        return
+    items = list(records)
+    atomic_write_jsonl(out, items)
+    err_console.print(f"exported {len(items)} record(s) to {out}")
+
 
 def main(argv: list[str] | None = None) -> None:
     app(args=argv, prog_name="cl")

@@ -1,0 +1,885 @@
+"""Curate: from the raw interaction log to versioned ChatML training snapshots.
+
+Pure functions do the work: `select` (an example or the reason a turn is dropped), `dedupe_exact`,
+`dedupe_near` (MinHash + LSH proposes, exact shingle Jaccard decides, the best-rated survives), `cap_domains`,
+`split_eval` (whole prompt clusters go to one side, so no prompt is in both) and `sample_replay`.
+`run_curate` streams the log through them twice (feedback events first, then interactions), writes
+`data/curated/curated_<ts>.jsonl`, its `_eval.jsonl` and `_manifest.json` atomically and records the snapshot
+in the registry. Nothing new to curate: it writes nothing and says why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import heapq
+import math
+import re
+import unicodedata
+import zlib
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from . import registry
+from .errors import ConfigError
+from .records import FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict, parse_time
+from .settings import CurateConfig, Settings
+from .store import ReadReport, atomic_write_bytes, atomic_write_json, dumps_line, iter_jsonl, workspace_lock
+
+KIND_WEIGHTS = {"corrected": 2.0, "helpful": 1.0, "unrated": 0.5}
+KIND_RANK = {"corrected": 3, "helpful": 2, "unrated": 1, "replay": 0}
+KINDS = ("corrected", "helpful", "unrated", "replay")
+DROP_REASONS = (
+    "expired", "private", "pii_flagged", "malformed", "unhelpful", "neutral", "unrated",
+    "empty", "truncated", "too_short", "too_long", "blocklisted",
+)
+SHINGLE_CHARS = 5
+NUM_PERM = 128
+ID_CHARS = 16
+# Records are stamped before they are appended, so two writers can land slightly out of order, and a batch
+# import stamps many records with the same millisecond. The cursor remembers the ids seen in this window.
+CURSOR_SLACK = timedelta(seconds=5)
+PROGRESS_EVERY = 4096
+
+Progress = Callable[[str, int, Optional[int]], None]
+
+
+# --- text -------------------------------------------------------------------------------------------
+_SPACES = re.compile(r"\s+")
+
+
+def normalise(text: str) -> str:
+    """Unicode NFKC, case-folded, whitespace collapsed: the form duplicates are compared in."""
+    return _SPACES.sub(" ", unicodedata.normalize("NFKC", text).casefold()).strip()
+
+
+def short_hash(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()[:ID_CHARS]
+
+
+def shingles(text: str, size: int = SHINGLE_CHARS) -> set[str]:
+    return {text[i : i + size] for i in range(max(1, len(text) - size + 1))}
+
+
+def jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def clean_messages(messages: Any) -> list[dict] | None:
+    """[{"role", "content"}] ending with the assistant answer, or None when the shape is wrong."""
+    if not isinstance(messages, list) or not messages:
+        return None
+    out = []
+    for message in messages:
+        if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
+            return None
+        out.append({"role": message["role"], "content": message["content"]})
+    return out if out[-1]["role"] == "assistant" else None
+
+
+# --- examples ---------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    """One training example: a conversation whose final assistant message is the target."""
+
+    messages: list[dict]
+    kind: str
+    weight: float
+    source_ids: list[str]
+    user_hashes: list[str]
+    target_tool: str | None = None
+    created_at: str = ""
+    rank: tuple = ()  # larger = better rated; decides which duplicate survives (not written)
+
+    @cached_property
+    def id(self) -> str:
+        """Short sha256 of the normalised prompt (the dialogue before the target) and the answer."""
+        return short_hash(*(f"{m['role']}:{normalise(m['content'])}" for m in self.messages if m["role"] != "system"))
+
+    @property
+    def prompt(self) -> str:
+        return next((m["content"] for m in reversed(self.messages) if m["role"] == "user"), "")
+
+    @cached_property
+    def prompt_key(self) -> str:
+        return normalise(self.prompt)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(normalise(m["content"]) for m in self.messages if m["role"] != "system")
+
+    def absorb(self, other: "Example") -> "Example":
+        """The better-rated of two duplicates, carrying the sources and users of both."""
+        keep, drop = (self, other) if self.rank >= other.rank else (other, self)
+        keep.source_ids = list(dict.fromkeys(keep.source_ids + drop.source_ids))
+        keep.user_hashes = sorted(set(keep.user_hashes) | set(drop.user_hashes))
+        return keep
+
+    def to_record(self) -> dict:
+        return {
+            "messages": [{"role": m["role"], "content": m["content"]} for m in self.messages],
+            "id": self.id,
+            "source_ids": list(self.source_ids),
+            "weight": float(self.weight),
+            "kind": self.kind,
+            "target_tool": self.target_tool,
+            "user_hashes": list(self.user_hashes),
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_record(cls, record: Any, kind: str | None = None) -> "Example | None":
+        """A snapshot line back as an Example (None when it is not one)."""
+        messages = clean_messages(record.get("messages")) if isinstance(record, dict) else None
+        if messages is None:
+            return None
+        try:
+            weight = float(record.get("weight", 1.0))
+        except (TypeError, ValueError):
+            weight = 1.0
+        return cls(
+            messages=messages,
+            kind=kind or str(record.get("kind", "helpful")),
+            weight=weight,
+            source_ids=[str(s) for s in record.get("source_ids") or []],
+            user_hashes=sorted({str(h) for h in record.get("user_hashes") or []}),
+            target_tool=record.get("target_tool"),
+            created_at=str(record.get("created_at") or ""),
+            rank=(0, 0, ""),
+        )
+
+
+# --- selection --------------------------------------------------------------------------------------
+def _check(ok: bool, name: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"curate.{name} must be {rule}, got {value!r}", "fix it in cl.toml, the environment or the flag")
+
+
+def validate_config(config: CurateConfig) -> None:
+    """Reject knob values that would make curation meaningless before any work starts."""
+    _check(config.unhelpful_threshold < config.helpful_threshold, "unhelpful_threshold", config.unhelpful_threshold,
+           f"below curate.helpful_threshold ({config.helpful_threshold})")
+    _check(0 <= config.min_chars <= config.max_chars, "min_chars", config.min_chars, f"between 0 and max_chars ({config.max_chars})")
+    _check(0 < config.near_dup_threshold <= 1, "near_dup_threshold", config.near_dup_threshold, "in (0, 1]")
+    _check(0 < config.domain_cap <= 1, "domain_cap", config.domain_cap, "in (0, 1]")
+    _check(0 <= config.eval_fraction < 1, "eval_fraction", config.eval_fraction, "in [0, 1)")
+    _check(config.replay_fraction >= 0, "replay_fraction", config.replay_fraction, ">= 0")
+    _check(config.retention_days >= 0, "retention_days", config.retention_days, ">= 0")
+    _check(all(isinstance(w, str) and w.strip() for w in config.blocklist), "blocklist", config.blocklist, "a list of non-empty strings")
+
+
+def blocklist_pattern(phrases: Iterable[str]) -> re.Pattern | None:
+    """Whole words/phrases, case-insensitive: 'ass' must not drop a turn about a 'class'."""
+    alternatives = [re.escape(normalise(p)) for p in phrases if p.strip()]
+    return re.compile(r"(?<!\w)(?:" + "|".join(alternatives) + r")(?!\w)") if alternatives else None
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Everything `select` needs, resolved once per run."""
+
+    helpful_threshold: int = 4
+    unhelpful_threshold: int = 2
+    include_unrated: bool = False
+    min_chars: int = 2
+    max_chars: int = 8000
+    blocklist: re.Pattern | None = None
+    expires_before: datetime | None = None
+
+    @classmethod
+    def from_config(cls, config: CurateConfig, include_unrated: bool | None = None, now: datetime | None = None) -> "Rules":
+        validate_config(config)
+        now = now or datetime.now(timezone.utc)
+        return cls(
+            helpful_threshold=config.helpful_threshold,
+            unhelpful_threshold=config.unhelpful_threshold,
+            include_unrated=config.include_unrated if include_unrated is None else include_unrated,
+            min_chars=config.min_chars,
+            max_chars=config.max_chars,
+            blocklist=blocklist_pattern(config.blocklist),
+            expires_before=now - timedelta(days=config.retention_days) if config.retention_days > 0 else None,
+        )
+
+
+def _rating(feedback: Feedback) -> float:
+    if isinstance(feedback.score, (int, float)):
+        return float(feedback.score)
+    return {True: 4.0, False: 1.0}.get(feedback.helpful, 0.0)
+
+
+def content_problem(messages: list[dict], truncated: bool, rules: Rules) -> str | None:
+    """Why these messages can't be a training example (None when they can)."""
+    prompt = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "").strip()
+    answer = messages[-1]["content"].strip()
+    if not prompt or not answer:
+        return "empty"
+    if truncated:
+        return "truncated"
+    if min(len(prompt), len(answer)) < rules.min_chars:
+        return "too_short"
+    if any(len(m["content"]) > rules.max_chars for m in messages if m["role"] != "system"):
+        return "too_long"
+    if rules.blocklist and any(rules.blocklist.search(normalise(m["content"])) for m in messages):
+        return "blocklisted"
+    return None
+
+
+def select(interaction: Interaction, rules: Rules) -> Example | str:
+    """The example a turn (with its feedback already joined) yields, or the reason it is dropped.
+
+    Checks run in this order and the first that applies is the reason: expired, private, pii_flagged,
+    malformed, unhelpful/neutral/unrated, empty, truncated, too_short, too_long, blocklisted.
+    """
+    feedback = interaction.feedback
+    if rules.expires_before and parse_time(interaction.created_at) < rules.expires_before:
+        return "expired"
+    if feedback.private:
+        return "private"
+    if interaction.pii_flagged:
+        return "pii_flagged"
+    messages = clean_messages(interaction.messages)
+    if messages is None or (feedback.correction is not None and not isinstance(feedback.correction, str)):
+        return "malformed"
+    kind = helpful_verdict(feedback, rules.helpful_threshold, rules.unhelpful_threshold)
+    if kind in ("unhelpful", "neutral") or (kind == "unrated" and not rules.include_unrated):
+        return kind
+    if kind == "corrected":  # the user's answer replaces the model's, so a truncated answer no longer matters
+        messages[-1] = {"role": "assistant", "content": feedback.correction}
+    problem = content_problem(messages, interaction.truncated and kind != "corrected", rules)
+    if problem:
+        return problem
+    return Example(
+        messages=messages,
+        kind=kind,
+        weight=KIND_WEIGHTS[kind],
+        source_ids=[str(interaction.id)],
+        user_hashes=[str(interaction.user_hash)] if interaction.user_hash else [],
+        target_tool=interaction.target_tool if isinstance(interaction.target_tool, str) and interaction.target_tool else None,
+        created_at=str(interaction.created_at),
+        rank=(KIND_RANK[kind], _rating(feedback), str(interaction.recorded_at)),
+    )
+
+
+# --- dedupe -----------------------------------------------------------------------------------------
+def dedupe_exact(examples: Iterable[Example]) -> tuple[list[Example], int]:
+    """Collapse examples with the same normalised text (same id). Returns (survivors, number collapsed)."""
+    best: dict[str, Example] = {}
+    collapsed = 0
+    for example in examples:
+        kept = best.get(example.id)
+        if kept is None:
+            best[example.id] = example
+        else:
+            best[example.id] = kept.absorb(example)
+            collapsed += 1
+    return list(best.values()), collapsed
+
+
+def _signatures(texts: list[str]) -> Iterator[Any]:
+    """MinHash of each text's shingles, computed in chunks so only one chunk of them is alive at a time."""
+    from datasketch import MinHash
+
+    for start in range(0, len(texts), 4096):
+        chunk = [[s.encode("utf-8") for s in shingles(t)] for t in texts[start : start + 4096]]
+        yield from MinHash.bulk(chunk, num_perm=NUM_PERM, hashfunc=zlib.crc32)
+
+
+class NearIndex:
+    """Near-duplicate lookup: MinHash LSH proposes candidates, exact shingle Jaccard decides.
+
+    The LSH band threshold sits below the real one so that pairs just above it are not missed.
+    """
+
+    def __init__(self, threshold: float):
+        from datasketch import MinHashLSH
+
+        self.threshold = threshold
+        self._lsh = MinHashLSH(threshold=max(0.1, threshold - 0.2), num_perm=NUM_PERM)
+        self._texts: dict[int, str] = {}
+
+    def add(self, key: int, text: str, signature: Any) -> None:
+        self._lsh.insert(key, signature)
+        self._texts[key] = text
+
+    def matches(self, text: str, signature: Any) -> list[int]:
+        mine = shingles(text)
+        return sorted(k for k in self._lsh.query(signature) if jaccard(mine, shingles(self._texts[k])) >= self.threshold)
+
+    @classmethod
+    def of(cls, texts: list[str], threshold: float) -> "NearIndex":
+        index = cls(threshold)
+        for i, (text, signature) in enumerate(zip(texts, _signatures(texts))):
+            index.add(i, text, signature)
+        return index
+
+    def matches_any(self, texts: list[str]) -> list[bool]:
+        return [bool(self.matches(t, s)) for t, s in zip(texts, _signatures(texts))] if self._texts else [False] * len(texts)
+
+
+def dedupe_near(examples: list[Example], threshold: float) -> tuple[list[Example], int]:
+    """Collapse near duplicates (shingle Jaccard >= threshold) into the best-rated of each cluster."""
+    if threshold >= 1 or len(examples) < 2:
+        return list(examples), 0
+    ordered = sorted(examples, key=lambda e: e.rank, reverse=True)  # best first, so the first of a cluster survives
+    texts = [e.text for e in ordered]
+    index = NearIndex(threshold)
+    kept: dict[int, Example] = {}
+    for i, signature in enumerate(_signatures(texts)):
+        match = index.matches(texts[i], signature)
+        if match:
+            kept[match[0]] = kept[match[0]].absorb(ordered[i])
+        else:
+            index.add(i, texts[i], signature)
+            kept[i] = ordered[i]
+    return list(kept.values()), len(examples) - len(kept)
+
+
+# --- diversity and split ------------------------------------------------------------------------------
+def cap_domains(examples: list[Example], cap: float) -> tuple[list[Example], list[Example]]:
+    """(kept, capped): no `target_tool` keeps more than floor(cap x all examples), best-rated first.
+
+    Turns without a target_tool are not a domain and are never capped; with a single domain there is
+    nothing to balance against, so nothing is capped.
+    """
+    domains = Counter(e.target_tool for e in examples if e.target_tool)
+    has_untagged = any(not e.target_tool for e in examples)
+    if cap >= 1 or len(domains) + has_untagged < 2:
+        return list(examples), []
+    limit = max(1, math.floor(cap * len(examples)))
+    capped: list[Example] = []
+    for domain in sorted(d for d, n in domains.items() if n > limit):
+        members = sorted((e for e in examples if e.target_tool == domain), key=lambda e: e.rank, reverse=True)
+        capped.extend(members[limit:])
+    dropped = {id(e) for e in capped}
+    return [e for e in examples if id(e) not in dropped], capped
+
+
+def prompt_groups(examples: list[Example], threshold: float) -> list[list[int]]:
+    """Indexes of examples whose final prompts are equal or near duplicates, as connected groups."""
+    parent = list(range(len(examples)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, example in enumerate(examples):
+        parent[root(i)] = root(first.setdefault(example.prompt_key, i))
+    if threshold < 1:
+        keys = [e.prompt_key for e in examples]
+        index = NearIndex(threshold)
+        for i, signature in enumerate(_signatures(keys)):
+            for j in index.matches(keys[i], signature):
+                parent[root(i)] = root(j)
+            index.add(i, keys[i], signature)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(examples)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
+
+
+def split_eval(examples: list[Example], fraction: float, seed: int, threshold: float) -> tuple[list[Example], list[Example]]:
+    """(train, eval) with about `fraction` held out; prompt groups go whole to one side, train never empty."""
+    wanted = min(int(fraction * len(examples) + 0.5), len(examples) - 1)
+    groups = prompt_groups(examples, threshold)
+    if wanted <= 0 or len(groups) < 2:
+        return list(examples), []
+    order = sorted(groups, key=lambda g: short_hash(str(seed), min(examples[i].prompt_key for i in g)))
+    held: set[int] = set()
+    for group in order:
+        if len(held) + len(group) <= wanted:
+            held.update(group)
+        if len(held) >= wanted:
+            break
+    return [e for i, e in enumerate(examples) if i not in held], [e for i, e in enumerate(examples) if i in held]
+
+
+def leaked_prompts(train: list[Example], eval_examples: list[Example], threshold: float) -> list[Example]:
+    """Train examples whose prompt is equal or near to an eval prompt (must be empty in a snapshot)."""
+    if not eval_examples or not train:
+        return []
+    keys = {e.prompt_key for e in eval_examples}
+    index = NearIndex.of([e.prompt_key for e in eval_examples], min(threshold, 0.999))
+    near = index.matches_any([e.prompt_key for e in train])
+    return [e for e, hit in zip(train, near) if hit or e.prompt_key in keys]
+
+
+# --- replay -----------------------------------------------------------------------------------------
+def replay_size(fraction: float, new_examples: int) -> int:
+    """replay_fraction x new examples, at least one when replay is on and there is something new."""
+    return max(1, int(fraction * new_examples + 0.5)) if fraction > 0 and new_examples > 0 else 0
+
+
+def sample_replay(examples: Iterable[Example], size: int, salt: str) -> list[Example]:
+    """A seeded uniform sample of `size` distinct examples (bottom-k by salted id hash), in constant memory."""
+    heap: list[tuple[int, str, Example]] = []  # max-heap on priority via negation
+    members: set[str] = set()
+    for example in examples:
+        if size <= 0 or example.id in members:
+            continue
+        priority = -int(short_hash(salt, example.id), 16)
+        if len(heap) < size:
+            heapq.heappush(heap, (priority, example.id, example))
+            members.add(example.id)
+        elif priority > heap[0][0]:
+            _, evicted, _ = heapq.heapreplace(heap, (priority, example.id, example))
+            members.discard(evicted)
+            members.add(example.id)
+    return [e for _, _, e in sorted(heap, reverse=True)]
+
+
+def choose_replay(pool: list[Example], size: int, new: list[Example], threshold: float) -> list[Example]:
+    """The first `size` pooled examples that repeat nothing new: no same or near example, no same or near
+    prompt. `new` holds train and eval, so a replayed prompt can never also be an eval prompt."""
+    if not pool or size <= 0:
+        return []
+    texts = NearIndex.of([e.text for e in new], min(threshold, 0.999)).matches_any([e.text for e in pool])
+    prompts = NearIndex.of([e.prompt_key for e in new], min(threshold, 0.999)).matches_any([e.prompt_key for e in pool])
+    ids, prompt_keys = {e.id for e in new}, {e.prompt_key for e in new}
+    chosen: list[Example] = []
+    for example, near_text, near_prompt in zip(pool, texts, prompts):
+        if near_text or near_prompt or example.id in ids or example.prompt_key in prompt_keys:
+            continue
+        chosen.append(example)
+        ids.add(example.id)
+        prompt_keys.add(example.prompt_key)
+        if len(chosen) == size:
+            break
+    return chosen
+
+
+# --- cursor -----------------------------------------------------------------------------------------
+def _moment(text: Any) -> datetime | None:
+    try:
+        return parse_time(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
+
+
+@dataclass
+class Cursor:
+    """Where the previous snapshot stopped: the newest interaction and feedback event it saw (by
+    `recorded_at` / event `created_at`), the ids seen within CURSOR_SLACK of each, and the turns its domain
+    cap held back (so a flooding domain is spread over snapshots, not lost)."""
+
+    recorded_at: str | None = None
+    recorded_ids: list[str] = field(default_factory=list)
+    feedback_at: str | None = None
+    feedback_ids: list[str] = field(default_factory=list)
+    last_interaction_id: str | None = None  # the newest interaction included in the snapshot
+    deferred_ids: list[str] = field(default_factory=list)  # capped turns, offered again with the next new material
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "Cursor":
+        if not isinstance(data, dict):
+            return cls()
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @cached_property
+    def _edges(self) -> tuple:
+        return _moment(self.recorded_at), set(self.recorded_ids), _moment(self.feedback_at), set(self.feedback_ids)
+
+    def new_interaction(self, moment: datetime, ident: str) -> bool:
+        top, edge, _, _ = self._edges
+        return _after(moment, ident, top, edge)
+
+    def new_feedback(self, moment: datetime, ident: str) -> bool:
+        _, _, top, edge = self._edges
+        return _after(moment, ident, top, edge)
+
+
+def _after(moment: datetime, ident: str, top: datetime | None, edge: set[str]) -> bool:
+    if top is None or moment > top:
+        return True
+    return moment > top - CURSOR_SLACK and ident not in edge
+
+
+class Watermark:
+    """The newest timestamp seen, and the ids seen within CURSOR_SLACK of it."""
+
+    def __init__(self) -> None:
+        self.top: datetime | None = None
+        self.top_text: str | None = None
+        self._recent: list[tuple[datetime, str]] = []
+        self._pruned_at = 0
+
+    def see(self, moment: datetime, text: str, ident: str) -> None:
+        if self.top is None or moment > self.top:
+            self.top, self.top_text = moment, text
+        if moment > self.top - CURSOR_SLACK:
+            self._recent.append((moment, ident))
+            if len(self._recent) > max(1024, 2 * self._pruned_at):
+                self._prune()
+
+    def _prune(self) -> None:
+        if self.top is not None:
+            self._recent = [(m, i) for m, i in self._recent if m > self.top - CURSOR_SLACK]
+        self._pruned_at = len(self._recent)
+
+    def edge(self) -> list[str]:
+        self._prune()
+        return sorted({i for _, i in self._recent})
+
+
+def previous_cursor(snapshots: list[dict]) -> Cursor:
+    return Cursor.from_dict(snapshots[-1].get("cursor")) if snapshots else Cursor()
+
+
+# --- streaming passes -----------------------------------------------------------------------------------
+def count_lines(path: Path) -> int:
+    """Newlines in the file, read in blocks (for a progress total; cheap next to parsing)."""
+    if not path.exists():
+        return 0
+    with open(path, "rb") as handle:
+        return sum(block.count(b"\n") for block in iter(lambda: handle.read(1 << 20), b""))
+
+
+def _ticker(progress: Progress | None, phase: str, total: int | None) -> Callable[[int, bool], None]:
+    def tick(done: int, final: bool = False) -> None:
+        if progress and (final or done % PROGRESS_EVERY == 0):
+            progress(phase, done, total)
+
+    tick(0, True)
+    return tick
+
+
+@dataclass
+class FeedbackScan:
+    """Pass 1: every feedback event merged per interaction, in log order."""
+
+    feedback: dict[str, Feedback] = field(default_factory=dict)
+    raters: dict[str, set[str]] = field(default_factory=dict)
+    late: set[str] = field(default_factory=set)  # interactions with an event newer than the cursor
+    events: int = 0
+    bad_records: int = 0
+    lines: int = 0  # pass 2 stops here, so lines appended meanwhile are left for the next run
+    watermark: Watermark = field(default_factory=Watermark)
+    report: ReadReport = field(default_factory=ReadReport)
+
+
+def scan_feedback(path: Path, cursor: Cursor, progress: Progress | None = None, total: int | None = None) -> FeedbackScan:
+    scan = FeedbackScan()
+    tick = _ticker(progress, "reading feedback", total)
+    for number, record in iter_jsonl(path, scan.report):
+        scan.lines = number
+        tick(number)
+        if isinstance(record, dict) and record.get("type") == FEEDBACK:
+            _add_event(scan, record, cursor)
+    scan.lines = max(scan.lines, scan.report.bad_lines[-1][0] if scan.report.bad_lines else 0)
+    tick(scan.lines, True)
+    return scan
+
+
+def _add_event(scan: FeedbackScan, record: dict, cursor: Cursor) -> None:
+    target, moment = record.get("interaction_id"), _moment(record.get("created_at"))
+    if not isinstance(target, str) or moment is None or not isinstance(record.get("feedback"), dict):
+        scan.bad_records += 1
+        return
+    try:
+        event = Feedback.from_dict(record["feedback"])
+    except TypeError:
+        scan.bad_records += 1
+        return
+    scan.events += 1
+    scan.feedback[target] = scan.feedback.get(target, Feedback()).merged(event)
+    if record.get("user_hash"):
+        scan.raters.setdefault(target, set()).add(str(record["user_hash"]))
+    ident = str(record.get("id") or "")
+    scan.watermark.see(moment, record["created_at"], ident)
+    if cursor.new_feedback(moment, ident):
+        scan.late.add(target)
+
+
+@dataclass
+class Gathered:
+    """Pass 2: the examples selected from the new material, and what happened to the rest."""
+
+    examples: list[Example] = field(default_factory=list)
+    tally: Counter = field(default_factory=Counter)
+    watermark: Watermark = field(default_factory=Watermark)
+    exact_duplicates: int = 0
+
+
+@dataclass
+class _Pass2:
+    """Decides, record by record, whether an interaction is new material and what it yields."""
+
+    scan: FeedbackScan
+    cursor: Cursor
+    already_snapshotted: set[str]
+    rules: Rules
+    full: bool
+    out: Gathered = field(default_factory=Gathered)
+
+    def __post_init__(self) -> None:
+        self.orphans = set(self.scan.feedback)  # events whose interaction is never seen
+        self.deferred = set(self.cursor.deferred_ids)
+
+    def consider(self, record: dict) -> Example | None:
+        tally = self.out.tally
+        tally["interactions"] += 1
+        ident, stamp = record.get("id"), record.get("recorded_at") or record.get("created_at")
+        moment = _moment(stamp)
+        if not isinstance(ident, str) or moment is None:
+            tally["bad_records"] += 1
+            return None
+        self.orphans.discard(ident)
+        self.out.watermark.see(moment, stamp, ident)
+        if self.full or self.cursor.new_interaction(moment, ident):
+            tally["new_interactions"] += 1
+        elif ident in self.deferred:
+            tally["deferred"] += 1
+        elif ident not in self.scan.late:
+            return None
+        elif ident in self.already_snapshotted:
+            tally["late_feedback_already_in_snapshot"] += 1
+            return None
+        else:
+            tally["late_feedback"] += 1
+        return self.select_joined(record)
+
+    def select_joined(self, record: dict) -> Example | None:
+        try:
+            interaction = Interaction.from_dict(record)
+            if interaction.id in self.scan.feedback:
+                interaction.feedback = interaction.feedback.merged(self.scan.feedback[interaction.id])
+            outcome = select(interaction, self.rules)
+        except (TypeError, ValueError, KeyError, AttributeError):  # a record edited into nonsense is dropped, not fatal
+            outcome = "malformed"
+        if isinstance(outcome, str):
+            self.out.tally[f"dropped.{outcome}"] += 1
+            return None
+        self.out.tally[f"selected.{outcome.kind}"] += 1
+        raters = self.scan.raters.get(interaction.id)
+        if raters:  # a correction is the rater's own text: deleting their data must find it
+            outcome.user_hashes = sorted(set(outcome.user_hashes) | raters)
+        return outcome
+
+
+def gather_examples(
+    path: Path,
+    scan: FeedbackScan,
+    cursor: Cursor,
+    already_snapshotted: set[str],
+    rules: Rules,
+    full: bool,
+    progress: Progress | None = None,
+) -> Gathered:
+    """Stream the interactions, take the new ones (plus old ones with new feedback), select and exact-dedupe."""
+    state = _Pass2(scan, cursor, already_snapshotted, rules, full)
+    tick = _ticker(progress, "selecting turns", scan.lines)
+
+    def selected() -> Iterator[Example]:
+        for number, record in iter_jsonl(path):
+            if number > scan.lines:  # appended after pass 1: its feedback was not collected, leave it to the next run
+                break
+            tick(number)
+            if isinstance(record, dict) and record.get("type") == INTERACTION:
+                example = state.consider(record)
+                if example is not None:
+                    yield example
+        tick(scan.lines, True)
+
+    state.out.examples, state.out.exact_duplicates = dedupe_exact(selected())
+    state.out.tally["orphan_feedback"] = len(state.orphans)
+    return state.out
+
+
+def snapshot_paths(settings: Settings, snapshots: list[dict], keys: tuple[str, ...]) -> Iterator[tuple[str, Path | None]]:
+    for snap in snapshots:
+        for key in keys:
+            if snap.get(key):
+                path = registry.confined(settings, snap[key])
+                yield snap["id"], path if path.exists() else None
+
+
+def ids_in_snapshots(settings: Settings, snapshots: list[dict], wanted: set[str]) -> set[str]:
+    """Which of `wanted` interaction ids are already in a snapshot (train or eval)."""
+    found: set[str] = set()
+    if not wanted:
+        return found
+    for _, path in snapshot_paths(settings, snapshots, ("file", "eval_file")):
+        for _, record in iter_jsonl(path) if path else ():
+            if isinstance(record, dict):
+                found.update(s for s in record.get("source_ids") or [] if s in wanted)
+    return found
+
+
+def earlier_examples(settings: Settings, snapshots: list[dict], expires_before: datetime | None, tally: Counter) -> Iterator[Example]:
+    """Train examples of earlier snapshots, as replay candidates (expired ones left out)."""
+    for _, path in snapshot_paths(settings, snapshots, ("file",)):
+        if path is None:
+            tally["replay_sources_missing"] += 1
+            continue
+        for _, record in iter_jsonl(path):
+            example = Example.from_record(record, kind="replay")
+            moment = _moment(example.created_at) if example else None
+            if example and not (expires_before and moment and moment < expires_before):
+                yield example
+
+
+# --- the run ----------------------------------------------------------------------------------------
+def _counts(tally: Counter, scan: FeedbackScan, exact: int, near: int, capped: list[Example]) -> dict:
+    return {
+        "lines": scan.lines,
+        "bad_lines": scan.report.skipped,
+        "torn_tail": scan.report.torn_tail,
+        "bad_records": scan.bad_records + tally["bad_records"],
+        "interactions": tally["interactions"],
+        "feedback_events": scan.events,
+        "orphan_feedback": tally["orphan_feedback"],
+        "new_interactions": tally["new_interactions"],
+        "late_feedback": tally["late_feedback"],
+        "late_feedback_already_in_snapshot": tally["late_feedback_already_in_snapshot"],
+        "deferred": tally["deferred"],
+        "selected": {k: tally[f"selected.{k}"] for k in KIND_WEIGHTS},
+        "dropped": {r: tally[f"dropped.{r}"] for r in DROP_REASONS},
+        "deduped": {"exact": exact, "near": near},
+        "capped": {"total": len(capped), "by_domain": dict(sorted(Counter(e.target_tool for e in capped).items()))},
+        "new_examples": 0,
+        "replayed": 0,
+        "replay_sources_missing": tally["replay_sources_missing"],
+        "train": 0,
+        "eval": 0,
+    }
+
+
+def _settings_used(settings: Settings, rules: Rules) -> dict:
+    return {**dataclasses.asdict(settings.curate), "include_unrated": rules.include_unrated}
+
+
+def _why_nothing(counts: dict, log: Path) -> str:
+    if counts["lines"] == 0:
+        return f"no interactions logged yet ({log} is empty or missing)"
+    considered = counts["new_interactions"] + counts["late_feedback"]
+    if considered == 0:
+        return "no interactions or feedback since the last snapshot"
+    reasons = ", ".join(f"{n} {r}" for r, n in counts["dropped"].items() if n)
+    return f"{considered} new turn(s), none selected ({reasons or 'all capped or duplicates'})"
+
+
+def new_snapshot_id(settings: Settings, taken: set[str], now: datetime) -> str:
+    """curated_YYYYMMDD_HHMMSS, with _2, _3... when that second is already used."""
+    base = f"curated_{now.astimezone(timezone.utc):%Y%m%d_%H%M%S}"
+    candidate, n = base, 1
+    while candidate in taken or (settings.curated_dir / f"{candidate}.jsonl").exists():
+        n += 1
+        candidate = f"{base}_{n}"
+    return candidate
+
+
+def _write(path: Path, examples: list[Example]) -> str:
+    payload = b"".join(dumps_line(e.to_record()) for e in examples)
+    atomic_write_bytes(path, payload)
+    return hashlib.sha256(payload).hexdigest()
+
+
+def _chronological(examples: list[Example]) -> list[Example]:
+    return sorted(examples, key=lambda e: (e.created_at, e.id))
+
+
+def write_snapshot(settings: Settings, doc: dict, train: list[Example], eval_examples: list[Example], manifest: dict,
+                   now: datetime) -> dict:
+    """Write train, eval and manifest atomically (0600), then register the snapshot. Returns the manifest."""
+    snapshot_id = new_snapshot_id(settings, {s["id"] for s in doc["snapshots"]}, now)
+    folder = settings.curated_dir
+    paths = {k: folder / f"{snapshot_id}{suffix}" for k, suffix in
+             (("train", ".jsonl"), ("eval", "_eval.jsonl"), ("manifest", "_manifest.json"))}
+    sha = {"train": _write(paths["train"], _chronological(train)), "eval": _write(paths["eval"], _chronological(eval_examples))}
+    relative = {k: str(p.relative_to(settings.home)) for k, p in paths.items()}
+    users = sorted({h for e in train + eval_examples for h in e.user_hashes})
+    manifest = {**manifest, "status": "created", "id": snapshot_id, "files": relative, "sha256": sha, "user_hashes": users}
+    atomic_write_json(paths["manifest"], manifest)
+    entry = {
+        "id": snapshot_id, "file": relative["train"], "eval_file": relative["eval"], "manifest": relative["manifest"],
+        "sha256": sha["train"], "eval_sha256": sha["eval"], "counts": manifest["counts"], "note": manifest["note"],
+        "cursor": manifest["cursor"], "created_at": manifest["created_at"], "mode": manifest["mode"],
+        "train_examples": len(train), "eval_examples": len(eval_examples), "user_hashes": users,
+    }
+    registry.update(settings, lambda d: registry.add_snapshot(d, entry), "snapshot_created", snapshot=snapshot_id,
+                    train_examples=len(train), eval_examples=len(eval_examples), note=manifest["note"])
+    return manifest
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _replay(settings: Settings, snapshots: list[dict], new: list[Example], rules: Rules, tally: Counter) -> list[Example]:
+    """A seeded sample of earlier train examples that repeats nothing in `new` (train and eval)."""
+    config = settings.curate
+    size = replay_size(config.replay_fraction, len(new))
+    if not snapshots or size == 0:
+        return []
+    # a different salt per run, so successive snapshots replay different earlier examples
+    pool = sample_replay(earlier_examples(settings, snapshots, rules.expires_before, tally), 3 * size + 8,
+                         salt=f"{config.seed}:{len(snapshots)}")
+    return choose_replay(pool, size, new, config.near_dup_threshold)
+
+
+def _next_cursor(gathered: Gathered, scan: FeedbackScan, previous: Cursor, new: list[Example], capped: list[Example]) -> Cursor:
+    have_feedback = scan.watermark.top is not None
+    return Cursor(
+        recorded_at=gathered.watermark.top_text,
+        recorded_ids=gathered.watermark.edge(),
+        feedback_at=scan.watermark.top_text if have_feedback else previous.feedback_at,
+        feedback_ids=scan.watermark.edge() if have_feedback else previous.feedback_ids,
+        last_interaction_id=max(new, key=lambda e: e.rank[2]).source_ids[0],
+        deferred_ids=sorted({s for e in capped for s in e.source_ids}),
+    )
+
+
+def run_curate(
+    settings: Settings,
+    *,
+    full: bool = False,
+    include_unrated: bool | None = None,
+    note: str | None = None,
+    progress: Progress | None = None,
+    now: datetime | None = None,
+) -> dict:
+    """Curate the new material into a snapshot. Returns its manifest (`status` "created"), or, when there is
+    nothing new, a manifest with `status` "nothing_new", `id` None and a `message`, having written nothing."""
+    now = now or datetime.now(timezone.utc)
+    config = settings.curate
+    rules = Rules.from_config(config, include_unrated, now)
+    with workspace_lock(settings.lock_dir, "curate"):
+        doc = registry.load(settings)
+        snapshots = doc["snapshots"]
+        cursor = Cursor() if full else previous_cursor(snapshots)
+        scan = scan_feedback(settings.raw_log, cursor, progress, count_lines(settings.raw_log) if progress else None)
+        already = set() if full else ids_in_snapshots(settings, snapshots, scan.late)
+        gathered = gather_examples(settings.raw_log, scan, cursor, already, rules, full, progress)
+        if progress:
+            progress("deduplicating", 0, None)
+        distinct, near = dedupe_near(gathered.examples, config.near_dup_threshold)
+        new, capped = cap_domains(distinct, config.domain_cap)
+        if progress:
+            progress("deduplicating", len(gathered.examples), len(gathered.examples))
+        counts = _counts(gathered.tally, scan, gathered.exact_duplicates, near, capped)
+        manifest = {
+            "schema_version": SCHEMA_VERSION, "type": "snapshot_manifest", "status": "nothing_new", "id": None,
+            "created_at": _iso(now), "note": note, "mode": "full" if full else "incremental",
+            "source": str(settings.raw_log.relative_to(settings.home)), "counts": counts,
+            "settings": _settings_used(settings, rules), "previous_cursor": cursor.to_dict(),
+        }
+        deferred = set(cursor.deferred_ids)
+        if not any(not deferred.issuperset(e.source_ids) for e in new):  # turns capped last time are not news
+            message = f"nothing new to curate: {_why_nothing(counts, settings.raw_log)}"
+            return {**manifest, "cursor": cursor.to_dict(), "message": message}
+        train, eval_examples = split_eval(new, config.eval_fraction, config.seed, config.near_dup_threshold)
+        replay = [] if full else _replay(settings, snapshots, new, rules, gathered.tally)
+        counts.update(new_examples=len(new), replayed=len(replay), train=len(train) + len(replay), eval=len(eval_examples),
+                      replay_sources_missing=gathered.tally["replay_sources_missing"])
+        manifest.update(cursor=_next_cursor(gathered, scan, cursor, new, capped).to_dict(),
+                        replay_pool=[s["id"] for s in snapshots] if replay else [])
+        return write_snapshot(settings, doc, train + replay, eval_examples, manifest, now)

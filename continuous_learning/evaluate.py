@@ -1,0 +1,387 @@
+"""Keyword QA evaluation: pure scoring, eval-file loading, and a batched runner over adapter versions.
+
+An answer passes when its keywords appear in it (case-, whitespace- and Unicode-form-insensitive). The runner
+loads the base model once, switches adapters per version, answers every prompt greedily in batches and, when a
+snapshot's held-out slice is given, measures its loss on the final assistant message. torch is imported only
+inside the functions that need it.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import orjson
+
+from . import decisions, registry
+from .decisions import BASE, Decision, gate, label  # noqa: F401  (gate is part of this module's API)
+from .errors import InputError, RegistryError
+from .records import utc_now
+from .settings import Settings
+
+GENERAL_FILE = Path(__file__).parent / "data" / "general_qa.jsonl"
+MATCH_MODES = ("all", "any")
+EXAMPLE_LINE = '{"prompt": "What is the capital of France?", "keywords": ["Paris"]}'
+LINE_FORMAT = f'one JSON object per line, e.g. {EXAMPLE_LINE} (optional "match": "all"|"any", "forbidden": [...])'
+Progress = Callable[[str], None]
+
+
+# --- scoring (pure) --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EvalItem:
+    prompt: str
+    keywords: tuple[str, ...]
+    match: str = "all"
+    forbidden: tuple[str, ...] = ()
+
+
+def normalise(text: str) -> str:
+    """NFKC (full-width forms, ligatures, composed accents), casefold (ß = ss), one space for any whitespace run."""
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+def score_answer(answer: str, item: EvalItem | Mapping[str, Any]) -> bool:
+    item = item if isinstance(item, EvalItem) else _item_from_mapping(item)
+    text = normalise(answer)
+    if any(normalise(word) in text for word in item.forbidden):
+        return False
+    found = [normalise(word) in text for word in item.keywords]
+    return any(found) if item.match == "any" else all(found)
+
+
+def _item_from_mapping(data: Mapping[str, Any]) -> EvalItem:
+    return EvalItem(
+        prompt=data.get("prompt", ""),
+        keywords=tuple(data.get("keywords") or ()),
+        match=data.get("match", "all"),
+        forbidden=tuple(data.get("forbidden") or ()),
+    )
+
+
+# --- eval files ------------------------------------------------------------------------------------------
+def parse_eval_item(data: Any, where: str) -> EvalItem:
+    """One eval line, validated; `where` ("file, line N") prefixes every complaint."""
+
+    def bad(what: str) -> InputError:
+        return InputError(f"{where}: {what}", f"each line needs {LINE_FORMAT}")
+
+    if not isinstance(data, dict):
+        raise bad("expected a JSON object")
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise bad("'prompt' must be a non-empty string")
+    keywords = _word_list(data.get("keywords"), "keywords", bad)
+    if not keywords:
+        raise bad("'keywords' must list at least one keyword")
+    match = data.get("match", "all")
+    if match not in MATCH_MODES:
+        raise bad(f"'match' must be \"all\" or \"any\", got {match!r}")
+    forbidden = _word_list(data.get("forbidden", []), "forbidden", bad)
+    return EvalItem(prompt=prompt, keywords=keywords, match=match, forbidden=forbidden)
+
+
+def _word_list(value: Any, name: str, bad: Callable[[str], InputError]) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(w, str) and w.strip() for w in value):
+        raise bad(f"'{name}' must be a list of non-empty strings")
+    return tuple(value)
+
+
+def parse_eval_lines(lines: Iterable[bytes | str], source: str) -> list[EvalItem]:
+    items: list[EvalItem] = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        where = f"{source}, line {number}"
+        try:
+            data = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise InputError(f"{where}: not valid JSON ({exc})", f"each line needs {LINE_FORMAT}") from None
+        items.append(parse_eval_item(data, where))
+    if not items:
+        raise InputError(f"{source} has no eval questions", f"add {LINE_FORMAT}")
+    return items
+
+
+def load_eval_file(path: Path) -> list[EvalItem]:
+    if not path.is_file():
+        raise InputError(f"no eval file at {path}", f"create it with {LINE_FORMAT}, or pass --eval-file PATH")
+    return parse_eval_lines(path.read_bytes().splitlines(), str(path))
+
+
+def default_eval_file(settings: Settings) -> Path:
+    return settings.resolve_in_home(settings.eval.eval_file)
+
+
+def general_file(settings: Settings) -> Path:
+    return settings.resolve_in_home(settings.eval.general_file) if settings.eval.general_file else GENERAL_FILE
+
+
+def file_info(settings: Settings, path: Path) -> dict:
+    path = path.resolve()
+    shown = str(path.relative_to(settings.home)) if path.is_relative_to(settings.home) else str(path)
+    return {"name": path.name, "path": shown, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+
+
+def score_items(items: list[EvalItem], answers: list[str]) -> dict:
+    rows = [{"prompt": item.prompt, "passed": score_answer(answer, item), "answer": answer} for item, answer in zip(items, answers)]
+    passed = sum(row["passed"] for row in rows)
+    return {"accuracy": passed / len(rows) if rows else 0.0, "passed": passed, "total": len(rows), "items": rows}
+
+
+# --- held-out loss ---------------------------------------------------------------------------------------
+def assistant_only_labels(tokenizer, messages: list[dict], max_len: int = 2048) -> tuple[list[int], list[int]] | None:
+    """(input_ids, labels) scoring only the final assistant message and its end-of-turn token, exactly as training
+    masks it; None when the conversation has no final answer to score."""
+    from .train import encode_example
+
+    return encode_example(tokenizer, messages, max_len)
+
+
+def load_messages_file(path: Path) -> list[list[dict]]:
+    """Conversations (messages lists ending with an assistant turn) from a snapshot's JSONL file."""
+    conversations = []
+    for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            messages = orjson.loads(raw).get("messages")
+        except (orjson.JSONDecodeError, AttributeError):
+            raise InputError(f"{path}, line {number}: not a JSON object with 'messages'", "re-run 'cl curate'") from None
+        if isinstance(messages, list) and messages and messages[-1].get("role") == "assistant":
+            conversations.append(messages)
+    return conversations
+
+
+def held_out_loss(model, tokenizer, conversations: list[list[dict]], max_len: int = 2048) -> dict | None:
+    """Token-weighted mean loss and perplexity over the final assistant messages."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    for messages in conversations:
+        encoded = assistant_only_labels(tokenizer, messages, max_len)
+        if encoded is None:
+            continue
+        ids, labels = encoded
+        input_ids = torch.tensor([ids], device=model.device)
+        with torch.inference_mode():
+            logits = model(input_ids=input_ids).logits[0, :-1].float()
+        target = torch.tensor(labels[1:], device=logits.device)
+        total += float(F.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
+        count += int((target != -100).sum())
+    if count == 0:
+        return None
+    loss = total / count
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "examples": len(conversations)}
+
+
+def snapshot_eval_path(settings: Settings, snapshot: dict) -> Path | None:
+    """The held-out slice of a registered snapshot (its `eval_file`), if it is on disk."""
+    relative = snapshot.get("eval_file")
+    if not relative:
+        return None
+    path = registry.confined(settings, relative)
+    return path if path.is_file() else None
+
+
+# --- the runner ------------------------------------------------------------------------------------------
+def _answer(chat, conversations: list[list[dict]], settings: Settings) -> tuple[list[str], dict]:
+    answers: list[str] = []
+    size = max(1, settings.eval.batch_size)
+    started = time.perf_counter()
+    for start in range(0, len(conversations), size):
+        chunk = conversations[start : start + size]
+        answers += chat.generate_batch(chunk, max_new_tokens=settings.eval.max_new_tokens, batch_size=len(chunk))
+    seconds = time.perf_counter() - started
+    tokens = sum(len(chat.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    return answers, {"seconds": seconds, "tokens": tokens, "prompts": len(conversations)}
+
+
+def _conversations(settings: Settings, items: list[EvalItem]) -> list[list[dict]]:
+    system = [{"role": "system", "content": settings.chat.system_prompt}] if settings.chat.system_prompt else []
+    return [system + [{"role": "user", "content": item.prompt}] for item in items]
+
+
+def _timing(parts: list[dict]) -> dict:
+    seconds = sum(p["seconds"] for p in parts)
+    tokens = sum(p["tokens"] for p in parts)
+    prompts = sum(p["prompts"] for p in parts)
+    return {
+        "generation_s": round(seconds, 3),
+        "latency_ms_per_prompt": round(1000 * seconds / prompts, 1) if prompts else None,
+        "completion_tokens": tokens,
+        "tokens_per_s": round(tokens / seconds, 2) if seconds > 0 else None,
+    }
+
+
+def _select(chat, settings: Settings, doc: dict, version: str | None) -> dict | None:
+    """Switch the loaded model to `version` (checking its files first); returns its registry entry."""
+    if version is None:
+        chat.use(None)
+        return None
+    entry = decisions.adapter(doc, version)
+    trained_on = (entry.get("base_model") or {}).get("sha256")
+    if trained_on and trained_on != chat.base.sha256:
+        raise RegistryError(
+            f"adapter {version} was trained on another base model ({entry['base_model'].get('name')})",
+            f"evaluate it with that base (--base-model), or train a new adapter on {chat.base.name}",
+        )
+    folder = decisions.verify_adapter_files(settings, entry)
+    chat.use(version, folder)
+    return entry
+
+
+def evaluate_versions(
+    settings: Settings,
+    versions: list[str | None],
+    eval_file: Path | str | None = None,
+    include_general: bool = True,
+    snapshot: str | None = None,
+    chat=None,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """Evaluate each version (None or "base" = the base model alone) on the same prompts, loading the base once.
+
+    `snapshot`: a registered snapshot id whose held-out slice gives each version's eval loss."""
+    from .models import ChatModel
+
+    say = progress or (lambda _msg: None)
+    versions = [None if v in (None, BASE) else v for v in versions]
+    doc = registry.load(settings)
+    eval_path = Path(eval_file) if eval_file else default_eval_file(settings)
+    items = load_eval_file(eval_path)
+    general = load_eval_file(general_file(settings)) if include_general else []
+    held_out = _held_out(settings, doc, snapshot)
+    if chat is None:
+        say(f"loading base model {settings.model.base_model}")
+        chat = ChatModel.load(settings)
+    # one short generation first, so the first version's timings do not include one-off warm-up costs
+    chat.generate_batch(_conversations(settings, items[:1]), max_new_tokens=2, batch_size=1)
+    context = {
+        "eval_file": file_info(settings, eval_path),
+        "general_file": file_info(settings, general_file(settings)) if include_general else None,
+        "snapshot": snapshot if held_out is not None else None,
+        "base_model": {"name": chat.base.name, "sha256": chat.base.sha256},
+    }
+    results = []
+    for version in versions:
+        say(f"evaluating {label(version)}: {len(items)} prompts" + (f" + {len(general)} general" if general else ""))
+        results.append(_evaluate_one(settings, chat, doc, version, items, general, held_out, context))
+    return results
+
+
+def _held_out(settings: Settings, doc: dict, snapshot: str | None) -> list[list[dict]] | None:
+    if snapshot is None:
+        return None
+    path = snapshot_eval_path(settings, registry.find_snapshot(doc, snapshot))
+    if path is None:
+        raise InputError(f"snapshot {snapshot} has no held-out eval file on disk", "re-run 'cl curate' or drop --snapshot")
+    from .train import with_system_prompt
+
+    return [with_system_prompt(m, settings.chat.system_prompt) for m in load_messages_file(path)] or None
+
+
+def _evaluate_one(settings, chat, doc, version, items, general, held_out, context) -> dict:
+    entry = _select(chat, settings, doc, version)
+    answers, timing = _answer(chat, _conversations(settings, items), settings)
+    scored = score_items(items, answers)
+    parts = [timing]
+    general_scored = None
+    if general:
+        general_answers, general_timing = _answer(chat, _conversations(settings, general), settings)
+        general_scored = score_items(general, general_answers)
+        parts.append(general_timing)
+    loss = held_out_loss(chat.model, chat.tokenizer, held_out, chat.context_limit) if held_out else None
+    return {
+        "version": version,
+        "label": label(version),
+        "status": entry["status"] if entry else None,
+        "created_at": utc_now(),
+        **scored,
+        "eval_file": context["eval_file"],
+        "general_accuracy": general_scored["accuracy"] if general_scored else None,
+        "general": {**context["general_file"], **general_scored} if general_scored else None,
+        "eval_loss": loss["eval_loss"] if loss else None,
+        "perplexity": loss["perplexity"] if loss else None,
+        "snapshot": context["snapshot"] if loss else None,
+        **_timing(parts),
+        "max_new_tokens": settings.eval.max_new_tokens,
+        "base_model": context["base_model"],
+    }
+
+
+# --- evaluate, gate, promote -----------------------------------------------------------------------------
+def plan(doc: dict, version: str | None = None, against: str | None = None) -> dict:
+    """Which version to evaluate, against which, and whether the gate may promote.
+
+    Defaults: the newest candidate (else the champion, else the base) against the champion (else the base)."""
+    if version in (None, ""):
+        subject = decisions.newest_candidate(doc) or doc["champion"]
+    else:
+        subject = None if version == BASE else version
+    if subject is not None:
+        decisions.adapter(doc, subject)
+    if against is None:
+        other, compare = (doc["champion"] if doc["champion"] != subject else None), subject is not None
+    elif against == "none":
+        other, compare = None, False
+    else:
+        other = doc["champion"] if against == "champion" else (None if against == BASE else against)
+        compare = True
+        if other is not None:
+            decisions.adapter(doc, other)
+    if compare and other == subject:
+        raise InputError(f"cannot evaluate {label(subject)} against itself", "pick another with --against")
+    gated = compare and subject is not None and doc["adapters"][subject]["status"] == "candidate" and other == doc["champion"]
+    return {"subject": subject, "against": other, "compare": compare, "gated": gated}
+
+
+def evaluate_and_gate(
+    settings: Settings,
+    candidate: str | None = None,
+    eval_file: Path | str | None = None,
+    promote: bool = True,
+    against: str | None = None,
+    snapshot: str | None = None,
+    include_general: bool = True,
+    chat=None,
+    progress: Progress | None = None,
+) -> dict:
+    """Evaluate `candidate` (default: the newest) against the champion or base, store both results, run the
+    gate and promote when it says so (unless `promote=False`). Returns a JSON-ready report."""
+    doc = registry.load(settings)
+    steps = plan(doc, candidate, against)
+    if snapshot is None and steps["subject"] is not None:
+        snapshot = _own_snapshot(settings, doc, steps["subject"])
+    versions = [steps["subject"]] + ([steps["against"]] if steps["compare"] else [])
+    results = evaluate_versions(settings, versions, eval_file, include_general, snapshot, chat, progress)
+    for result in results:
+        decisions.record_eval_result(settings, result["version"], result)
+    report = {"subject": results[0], "against": results[1] if steps["compare"] else None, "decision": None, "promoted": False}
+    if steps["gated"]:
+        decision = gate(results[0], results[1], settings.eval.alpha, settings.eval.general_tolerance)
+        report["decision"] = decision.to_dict()
+        if decision.promote and promote:
+            reason = "gate: " + "; ".join(decision.reasons)
+            decisions.promote_version(settings, steps["subject"], reason, expected_champion=steps["against"])
+            report["promoted"] = True
+    report["champion"] = registry.load(settings)["champion"]
+    return report
+
+
+def _own_snapshot(settings: Settings, doc: dict, version: str) -> str | None:
+    """The snapshot an adapter was trained on, when its held-out slice is still on disk."""
+    snapshot_id = (doc["adapters"][version].get("snapshot") or {}).get("id")
+    if not snapshot_id:
+        return None
+    try:
+        snap = registry.find_snapshot(doc, snapshot_id)
+    except RegistryError:
+        return None
+    return snapshot_id if snapshot_eval_path(settings, snap) else None

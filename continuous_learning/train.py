@@ -1,0 +1,986 @@
+"""The QLoRA recipe: fine-tune a PEFT LoRA adapter on a curated snapshot and register it as a candidate.
+
+Shaped like a torchtune recipe: `Trainer(settings, ...)` with `setup()` (config validated before any heavy work),
+`train()`, `save()`, `register()` and `cleanup()`; `run_training()` runs them under the workspace 'train' lock.
+
+A run trains inside `adapters/.<version>.partial/` (metrics per step, a resumable checkpoint every
+`checkpoint_every` steps) and is renamed to `adapters/<version>/` and registered only when it succeeded. A NaN loss,
+an exception or Ctrl-C leaves the registry untouched and the partial folder marked with a FAILED file;
+`resume=True` continues the newest partial run from its last checkpoint.
+
+Pure pieces (config validation, step counts, the learning-rate schedule, the data order, label masking) are plain
+functions so tests check them without a model. torch, transformers and peft are imported inside functions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from . import registry
+from .errors import CLError, ConfigError, InputError, NothingToDo, TrainingFailed
+from .models import BaseModel, file_sha256, load_model, load_tokenizer, resolve_base, set_threads
+from .records import utc_now
+from .settings import Settings, TrainConfig
+from .store import (
+    ReadReport,
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    ensure_dir,
+    iter_jsonl,
+    read_json,
+    workspace_lock,
+)
+
+Progress = Callable[[dict], None]
+
+IGNORE_INDEX = -100
+MAX_GRAD_NORM = 1.0  # gradient clipping (the usual HF default); recorded in the lineage
+PARTIAL_SUFFIX = ".partial"
+ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")  # the files whose sha256 the registry keeps
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+RUN_FILE = "run.json"
+FAILED_FILE = "FAILED"
+CHECKPOINT_DIR = "checkpoint"
+TRAINER_STATE = "trainer_state.pt"
+RESUME_HINT = "'cl train --resume' continues it from its last checkpoint; 'cl train' starts over"
+
+
+# --- pure pieces ------------------------------------------------------------------------------------------------
+def validate_train_config(cfg: TrainConfig) -> None:
+    """Reject impossible hyperparameters before anything heavy is loaded; names every bad field."""
+    problems: list[str] = []
+
+    def need(ok: bool, text: str) -> None:
+        if not ok:
+            problems.append(text)
+
+    need(cfg.lora_r >= 1, f"train.lora_r must be >= 1 (got {cfg.lora_r})")
+    need(math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0, f"train.lora_alpha must be > 0 (got {cfg.lora_alpha})")
+    need(0.0 <= cfg.lora_dropout < 1.0, f"train.lora_dropout must be in [0, 1) (got {cfg.lora_dropout})")
+    need(bool(target_modules(cfg)), "train.target_modules is empty (use 'all-linear' or names like 'q_proj,v_proj')")
+    need(math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0, f"train.learning_rate must be a positive number (got {cfg.learning_rate})")
+    need(cfg.epochs >= 0, f"train.epochs must be >= 0 (got {cfg.epochs})")
+    need(cfg.epochs > 0 or cfg.max_steps >= 1, f"train.max_steps must be >= 1 when train.epochs is 0 (got {cfg.max_steps})")
+    need(cfg.batch_size >= 1, f"train.batch_size must be >= 1 (got {cfg.batch_size})")
+    need(cfg.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {cfg.grad_accum})")
+    need(cfg.max_seq_len >= 8, f"train.max_seq_len must be >= 8 (got {cfg.max_seq_len})")
+    need(0.0 <= cfg.warmup_ratio < 1.0, f"train.warmup_ratio must be in [0, 1) (got {cfg.warmup_ratio})")
+    need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {cfg.weight_decay})")
+    need(cfg.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (got {cfg.checkpoint_every}; 0 = never)")
+    need(cfg.seed >= 0, f"train.seed must be >= 0 (got {cfg.seed})")
+    if problems:
+        raise ConfigError("; ".join(problems), "change the flag, the [train] section of cl.toml or the CL_TRAIN_* variable")
+
+
+def target_modules(cfg: TrainConfig) -> str | list[str]:
+    text = cfg.target_modules.strip()
+    if text == "all-linear":
+        return text
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def total_steps(cfg: TrainConfig, n_examples: int) -> int:
+    """Optimizer steps: `max_steps`, or epochs x examples / (batch x accum) when epochs > 0."""
+    if cfg.epochs > 0:
+        return max(1, math.ceil(cfg.epochs * n_examples / (cfg.batch_size * cfg.grad_accum)))
+    return cfg.max_steps
+
+
+def warmup_steps(cfg: TrainConfig, steps: int) -> int:
+    return min(steps - 1, math.ceil(cfg.warmup_ratio * steps)) if steps > 1 else 0
+
+
+def lr_multiplier(step: int, steps: int, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then linear decay towards 0 at `steps` (step counts from 0)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (steps - step) / max(1, steps - warmup))
+
+
+def example_order(n_examples: int, seed: int, start: int, count: int) -> list[int]:
+    """Example indices `start .. start+count` of an endless stream of seeded shuffled epochs.
+
+    The order depends only on (seed, position), so a resumed run sees exactly the batches it would have seen.
+    """
+    out: list[int] = []
+    position = start
+    while len(out) < count:
+        epoch, offset = divmod(position, n_examples)
+        permutation = list(range(n_examples))
+        random.Random(seed * 1_000_003 + epoch).shuffle(permutation)
+        take = min(count - len(out), n_examples - offset)
+        out.extend(permutation[offset : offset + take])
+        position += take
+    return out
+
+
+def end_of_turn_ids(tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    unk = tokenizer.unk_token_id
+    for token in END_OF_TURN_TOKENS:
+        if token in tokenizer.get_vocab():
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id != unk:
+                ids.add(token_id)
+    return ids
+
+
+def _render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_example(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]] | None:
+    """(input_ids, labels) for one conversation: only the FINAL assistant message (and its end-of-turn token) is
+    trained on; everything else is -100. Too long: the prompt is cut from the left so the answer survives.
+    Returns None for a conversation that has nothing to learn (no final assistant answer)."""
+    if len(messages) < 2 or messages[-1].get("role") != "assistant" or not str(messages[-1].get("content", "")).strip():
+        return None
+    if not any(m.get("role") == "user" for m in messages[:-1]):
+        return None
+    full = _render_ids(tokenizer, messages, add_generation_prompt=False)
+    prefix = _render_ids(tokenizer, messages[:-1], add_generation_prompt=True)
+    start = 0
+    while start < min(len(full), len(prefix)) and full[start] == prefix[start]:
+        start += 1
+    prompt, answer = full[:start], full[start:]
+    ends = end_of_turn_ids(tokenizer)
+    last_end = max((i for i, t in enumerate(answer) if t in ends), default=None)
+    if last_end is not None:  # drop what the template adds after the end-of-turn token (a newline, ...)
+        answer = answer[: last_end + 1]
+    if not prompt or not answer:
+        return None
+    if len(prompt) + len(answer) > max_seq_len:
+        keep_prompt = min(len(prompt), max(max_seq_len - len(answer), max_seq_len // 2))
+        prompt = prompt[len(prompt) - keep_prompt :]
+        answer = answer[: max_seq_len - keep_prompt]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+
+
+def load_examples(path: Path) -> tuple[list[dict], int]:
+    """The snapshot's records and how many lines were unreadable."""
+    report = ReadReport()
+    rows = [record for _, record in iter_jsonl(path, report)]
+    return rows, report.skipped
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """Train under the system prompt the model is served with: without one, chat templates such as SmolLM2's
+    insert their own default, and what was learned under it transfers worse to the chat and the eval."""
+    if not system_prompt or (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
+
+
+def tokenize_examples(tokenizer, records: Iterable[dict], max_seq_len: int,
+                      system_prompt: str | None = None) -> tuple[list[dict], int]:
+    """Encoded examples {input_ids, labels, weight, id} and the count of records skipped as unusable."""
+    out, skipped = [], 0
+    for record in records:
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if isinstance(messages, list):
+            messages = with_system_prompt(messages, system_prompt)
+        try:
+            weight = float(record.get("weight", 1.0)) if isinstance(record, dict) else 1.0
+        except (TypeError, ValueError):
+            weight = float("nan")
+        encoded = encode_example(tokenizer, messages, max_seq_len) if isinstance(messages, list) else None
+        if encoded is None or not math.isfinite(weight) or weight < 0:
+            skipped += 1
+            continue
+        ids, labels = encoded
+        out.append({"id": record.get("id"), "input_ids": ids, "labels": labels, "weight": weight})
+    return out, skipped
+
+
+def final_window(values: list[float], window: int) -> float | None:
+    """Mean of the last `window` values (the training loss over about one pass over the data)."""
+    if not values:
+        return None
+    tail = values[-max(1, window) :]
+    return sum(tail) / len(tail)
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+# --- the recipe -------------------------------------------------------------------------------------------------
+class Trainer:
+    """One training run. `setup()` -> `train()` -> `save()` -> `register()`; `cleanup()` always."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        snapshot_id: str | None = None,
+        fresh: bool = False,
+        resume: bool = False,
+        note: str | None = None,
+        progress: Progress | None = None,
+    ):
+        self.settings = settings
+        self.cfg: TrainConfig = settings.train
+        self.snapshot_id = snapshot_id
+        self.fresh = fresh
+        self.resume = resume
+        self.note = note
+        self._progress = progress
+        # filled by setup()
+        self.base: BaseModel | None = None
+        self.snapshot: dict | None = None
+        self.snapshot_sha256: str | None = None
+        self.version: str | None = None
+        self.run_dir: Path | None = None
+        self.parent: str | None = None
+        self.warm_start: dict = {"from": None}
+        self.model = None
+        self.tokenizer = None
+        self.optimizer = None
+        self.scheduler = None
+        self.examples: list[dict] = []
+        self.eval_examples: list[dict] = []
+        self.steps = 0
+        self.start_step = 0
+        self.step = 0
+        self.history: list[dict] = []  # metrics rows of this run (restored ones included on resume)
+        self.metrics: dict = {}
+        self.timings: dict[str, float] = {}
+        self.warnings: list[str] = []
+        self.created_at = utc_now()
+        self.final_dir: Path | None = None
+
+    # -- helpers ---------------------------------------------------------------------------------------------------
+    def _emit(self, event: str, **data: Any) -> None:
+        if self._progress is not None:
+            self._progress({"event": event, **data})
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        self._emit("warning", message=message)
+
+    @property
+    def device(self):
+        return self.model.device
+
+    # -- setup -----------------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        """Validate, resolve snapshot and base, load and wrap the model, build optimizer and schedule."""
+        started = time.perf_counter()
+        validate_train_config(self.cfg)
+        _quiet_known_warnings()  # before anything imports bitsandbytes
+        if self.cfg.load_in_4bit:
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                raise ConfigError("train.load_in_4bit needs bitsandbytes, which is not installed", "pip install bitsandbytes, or train with --no-4bit")
+        doc = registry.load(self.settings)
+        run_state = self._find_partial_run() if self.resume else None
+        if run_state is not None:
+            self._adopt_run_state(run_state)
+        self.snapshot = self._resolve_snapshot(doc)
+        train_path = self._snapshot_path("file")  # checks the file against its registered sha256
+        if run_state is not None and run_state["snapshot"].get("sha256") not in (None, self.snapshot_sha256):
+            raise TrainingFailed(
+                f"snapshot {self.snapshot['id']} changed since the interrupted run in {self.run_dir.name} was started",
+                "start a new run with 'cl train' (without --resume)",
+            )
+        set_threads(self.settings)
+        self.base = resolve_base(self.settings)
+        if run_state is not None and run_state["base_model"]["sha256"] != self.base.sha256:
+            raise TrainingFailed(
+                f"the base model changed since the interrupted run in {self.run_dir.name} was started",
+                "start a new run with 'cl train' (without --resume)",
+            )
+
+        self._emit("status", message=f"tokenizing snapshot {self.snapshot['id']}")
+        self.tokenizer = load_tokenizer(self.base)
+        records, unreadable = load_examples(train_path)
+        self.examples, skipped = tokenize_examples(self.tokenizer, records, self.cfg.max_seq_len,
+                                                    self.settings.chat.system_prompt)
+        if unreadable or skipped:
+            self._warn(f"skipped {unreadable + skipped} unusable line(s) of snapshot {self.snapshot['id']}")
+        if not self.examples:
+            raise InputError(
+                f"snapshot {self.snapshot['id']} has no trainable example (each needs a user turn and a final assistant answer)",
+                "curate again with 'cl curate', or pick another with --snapshot",
+            )
+        eval_path = self._snapshot_path("eval_file")
+        if eval_path is not None and eval_path.exists():
+            eval_records, _ = load_examples(eval_path)
+            self.eval_examples, _ = tokenize_examples(self.tokenizer, eval_records, self.cfg.max_seq_len,
+                                                       self.settings.chat.system_prompt)
+        self.steps = total_steps(self.cfg, len(self.examples))
+
+        if run_state is None:
+            self.parent, warm_dir = self._warm_start_source(doc)
+            self.version = registry.next_version(doc, self.base.sha256)
+        else:
+            needs_parent = run_state.get("parent") and self._checkpoint_dir() is None
+            warm_dir = self._champion_dir_for(run_state["parent"], doc) if needs_parent else None
+        self.timings["prepare_s"] = time.perf_counter() - started
+
+        self._load_model(warm_dir)
+        self._build_optimizer()
+        if run_state is None:
+            self._start_run_dir()
+        else:
+            self._load_checkpoint()
+        self.timings["setup_s"] = time.perf_counter() - started
+
+    def _resolve_snapshot(self, doc: dict) -> dict:
+        if self.snapshot_id:
+            return registry.find_snapshot(doc, self.snapshot_id)
+        snapshot = registry.latest_snapshot(doc)
+        if snapshot is None:
+            raise NothingToDo("there is no curated snapshot to train on", "run 'cl curate' first")
+        self.snapshot_id = snapshot["id"]
+        return snapshot
+
+    def _snapshot_path(self, key: str) -> Path | None:
+        relative = self.snapshot.get(key)
+        if not relative:
+            if key == "file":
+                raise InputError(f"snapshot {self.snapshot['id']} names no file", "curate again with 'cl curate'")
+            return None
+        path = registry.confined(self.settings, relative)
+        if key == "file":
+            if not path.exists():
+                raise InputError(f"snapshot file {relative} is missing", "curate again with 'cl curate'")
+            self.snapshot_sha256 = file_sha256(path)
+            expected = self.snapshot.get("sha256")
+            if expected and expected != self.snapshot_sha256:
+                raise InputError(
+                    f"snapshot file {relative} changed since it was registered (sha256 mismatch)",
+                    "curate a new snapshot with 'cl curate'",
+                )
+        return path
+
+    def _champion_dir_for(self, version: str, doc: dict) -> Path:
+        entry = doc["adapters"].get(version)
+        if entry is None:
+            raise TrainingFailed(f"the parent adapter {version} of this run is no longer registered", "start over with 'cl train --fresh'")
+        folder = registry.confined(self.settings, entry["path"])
+        for name, digest in (entry.get("sha256") or {}).items():
+            path = folder / name
+            if not path.exists() or file_sha256(path) != digest:
+                raise TrainingFailed(
+                    f"adapter {version} at {entry['path']} does not match its registered sha256 ({name})",
+                    "train from the base model with 'cl train --fresh', or roll back to a sound champion",
+                )
+        return folder
+
+    def _warm_start_source(self, doc: dict) -> tuple[str | None, Path | None]:
+        """The champion to start from, or (None, None) for a fresh adapter (with the reason recorded)."""
+        champion = registry.champion_entry(doc)
+        if self.fresh or champion is None:
+            self.warm_start = {"from": None, "reason": "--fresh" if self.fresh else "no champion"}
+            return None, None
+        version = doc["champion"]
+        if champion.get("base_model", {}).get("sha256") != self.base.sha256:
+            self._warn(f"champion {version} was trained on another base model: starting a fresh adapter")
+            self.warm_start = {"from": None, "reason": f"champion {version} has another base model"}
+            return None, None
+        folder = self._champion_dir_for(version, doc)
+        config = read_json(folder / "adapter_config.json", default={}) or {}
+        mismatch = []
+        if config.get("r") != self.cfg.lora_r:
+            mismatch.append(f"rank {config.get('r')} != {self.cfg.lora_r}")
+        if config.get("lora_alpha") != self.cfg.lora_alpha:
+            mismatch.append(f"alpha {config.get('lora_alpha')} != {self.cfg.lora_alpha}")
+        wanted = target_modules(self.cfg)
+        if wanted != "all-linear" and set(wanted) != set(config.get("target_modules") or []):
+            mismatch.append("target modules differ")
+        if mismatch:
+            self._warn(f"champion {version} has another LoRA shape ({', '.join(mismatch)}): starting a fresh adapter")
+            self.warm_start = {"from": None, "reason": f"champion {version} LoRA shape differs: {', '.join(mismatch)}"}
+            return None, None
+        self.warm_start = {"from": version}
+        return version, folder
+
+    def _load_model(self, warm_dir: Path | None) -> None:
+        import torch
+        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+        torch.manual_seed(self.cfg.seed)
+        self._emit("status", message=f"loading {self.base.name} ({'4-bit NF4' if self.cfg.load_in_4bit else 'full precision'})")
+        started = time.perf_counter()
+        model = load_model(self.base, load_in_4bit=self.cfg.load_in_4bit, for_training=True)
+        self.timings["load_base_s"] = time.perf_counter() - started
+        model.config.use_cache = False
+        checkpointing_kwargs = {"use_reentrant": False}
+        if self.cfg.load_in_4bit:  # freezes the base, upcasts norms/embeddings to fp32 (~0.03 s, +~150 MB for SmolLM2)
+            kbit_started = time.perf_counter()
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=self.cfg.gradient_checkpointing,
+                gradient_checkpointing_kwargs=checkpointing_kwargs,
+            )
+            self.timings["prepare_kbit_s"] = time.perf_counter() - kbit_started
+        else:
+            for param in model.parameters():
+                param.requires_grad_(False)
+            if self.cfg.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+        resume_dir = self._checkpoint_dir() if self.resume else None
+        source = resume_dir if resume_dir is not None else warm_dir
+        if source is not None:
+            model = PeftModel.from_pretrained(model, str(source), is_trainable=True)
+        else:
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=self.cfg.lora_r,
+                    lora_alpha=self.cfg.lora_alpha,
+                    lora_dropout=self.cfg.lora_dropout,
+                    target_modules=target_modules(self.cfg),
+                    bias="none",
+                    task_type="CAUSAL_LM",
+                ),
+            )
+        if source is not None and self.cfg.lora_dropout != model.peft_config["default"].lora_dropout:
+            self._set_dropout(model, self.cfg.lora_dropout)
+        if not any(p.requires_grad for p in model.parameters()):
+            raise TrainingFailed("no trainable LoRA parameters", "check train.target_modules against the model's layer names")
+        model.train()
+        self.model = model
+        self.timings["model_s"] = time.perf_counter() - started  # base load + k-bit preparation + LoRA
+        self._uses_logits_to_keep = _accepts_logits_to_keep(model)
+        self._autocast = self.cfg.load_in_4bit or model.device.type == "cuda"
+
+    @staticmethod
+    def _set_dropout(model, p: float) -> None:
+        import torch
+
+        model.peft_config["default"].lora_dropout = p
+        for module in model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict) and "default" in dropouts:
+                dropouts["default"] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
+
+    def _build_optimizer(self) -> None:
+        import torch
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=self.cfg.learning_rate, weight_decay=self.cfg.weight_decay)
+        warmup = warmup_steps(self.cfg, self.steps)
+        steps = self.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_multiplier(s, steps, warmup))
+
+    # -- run folder, checkpoints, resume ---------------------------------------------------------------------------
+    def _partial_dir(self, version: str) -> Path:
+        return self.settings.adapters_dir / f".{version}{PARTIAL_SUFFIX}"
+
+    def _partial_runs(self) -> list[Path]:
+        folder = self.settings.adapters_dir
+        if not folder.exists():
+            return []
+        runs = [p for p in folder.glob(f".*{PARTIAL_SUFFIX}") if p.is_dir() and (p / RUN_FILE).exists()]
+        return sorted(runs, key=lambda p: p.stat().st_mtime)
+
+    def _find_partial_run(self) -> dict:
+        runs = self._partial_runs()
+        if not runs:
+            raise NothingToDo("there is no interrupted training run to resume", "start one with 'cl train'")
+        self.run_dir = runs[-1]
+        state = read_json(self.run_dir / RUN_FILE)
+        return state
+
+    def _adopt_run_state(self, state: dict) -> None:
+        """A resumed run keeps its own snapshot, hyperparameters, version and parent; flags that differ are ignored."""
+        saved = TrainConfig(**state["train"])
+        ignored = [f.name for f in dataclasses.fields(TrainConfig) if getattr(saved, f.name) != getattr(self.cfg, f.name)]
+        if ignored:
+            self._warn(f"--resume keeps the interrupted run's settings; ignored: {', '.join(ignored)}")
+        if self.snapshot_id and self.snapshot_id != state["snapshot"]["id"]:
+            self._warn(f"--resume continues on snapshot {state['snapshot']['id']}; --snapshot ignored")
+        self.settings = dataclasses.replace(self.settings, train=saved)
+        self.cfg = saved
+        self.snapshot_id = state["snapshot"]["id"]
+        self.version = state["version"]
+        self.parent = state.get("parent")
+        self.warm_start = state.get("warm_start") or {"from": self.parent}
+        self.note = self.note or state.get("note")
+        self.created_at = state.get("created_at", self.created_at)
+        if state.get("eval_loss_start") is not None:
+            self.metrics["eval_loss_start"] = state["eval_loss_start"]
+        if self.fresh:
+            self._warn("--fresh is ignored with --resume")
+
+    def _start_run_dir(self) -> None:
+        adapters = ensure_dir(self.settings.adapters_dir)
+        for stale in self._partial_runs():
+            self._warn(f"discarding the earlier unfinished run {stale.name} ('cl train --resume' would have continued it)")
+            shutil.rmtree(stale, ignore_errors=True)
+        self.run_dir = self._partial_dir(self.version)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        ensure_dir(self.run_dir)
+        assert self.run_dir.parent == adapters
+        atomic_write_json(self.run_dir / RUN_FILE, self._run_state())
+
+    def _run_state(self) -> dict:
+        return {
+            "version": self.version,
+            "snapshot": {"id": self.snapshot["id"], "sha256": self.snapshot_sha256},
+            "base_model": {"name": self.base.name, "sha256": self.base.sha256},
+            "parent": self.parent,
+            "warm_start": self.warm_start,
+            "train": dataclasses.asdict(self.cfg),
+            "note": self.note,
+            "created_at": self.created_at,
+            "eval_loss_start": self.metrics.get("eval_loss_start"),
+        }
+
+    def _checkpoint_dir(self) -> Path | None:
+        if self.run_dir is None:
+            return None
+        for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):  # .old survives a crash in the middle of a swap
+            folder = self.run_dir / name
+            if (folder / TRAINER_STATE).exists() and (folder / "adapter_config.json").exists():
+                return folder
+        return None
+
+    def save_checkpoint(self) -> None:
+        import torch
+
+        tmp = self.run_dir / f"{CHECKPOINT_DIR}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.model.save_pretrained(str(tmp))
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(state, tmp / TRAINER_STATE)
+        current, old = self.run_dir / CHECKPOINT_DIR, self.run_dir / f"{CHECKPOINT_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if current.exists():
+            os.replace(current, old)
+        os.replace(tmp, current)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self) -> None:
+        import torch
+
+        folder = self._checkpoint_dir()
+        rows = [r for _, r in iter_jsonl(self.run_dir / "metrics.jsonl")]
+        (self.run_dir / FAILED_FILE).unlink(missing_ok=True)
+        if folder is None:  # interrupted before the first checkpoint: start the same run again from step 0
+            self._warn(f"{self.run_dir.name} has no checkpoint yet: restarting it from step 0")
+            atomic_write_jsonl(self.run_dir / "metrics.jsonl", [])
+            return
+        state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.start_step = self.step = int(state["step"])
+        self.history = [r for r in rows if r.get("step", 0) <= self.start_step]
+        atomic_write_jsonl(self.run_dir / "metrics.jsonl", self.history)  # steps after the checkpoint are redone
+        self._emit("status", message=f"resuming {self.run_dir.name} at step {self.start_step}/{self.steps}")
+
+    def mark_failed(self, reason: str) -> None:
+        if self.run_dir is not None and self.run_dir.exists():
+            atomic_write_json(self.run_dir / FAILED_FILE, {"reason": reason, "step": self.step, "steps": self.steps, "at": utc_now()})
+
+    # -- training --------------------------------------------------------------------------------------------------
+    def _collate(self, batch: list[dict]):
+        import torch
+
+        length = max(len(e["input_ids"]) for e in batch)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(batch), length), pad, dtype=torch.long)
+        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(batch), length), dtype=torch.long)
+        for row, example in enumerate(batch):
+            n = len(example["input_ids"])
+            ids[row, :n] = torch.tensor(example["input_ids"])
+            labels[row, :n] = torch.tensor(example["labels"])
+            mask[row, :n] = 1
+        weights = torch.tensor([e["weight"] for e in batch], dtype=torch.float32)
+        device = self.device
+        return ids.to(device), mask.to(device), labels.to(device), weights.to(device)
+
+    def token_losses(self, ids, mask, labels):
+        """Per-token cross-entropy (fp32) of the labelled positions, shape (batch, positions), 0 where unlabelled."""
+        import torch
+        import torch.nn.functional as F
+
+        length = ids.shape[1]
+        labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
+        first = max(1, int(labelled[0])) if len(labelled) else 1
+        keep = length - first + 1  # logits from position first-1 on: only those predict labelled tokens
+        kwargs = {"logits_to_keep": keep} if self._uses_logits_to_keep else {}
+        with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+            out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+        logits = out.logits.float()
+        if logits.shape[1] != keep:
+            logits = logits[:, -keep:]
+        targets = labels[:, length - keep + 1 :]
+        losses = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        return losses.view(targets.shape), targets != IGNORE_INDEX
+
+    def train(self) -> dict:
+        """The loop: AdamW on the LoRA weights, warm-up + linear decay, gradient accumulation, weighted loss on the
+        final assistant tokens. Raises TrainingFailed on a non-finite loss or gradient."""
+        import torch
+
+        cfg = self.cfg
+        model = self.model
+        model.train()
+        _unpack_bnb_cpu_weights(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        metrics_file = self.run_dir / "metrics.jsonl"
+        if self.start_step == 0 and self.eval_examples and "eval_loss_start" not in self.metrics:
+            self.metrics["eval_loss_start"] = self.evaluate_loss(self.eval_examples)["loss"]
+            atomic_write_json(self.run_dir / RUN_FILE, self._run_state())  # kept for a resumed run
+        self._emit("start", step=self.step, total_steps=self.steps, examples=len(self.examples))
+        session_started = time.perf_counter()
+        session_seconds = 0.0
+        while self.step < self.steps:
+            step_started = time.perf_counter()
+            micro = cfg.batch_size
+            order = example_order(len(self.examples), cfg.seed, self.step * cfg.grad_accum * micro, cfg.grad_accum * micro)
+            batches = [[self.examples[i] for i in order[k : k + micro]] for k in range(0, len(order), micro)]
+            step_label_tokens = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for b in batches for e in b)
+            loss_sum = weighted_sum = 0.0
+            tokens = 0
+            for batch in batches:
+                ids, mask, labels, weights = self._collate(batch)
+                losses, labelled = self.token_losses(ids, mask, labels)
+                per_example = (losses * labelled).sum(dim=1)
+                objective = (weights * per_example).sum() / step_label_tokens
+                if not torch.isfinite(objective):
+                    raise _NonFinite(f"loss became {objective.item()} at step {self.step + 1}")
+                objective.backward()
+                loss_sum += float(per_example.detach().sum())
+                weighted_sum += float(objective.detach()) * step_label_tokens
+                tokens += int(mask.sum())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
+            if not math.isfinite(grad_norm):
+                raise _NonFinite(f"gradient norm became {grad_norm} at step {self.step + 1}")
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            seconds = time.perf_counter() - step_started
+            session_seconds += seconds
+            done_here = self.step - self.start_step
+            elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
+            row = {
+                "step": self.step,
+                "loss": loss_sum / step_label_tokens,
+                "weighted_loss": weighted_sum / step_label_tokens,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": tokens,
+                "label_tokens": step_label_tokens,
+                "seconds": seconds,
+                "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+                "elapsed_s": elapsed_before + seconds,
+                "time": utc_now(),
+            }
+            self.history.append(row)
+            append_jsonl(metrics_file, [row])
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.steps:
+                self.save_checkpoint()
+            eta = session_seconds / done_here * (self.steps - self.step)
+            self._emit("step", total_steps=self.steps, eta_s=eta, **row)
+        self.timings["train_loop_s"] = time.perf_counter() - session_started
+        self.metrics.update(self._summary())
+        if self.eval_examples:
+            self._emit("status", message=f"held-out loss on {len(self.eval_examples)} eval example(s)")
+            result = self.evaluate_loss(self.eval_examples)
+            self.metrics.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"], eval_tokens=result["tokens"])
+        return self.metrics
+
+    def _summary(self) -> dict:
+        losses = [r["loss"] for r in self.history]
+        train_tokens = sum(r["tokens"] for r in self.history)
+        seconds = sum(r["seconds"] for r in self.history)
+        window = max(1, math.ceil(len(self.examples) / (self.cfg.batch_size * self.cfg.grad_accum)))
+        return {
+            "final_loss": final_window(losses, window),
+            "initial_loss": sum(losses[:window]) / len(losses[:window]) if losses else None,
+            "last_step_loss": losses[-1] if losses else None,
+            "steps": self.step,
+            "examples": len(self.examples),
+            "eval_examples": len(self.eval_examples),
+            "train_tokens": train_tokens,
+            "tokens_per_s": train_tokens / seconds if seconds > 0 else 0.0,
+            "seconds": seconds,
+            "resumed_at_step": self.start_step or None,
+            "device": str(self.device),
+        }
+
+    def evaluate_loss(self, examples: list[dict]) -> dict:
+        """Unweighted mean token loss (and perplexity) of the final assistant answers of `examples`."""
+        import torch
+
+        was_training = self.model.training
+        self.model.eval()
+        _keep_bnb_training_layout(self.model)
+        total = count = 0.0
+        try:
+            with torch.no_grad():
+                for start in range(0, len(examples), max(1, self.cfg.batch_size)):
+                    ids, mask, labels, _ = self._collate(examples[start : start + max(1, self.cfg.batch_size)])
+                    losses, labelled = self.token_losses(ids, mask, labels)
+                    total += float((losses * labelled).sum())
+                    count += float(labelled.sum())
+        finally:
+            if was_training:
+                self.model.train()
+        loss = total / count if count else float("nan")
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)) if count else float("nan"), "tokens": int(count)}
+
+    # -- output ----------------------------------------------------------------------------------------------------
+    def save(self) -> Path:
+        """Write the standard PEFT files and the run's records into the run folder; returns it."""
+        self._emit("status", message="saving the adapter")
+        self.model.save_pretrained(str(self.run_dir))
+        atomic_write_json(self.run_dir / "training_config.json", self._training_config())
+        self._write_loss_curve()
+        atomic_write_json(self.run_dir / "lineage.json", self._lineage())
+        return self.run_dir
+
+    def _training_config(self) -> dict:
+        return {
+            "train": dataclasses.asdict(self.cfg),
+            "max_grad_norm": MAX_GRAD_NORM,
+            "steps": self.steps,
+            "warmup_steps": warmup_steps(self.cfg, self.steps),
+            "model": dataclasses.asdict(self.settings.model),
+            "base_model": {"name": self.base.name, "sha256": self.base.sha256, "path": self.base.path},
+            "snapshot": {"id": self.snapshot["id"], "sha256": self.snapshot_sha256, "file": self.snapshot.get("file")},
+            "warm_start": self.warm_start,
+            "device": str(self.device),
+            "autocast_bf16": self._autocast,
+        }
+
+    def _write_loss_curve(self) -> None:
+        try:
+            import matplotlib  # noqa: F401  (optional: never a dependency)
+        except ImportError:
+            lines = ["step,loss,lr,tokens_per_s"] + [f"{r['step']},{r['loss']:.6f},{r['lr']:.6g},{r['tokens_per_s']:.2f}" for r in self.history]
+            atomic_write_bytes(self.run_dir / "loss_curve.csv", ("\n".join(lines) + "\n").encode())
+            return
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        figure, axis = plt.subplots(figsize=(6, 3.5))
+        axis.plot([r["step"] for r in self.history], [r["loss"] for r in self.history])
+        axis.set_xlabel("step")
+        axis.set_ylabel("loss (assistant tokens)")
+        axis.set_title(f"adapter {self.version}")
+        figure.tight_layout()
+        figure.savefig(self.run_dir / "loss_curve.png", dpi=100)
+        plt.close(figure)
+
+    def _lineage(self) -> dict:
+        return {
+            "version": self.version,
+            "base_model": {"name": self.base.name, "sha256": self.base.sha256},
+            "snapshot": {"id": self.snapshot["id"], "sha256": self.snapshot_sha256},
+            "parent": self.parent,
+            "warm_start": self.warm_start,
+            "hyperparameters": {**dataclasses.asdict(self.cfg), "max_grad_norm": MAX_GRAD_NORM},
+            "library_versions": library_versions(),
+            "user_hashes": list(self.snapshot.get("user_hashes") or []),
+            "note": self.note,
+            "started_at": self.created_at,
+        }
+
+    def register(self) -> dict:
+        """Move the finished run into `adapters/<version>/` and register it as a candidate. Returns the entry."""
+        for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old", f"{CHECKPOINT_DIR}.tmp", RUN_FILE, FAILED_FILE, "metrics.jsonl.lock"):
+            target = self.run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        doc = registry.load(self.settings)
+        if self.version in doc["adapters"]:  # taken meanwhile (only a re-registration can do that): take the next
+            self.version = registry.next_version(doc, self.base.sha256)
+            atomic_write_json(self.run_dir / "lineage.json", self._lineage())
+        digests = {name: file_sha256(self.run_dir / name) for name in ADAPTER_FILES}
+        entry = {
+            **self._lineage(),
+            "path": f"adapters/{self.version}",
+            "status": "candidate",
+            "sha256": digests,
+            "metrics": self.metrics,
+            "timings": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+        for item in self.run_dir.iterdir():  # user-derived weights: private like every other user data file
+            if item.is_file():
+                item.chmod(0o600)
+        final = self.settings.adapters_dir / self.version
+        if final.exists():  # an orphan of a run killed between rename and registration: nothing refers to it
+            shutil.rmtree(final)
+        os.replace(self.run_dir, final)
+        self.final_dir, self.run_dir = final, final
+        doc = registry.update(
+            self.settings,
+            lambda d: registry.register_adapter(d, entry),
+            "adapter_trained",
+            version=self.version,
+            snapshot=self.snapshot["id"],
+            parent=self.parent,
+            final_loss=self.metrics.get("final_loss"),
+        )
+        return doc["adapters"][self.version]
+
+    def cleanup(self) -> None:
+        import gc
+
+        self.model = self.optimizer = self.scheduler = None
+        gc.collect()
+        try:
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except ImportError:  # pragma: no cover
+            pass
+
+
+def _quiet_known_warnings() -> None:
+    """Silence two harmless messages that would land in every progress display: bitsandbytes looking for an
+    optional hub kernel on CPU (it falls back to its own), and a transformers deprecation peft trips over."""
+    import logging
+    import warnings
+
+    class _DropOptionalKernel(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "gemm_4bit_forward from kernels-community" not in str(record.msg)
+
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(type(f).__name__ == "_DropOptionalKernel" for f in bnb_logger.filters):
+        bnb_logger.addFilter(_DropOptionalKernel())
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+
+
+class _NonFinite(Exception):
+    """A NaN/inf loss or gradient: turned into TrainingFailed by run_training."""
+
+
+def _bnb_4bit_layers(model) -> list:
+    return [m for m in model.modules() if type(getattr(m, "weight", None)).__name__ == "Params4bit"]
+
+
+def _keep_bnb_training_layout(model) -> None:
+    """bitsandbytes (0.50, CPU with AVX512-BF16) repacks a Linear4bit weight for a faster inference kernel on the
+    first forward in eval mode without grad; that kernel has no backward, so every later training step would get
+    no gradient through the frozen base layers (only through the LoRA paths: ~8x smaller gradients, slow learning).
+    Keeping the 4-bit layers in training mode (they have no dropout) avoids the repack during held-out loss."""
+    for module in _bnb_4bit_layers(model):
+        module.training = True
+
+
+def _unpack_bnb_cpu_weights(model) -> int:
+    """Undo that inference repacking if someone evaluated this model before training it. Returns layers fixed."""
+    fixed = 0
+    for module in _bnb_4bit_layers(model):
+        state = getattr(module.weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            module.quant_state = module.weight.quant_state
+            fixed += 1
+    return fixed
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+# --- the one entry point ----------------------------------------------------------------------------------------
+def run_training(
+    settings: Settings,
+    snapshot_id: str | None = None,
+    fresh: bool = False,
+    resume: bool = False,
+    note: str | None = None,
+    progress: Progress | None = None,
+) -> dict:
+    """Train, save and register a candidate adapter under the workspace 'train' lock. Returns its registry entry.
+
+    Raises LockHeldError when another training holds the lock, NothingToDo without a snapshot (or, with
+    resume, without an interrupted run), ConfigError for bad hyperparameters (before anything heavy is loaded),
+    and TrainingFailed for everything that goes wrong once a run folder exists (NaN, exceptions, Ctrl-C):
+    then nothing is registered and the run folder keeps a FAILED file with the reason.
+    """
+    validate_train_config(settings.train)
+    with workspace_lock(settings.lock_dir, "train"):
+        trainer = Trainer(settings, snapshot_id=snapshot_id, fresh=fresh, resume=resume, note=note, progress=progress)
+        try:
+            trainer.setup()
+            trainer.train()
+            trainer.save()
+            return trainer.register()
+        except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then re-raised
+            raise _failure(settings, trainer, exc) from exc
+        finally:
+            trainer.cleanup()
+
+
+def _failure(settings: Settings, trainer: Trainer, exc: BaseException) -> BaseException:
+    started = trainer.run_dir is not None and trainer.run_dir.exists() and trainer.final_dir is None
+    if isinstance(exc, CLError) and not started:
+        return exc  # setup refused (bad config, no snapshot, no model): the error already says what to do
+    if isinstance(exc, KeyboardInterrupt):
+        reason = f"interrupted at step {trainer.step}/{trainer.steps}"
+    elif isinstance(exc, _NonFinite):
+        reason = f"{exc} (try a lower learning rate, e.g. --lr {settings.train.learning_rate / 4:g})"
+    elif isinstance(exc, CLError):
+        reason = exc.message
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    if started:
+        trainer.mark_failed(reason)
+    try:
+        registry.log_event(
+            settings,
+            "train_failed",
+            version=trainer.version,
+            snapshot=trainer.snapshot_id,
+            step=trainer.step,
+            reason=reason,
+            run_dir=str(trainer.run_dir.relative_to(settings.home)) if started else None,
+        )
+    except CLError:  # pragma: no cover - the original failure matters more than its log line
+        pass
+    where = f"; the partial run is kept in {trainer.run_dir.relative_to(settings.home)}" if started else ""
+    hint = RESUME_HINT if started else "run with --debug for the traceback"
+    if isinstance(exc, TrainingFailed):
+        return TrainingFailed(exc.message + where, exc.hint or hint)
+    return TrainingFailed(f"training failed: {reason}{where}", hint)

@@ -1,0 +1,573 @@
+"""Keyword scoring, eval files, the promotion gate, champion transitions, and `cl eval` end to end."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from continuous_learning import decisions, registry
+from continuous_learning.decisions import gate, mcnemar_exact
+from continuous_learning.errors import InputError, NothingToDo, RegistryError
+from continuous_learning.evaluate import (
+    GENERAL_FILE,
+    EvalItem,
+    load_eval_file,
+    plan,
+    score_answer,
+)
+
+
+# --- scoring ---------------------------------------------------------------------------------------------
+def item(*keywords: str, match: str = "all", forbidden: tuple[str, ...] = ()) -> EvalItem:
+    return EvalItem(prompt="q", keywords=keywords, match=match, forbidden=forbidden)
+
+
+@pytest.mark.parametrize(
+    "answer, keywords, expected",
+    [
+        ("The capital of France is PARIS.", ("paris",), True),
+        ("the capital is paris", ("Paris",), True),
+        ("It is in New\n\t  York City", ("new york",), True),
+        ("It is in New York", ("new   york",), True),
+        ("It is in NewYork", ("new york",), False),
+        ("Lyon", ("paris",), False),
+        ("", ("paris",), False),
+    ],
+)
+def test_keywords_ignore_case_and_whitespace(answer, keywords, expected):
+    assert score_answer(answer, item(*keywords)) is expected
+
+
+def test_match_all_and_any():
+    assert score_answer("red and blue", item("red", "blue"))
+    assert not score_answer("red only", item("red", "blue"))
+    assert score_answer("red only", item("red", "blue", match="any"))
+    assert not score_answer("green", item("red", "blue", match="any"))
+
+
+def test_forbidden_keyword_fails_an_otherwise_passing_answer():
+    assert not score_answer("Paris, or maybe Lyon", item("paris", forbidden=("lyon",)))
+    assert score_answer("Paris", item("paris", forbidden=("lyon",)))
+    assert not score_answer("It is LYON", item("lyon", "paris", match="any", forbidden=("LYON",)))
+
+
+@pytest.mark.parametrize(
+    "answer, keyword",
+    [
+        ("Cafe\u0301 au lait", "caf\u00e9"),  # decomposed vs composed accent
+        ("ＰＡＲＩＳ is the capital", "paris"),  # full-width letters
+        ("Die STRASSE ist lang", "straße"),  # casefold: ß = ss
+        ("a \ufb01sh", "fish"),  # ligature
+        ("non\u00a0breaking space", "non breaking"),  # NBSP is whitespace
+    ],
+)
+def test_unicode_forms_match(answer, keyword):
+    assert score_answer(answer, item(keyword))
+
+
+def test_score_answer_accepts_a_plain_dict():
+    assert score_answer("Paris", {"prompt": "q", "keywords": ["paris"], "forbidden": ["lyon"]})
+    assert not score_answer("Paris", {"prompt": "q", "keywords": ["paris", "x"]})
+
+
+# --- eval files ------------------------------------------------------------------------------------------
+def write_lines(path: Path, lines: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(x if isinstance(x, str) else json.dumps(x) for x in lines) + "\n", encoding="utf-8")
+    return path
+
+
+def test_eval_file_parses_optional_fields(tmp_path):
+    path = write_lines(tmp_path / "e.jsonl", [
+        {"prompt": "a?", "keywords": ["x"]},
+        "",
+        {"prompt": "b?", "keywords": ["y", "z"], "match": "any", "forbidden": ["w"], "id": "extra fields are fine"},
+    ])
+    items = load_eval_file(path)
+    assert items == [EvalItem("a?", ("x",)), EvalItem("b?", ("y", "z"), "any", ("w",))]
+
+
+@pytest.mark.parametrize(
+    "lines, words",
+    [
+        ([], ["no eval questions"]),
+        (["", "   "], ["no eval questions"]),
+        (['{"prompt": "a?", "keywords": ["x"]}', "{not json"], ["line 2", "not valid JSON"]),
+        ([{"prompt": "a?"}], ["line 1", "keywords"]),
+        ([{"prompt": "a?", "keywords": []}], ["line 1", "at least one keyword"]),
+        ([{"prompt": "a?", "keywords": ["ok", "  "]}], ["line 1", "non-empty strings"]),
+        ([{"prompt": "a?", "keywords": "paris"}], ["line 1", "list"]),
+        ([{"prompt": "", "keywords": ["x"]}], ["line 1", "prompt"]),
+        ([{"prompt": "a?", "keywords": ["x"], "match": "most"}], ["line 1", "match"]),
+        ([{"prompt": "a?", "keywords": ["x"], "forbidden": "y"}], ["line 1", "forbidden"]),
+        (["[1, 2]"], ["line 1", "JSON object"]),
+    ],
+)
+def test_bad_eval_files_name_the_line_and_the_fix(tmp_path, lines, words):
+    path = write_lines(tmp_path / "e.jsonl", lines) if lines else tmp_path / "empty.jsonl"
+    if not lines:
+        path.write_bytes(b"")
+    with pytest.raises(InputError) as caught:
+        load_eval_file(path)
+    for word in words:
+        assert word in str(caught.value)
+    assert '"keywords"' in str(caught.value)  # the hint shows the format
+
+
+def test_missing_eval_file_says_how_to_create_one(tmp_path):
+    with pytest.raises(InputError) as caught:
+        load_eval_file(tmp_path / "eval" / "qa_eval.jsonl")
+    assert '{"prompt": "What is the capital of France?", "keywords": ["Paris"]}' in str(caught.value)
+
+
+def test_shipped_general_set_is_valid():
+    items = load_eval_file(GENERAL_FILE)
+    assert 12 <= len(items) <= 16
+    assert len({i.prompt for i in items}) == len(items)
+
+
+# --- gate ------------------------------------------------------------------------------------------------
+def result(outcomes: list[bool], version: str | None = "1.1.0", general: float | None = 0.9, status: str | None = "candidate") -> dict:
+    items = [{"prompt": f"p{i}", "passed": ok, "answer": ""} for i, ok in enumerate(outcomes)]
+    passed = sum(outcomes)
+    return {"version": version, "status": status, "items": items, "accuracy": passed / len(items), "passed": passed,
+            "total": len(items), "general_accuracy": general}
+
+
+@pytest.mark.parametrize(
+    "wins, losses, p",
+    [
+        (0, 0, 1.0),
+        (5, 0, 2 / 2**5),  # 0.0625
+        (0, 6, 2 / 2**6),  # 0.03125
+        (1, 6, 2 * (1 + 7) / 2**7),  # 0.125
+        (2, 8, 2 * (1 + 10 + 45) / 2**10),  # 0.109375
+        (3, 3, 1.0),
+    ],
+)
+def test_exact_mcnemar_p_values(wins, losses, p):
+    candidate = [True] * wins + [False] * losses + [True, False]
+    champion = [False] * wins + [True] * losses + [True, False]
+    assert mcnemar_exact(candidate, champion) == (wins, losses, pytest.approx(p))
+
+
+def test_gate_promotes_equal_or_better():
+    same = gate(result([True, False, True]), result([True, False, True], version=None), 0.05, 0.1)
+    assert same.promote and same.stats["p_value"] == 1.0
+    better = gate(result([True] * 6), result([True, False, False, False, False, False], version="1.0.0"), 0.05, 0.1)
+    assert better.promote
+    assert better.stats["wins"] == 5 and better.stats["losses"] == 0
+    assert better.stats["p_value"] == pytest.approx(0.0625)
+
+
+def test_gate_refuses_lower_accuracy_and_names_the_reason():
+    decision = gate(result([True, False, False]), result([True, True, False], version="1.0.0"), 0.05, 0.1)
+    assert not decision.promote
+    assert any("is below 1.0.0's" in r for r in decision.reasons)
+
+
+def test_gate_reports_a_significant_mcnemar_loss():
+    decision = gate(result([False] * 6 + [True] * 4), result([True] * 10, version="1.0.0"), 0.05, 0.1)
+    assert not decision.promote
+    assert decision.stats["losses"] == 6 and decision.stats["p_value"] == pytest.approx(0.03125)
+    assert any("McNemar" in r and "significant at alpha=0.05" in r and "not significant" not in r for r in decision.reasons)
+    lenient = gate(result([False] * 6 + [True] * 4), result([True] * 10, version="1.0.0"), 0.01, 0.1)
+    assert any("not significant" in r for r in lenient.reasons)
+
+
+def test_gate_general_tolerance():
+    within = gate(result([True, True], general=0.85), result([True, True], version=None, general=0.9), 0.05, 0.1)
+    assert within.promote
+    beyond = gate(result([True, True], general=0.7), result([True, True], version=None, general=0.9), 0.05, 0.1)
+    assert not beyond.promote and any("beyond tolerance" in r for r in beyond.reasons)
+    unknown = gate(result([True], general=None), result([True], version=None, general=None), 0.05, 0.1)
+    assert unknown.promote and any("not evaluated" in r for r in unknown.reasons)
+
+
+def test_gate_never_promotes_a_tainted_candidate():
+    decision = gate(result([True] * 5, status="tainted"), result([False] * 5, version=None), 0.05, 0.1)
+    assert not decision.promote and "tainted" in decision.reasons[0]
+
+
+def test_gate_refuses_results_on_different_prompts():
+    other = result([True, True], version=None)
+    other["items"][1]["prompt"] = "something else"
+    assert not gate(result([True, True]), other, 0.05, 0.1).promote
+
+
+# --- pure registry transitions ---------------------------------------------------------------------------
+def doc_with(*statuses: tuple[str, str]) -> dict:
+    doc = registry.empty_registry()
+    for version, status in statuses:
+        doc["adapters"][version] = {"version": version, "status": status, "path": f"adapters/{version}", "evals": []}
+    return doc
+
+
+def test_promote_archives_the_old_champion_and_records_history():
+    doc = decisions.promote(doc_with(("1.0.0", "candidate"), ("1.1.0", "candidate")), "1.0.0", "first")
+    doc = decisions.promote(doc, "1.1.0", "better", forced=True)
+    assert doc["champion"] == "1.1.0"
+    assert doc["adapters"]["1.0.0"]["status"] == "archived"
+    assert doc["adapters"]["1.1.0"]["status"] == "champion"
+    assert [(h["action"], h["from"], h["to"], h["reason"], h["forced"]) for h in doc["history"]] == [
+        ("promote", None, "1.0.0", "first", False),
+        ("promote", "1.0.0", "1.1.0", "better", True),
+    ]
+    registry.validate(doc)
+
+
+@pytest.mark.parametrize("status", ["failed", "tainted"])
+def test_unusable_adapters_are_never_promoted(status):
+    with pytest.raises(RegistryError, match=status):
+        decisions.promote(doc_with(("1.0.0", status)), "1.0.0", "x", forced=True)
+
+
+def test_promote_unknown_or_current_champion():
+    doc = doc_with(("1.0.0", "candidate"))
+    with pytest.raises(RegistryError, match="no adapter version '9.9.9'"):
+        decisions.promote(doc, "9.9.9", "x")
+    doc = decisions.promote(doc, "1.0.0", "x")
+    with pytest.raises(NothingToDo):
+        decisions.promote(doc, "1.0.0", "x")
+
+
+def three_promotions() -> dict:
+    doc = doc_with(("1.0.0", "candidate"), ("1.1.0", "candidate"), ("1.2.0", "candidate"))
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        doc = decisions.promote(doc, version, "gate")
+    return doc
+
+
+def test_rollback_steps_follow_the_promotion_history():
+    doc = three_promotions()
+    assert decisions.champion_lineage(doc) == ["1.1.0", "1.0.0", None]
+    assert decisions.rollback(json.loads(json.dumps(doc)), steps=1)["champion"] == "1.1.0"
+    assert decisions.rollback(json.loads(json.dumps(doc)), steps=2)["champion"] == "1.0.0"
+    to_base = decisions.rollback(json.loads(json.dumps(doc)), steps=3)
+    assert to_base["champion"] is None and to_base["adapters"]["1.2.0"]["status"] == "archived"
+    with pytest.raises(RegistryError, match="only 3 step"):
+        decisions.rollback(doc, steps=4)
+
+
+def test_repeated_rollbacks_walk_back_to_the_base():
+    doc = three_promotions()
+    for expected in ("1.1.0", "1.0.0", None):
+        doc = decisions.rollback(doc)
+        assert doc["champion"] == expected
+    assert [h["action"] for h in doc["history"]] == ["promote"] * 3 + ["rollback"] * 3
+    with pytest.raises(RegistryError, match="no champion to roll back"):
+        decisions.rollback(doc)
+
+
+def test_rollback_to_a_version_or_base():
+    doc = decisions.rollback(three_promotions(), to="1.0.0", reason="bad answers")
+    assert doc["champion"] == "1.0.0" and doc["adapters"]["1.0.0"]["status"] == "champion"
+    assert doc["history"][-1] == {**doc["history"][-1], "action": "rollback", "from": "1.2.0", "to": "1.0.0", "reason": "bad answers"}
+    assert decisions.rollback(doc, to="base")["champion"] is None
+
+
+def test_rollback_refuses_unusable_or_unknown_targets():
+    doc = three_promotions()
+    doc["adapters"]["1.1.0"]["status"] = "tainted"
+    with pytest.raises(RegistryError, match="tainted"):
+        decisions.rollback(doc, steps=1)
+    with pytest.raises(RegistryError, match="tainted"):
+        decisions.rollback(doc, to="1.1.0")
+    with pytest.raises(RegistryError, match="no adapter version"):
+        decisions.rollback(doc, to="7.0.0")
+    with pytest.raises(NothingToDo):
+        decisions.rollback(doc, to="1.2.0")
+
+
+def test_record_eval_keeps_every_result():
+    doc = decisions.record_eval(doc_with(("1.0.0", "candidate")), "1.0.0", {"accuracy": 0.5})
+    doc = decisions.record_eval(doc, "1.0.0", {"accuracy": 0.75})
+    doc = decisions.record_eval(doc, None, {"accuracy": 0.25})
+    assert [e["accuracy"] for e in doc["adapters"]["1.0.0"]["evals"]] == [0.5, 0.75]
+    assert doc["base_evals"] == [{"accuracy": 0.25}]
+    registry.validate(doc)
+
+
+def test_plan_defaults():
+    doc = doc_with(("1.0.0", "champion"), ("1.1.0", "candidate"))
+    doc["champion"] = "1.0.0"
+    assert plan(doc) == {"subject": "1.1.0", "against": "1.0.0", "compare": True, "gated": True}
+    assert plan(doc, against="base") == {"subject": "1.1.0", "against": None, "compare": True, "gated": False}
+    assert plan(doc, "1.0.0") == {"subject": "1.0.0", "against": None, "compare": True, "gated": False}
+    assert plan(registry.empty_registry()) == {"subject": None, "against": None, "compare": False, "gated": False}
+    with pytest.raises(InputError):
+        plan(doc, "1.0.0", against="champion")
+
+
+# --- real tiny adapters on disk --------------------------------------------------------------------------
+def make_adapter(settings, version: str, seed: int, parent: str | None = None, snapshot: str | None = None) -> Path:
+    """A real PEFT LoRA over the tiny model, saved and registered the way training registers one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from continuous_learning.models import file_sha256, resolve_base
+
+    base = resolve_base(settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base.path)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False))
+    folder = settings.adapters_dir / version
+    lora.save_pretrained(str(folder))
+    files = ("adapter_model.safetensors", "adapter_config.json")
+    entry = {
+        "version": version, "status": "candidate", "path": f"adapters/{version}",
+        "base_model": {"name": base.name, "sha256": base.sha256},
+        "snapshot": {"id": snapshot, "sha256": "0" * 64} if snapshot else None, "parent": parent,
+        "hyperparameters": {"lora_r": 4, "learning_rate": 5e-4}, "library_versions": {"peft": "test"},
+        "sha256": {name: file_sha256(folder / name) for name in files}, "metrics": {"train_loss": 1.5}, "note": f"adapter {version}",
+    }
+    registry.update(settings, lambda d: registry.register_adapter(d, entry), "register", version=version)
+    return folder
+
+
+@pytest.fixture
+def two_adapters(settings) -> tuple[str, str]:
+    make_adapter(settings, "1.0.0", seed=1)
+    make_adapter(settings, "1.1.0", seed=2, parent="1.0.0")
+    return "1.0.0", "1.1.0"
+
+
+@pytest.fixture
+def fast_eval(monkeypatch):
+    monkeypatch.setenv("CL_EVAL_MAX_NEW_TOKENS", "6")
+    monkeypatch.setenv("CL_EVAL_BATCH_SIZE", "3")
+
+
+def events(settings) -> list[dict]:
+    return [orjson.loads(line) for line in settings.learning_events.read_bytes().splitlines()]
+
+
+def test_rollback_checks_sha256_before_moving_the_pointer(settings, two_adapters):
+    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    decisions.promote_version(settings, "1.1.0", "second", forced=True)
+    weights = settings.adapters_dir / "1.0.0" / "adapter_model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    with pytest.raises(RegistryError, match="does not match its recorded sha256"):
+        decisions.rollback_champion(settings)
+    assert registry.load(settings)["champion"] == "1.1.0"
+    weights.write_bytes(original)
+    moved = decisions.rollback_champion(settings, reason="regression")
+    assert (moved["from"], moved["to"]) == ("1.1.0", "1.0.0")
+    assert moved["seconds"] < 1.0
+    doc = registry.load(settings)
+    assert doc["champion"] == "1.0.0" and doc["adapters"]["1.1.0"]["status"] == "archived"
+    assert doc["history"][-1]["action"] == "rollback" and doc["history"][-1]["reason"] == "regression"
+    assert events(settings)[-1] | {"from": "1.1.0", "to": "1.0.0", "event": "rollback"} == events(settings)[-1]
+
+
+def test_rollback_refuses_a_missing_folder_and_allows_the_base(settings, two_adapters):
+    import shutil
+
+    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    decisions.promote_version(settings, "1.1.0", "second", forced=True)
+    shutil.rmtree(settings.adapters_dir / "1.0.0")
+    with pytest.raises(RegistryError, match="folder .* is missing"):
+        decisions.rollback_champion(settings)
+    assert decisions.rollback_champion(settings, to="base")["to"] is None
+    assert registry.load(settings)["champion"] is None
+
+
+def test_evaluate_versions_loads_the_base_once(settings, two_adapters, fast_eval, monkeypatch):
+    from continuous_learning import evaluate, models
+    from continuous_learning.settings import load_settings
+
+    settings = load_settings()
+    loads = []
+    real_load = models.ChatModel.load.__func__
+    monkeypatch.setattr(models.ChatModel, "load", classmethod(lambda cls, s: loads.append(1) or real_load(cls, s)))
+    eval_file = write_lines(settings.eval_dir / "qa_eval.jsonl", [{"prompt": f"Question {i}?", "keywords": ["zzqx"]} for i in range(4)])
+    results = evaluate.evaluate_versions(settings, ["1.1.0", "1.0.0", "base"], include_general=False)
+    assert len(loads) == 1
+    assert [r["label"] for r in results] == ["1.1.0", "1.0.0", "base"]
+    first = results[0]
+    assert first["total"] == 4 and first["accuracy"] == 0.0 and first["status"] == "candidate"
+    assert first["eval_file"]["path"] == "eval/qa_eval.jsonl"
+    assert first["eval_file"]["sha256"] == __import__("hashlib").sha256(eval_file.read_bytes()).hexdigest()
+    assert first["tokens_per_s"] > 0 and first["latency_ms_per_prompt"] > 0 and first["completion_tokens"] > 0
+    assert first["general"] is None and first["eval_loss"] is None
+    answers = [[i["answer"] for i in r["items"]] for r in results]
+    assert answers[0] != answers[1] != answers[2]  # each version really answered with its own weights
+
+
+def test_held_out_loss_on_a_snapshot(settings, fast_eval):
+    from continuous_learning import evaluate
+    from continuous_learning.settings import load_settings
+
+    settings = load_settings()
+    make_adapter(settings, "1.0.0", seed=1, snapshot="snap-1")
+    held_out = settings.curated_dir / "curated_1_eval.jsonl"
+    write_lines(held_out, [{"messages": [{"role": "user", "content": "Where is lot A-17?"}, {"role": "assistant", "content": "In hall 3."}]}])
+    registry.update(settings, lambda d: registry.add_snapshot(d, {"id": "snap-1", "eval_file": "data/curated/curated_1_eval.jsonl"}), "snapshot")
+    write_lines(settings.eval_dir / "qa_eval.jsonl", [{"prompt": "Where is lot A-17?", "keywords": ["hall 3"]}])
+    report = evaluate.evaluate_and_gate(settings, "1.0.0", promote=False, include_general=False)
+    subject, base = report["subject"], report["against"]
+    assert subject["snapshot"] == "snap-1" and base["snapshot"] == "snap-1"
+    assert math.isfinite(subject["eval_loss"]) and subject["perplexity"] == pytest.approx(math.exp(subject["eval_loss"]))
+    assert subject["eval_loss"] != pytest.approx(base["eval_loss"])
+
+
+def test_an_adapter_of_another_base_is_refused(settings, fast_eval):
+    from continuous_learning import evaluate
+
+    make_adapter(settings, "1.0.0", seed=1)
+
+    def other_base(doc: dict) -> dict:
+        doc["adapters"]["1.0.0"]["base_model"] = {"name": "other", "sha256": "f" * 64}
+        return doc
+
+    registry.update(settings, other_base, "edit")
+    write_lines(settings.eval_dir / "qa_eval.jsonl", [{"prompt": "Hi?", "keywords": ["x"]}])
+    with pytest.raises(RegistryError, match="trained on another base model"):
+        evaluate.evaluate_versions(settings, ["1.0.0"], include_general=False)
+
+
+def test_assistant_only_labels_cover_the_final_answer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from continuous_learning.evaluate import assistant_only_labels
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Earlier answer"},
+        {"role": "user", "content": "Where is lot A-17?"},
+        {"role": "assistant", "content": "In hall 3."},
+    ]
+    ids, labels = assistant_only_labels(tokenizer, messages)
+    assert len(ids) == len(labels)
+    scored = [t for t, label in zip(ids, labels) if label != -100]
+    assert tokenizer.decode(scored) == "In hall 3.<|im_end|>"
+    assert all(label in (-100, t) for t, label in zip(ids, labels))
+    assert assistant_only_labels(tokenizer, messages[:-1]) is None
+
+
+# --- CLI end to end --------------------------------------------------------------------------------------
+def cl(*args: str):
+    from typer.testing import CliRunner
+
+    from continuous_learning.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def discriminating_eval(answers: dict[str, str], winner: str, loser: str) -> list[dict]:
+    """Eval lines that the winner's answers pass and the loser's fail (built from what each really said)."""
+    lines = []
+    for prompt, (good, bad) in answers.items():
+        words = [w for w in good.split() if w.casefold() not in bad.casefold()]
+        if words:
+            lines.append({"prompt": prompt, "keywords": [words[0]]})
+        else:
+            extra = [w for w in bad.split() if w.casefold() not in good.casefold()]
+            lines.append({"prompt": prompt, "keywords": [good.split()[0] if good.split() else "zzqx"], "forbidden": extra[:1] or ["zzqx"]})
+    return lines
+
+
+def test_cl_eval_gates_and_promotes_end_to_end(settings, two_adapters, fast_eval):
+    eval_path = settings.eval_dir / "qa_eval.jsonl"
+    prompts = ["What is in hall 3?", "Who checks lot B-2?", "When is the shift change?"]
+    write_lines(eval_path, [{"prompt": p, "keywords": ["zzqx"]} for p in prompts])
+    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+
+    probe = cl("eval", "--json", "--no-promote", "--no-general")
+    assert probe.exit_code == 0, probe.output
+    report = json.loads(probe.stdout)
+    assert (report["subject"]["label"], report["against"]["label"]) == ("1.1.0", "1.0.0")
+    said = {v: {i["prompt"]: i["answer"] for i in report[k]["items"]} for k, v in (("subject", "1.1.0"), ("against", "1.0.0"))}
+    write_lines(eval_path, discriminating_eval({p: (said["1.1.0"][p], said["1.0.0"][p]) for p in prompts}, "1.1.0", "1.0.0"))
+
+    run = cl("eval")
+    assert run.exit_code == 0, run.output
+    assert "gate: promote" in run.output and "1.1.0 is now the champion" in run.output
+    assert "3/3 (100%)" in run.output and "0/3 (0%)" in run.output and "general accuracy" in run.output
+    doc = registry.load(settings)
+    assert doc["champion"] == "1.1.0" and doc["adapters"]["1.0.0"]["status"] == "archived"
+    assert doc["history"][-1]["action"] == "promote" and doc["history"][-1]["reason"].startswith("gate:")
+    latest = doc["adapters"]["1.1.0"]["evals"][-1]
+    assert latest["accuracy"] == 1.0 and [i["passed"] for i in latest["items"]] == [True] * 3
+    assert latest["general"]["total"] == len(load_eval_file(GENERAL_FILE)) and latest["general_accuracy"] is not None
+    assert doc["adapters"]["1.0.0"]["evals"][-1]["accuracy"] == 0.0
+    assert {"eval", "promote"} <= {e["event"] for e in events(settings)}
+
+    listing = cl("adapters")
+    assert listing.exit_code == 0 and "1.1.0" in listing.output and "100%" in listing.output and "*" in listing.output
+    shown = cl("adapters", "show", "1.1.0")
+    assert shown.exit_code == 0, shown.output
+    assert "1.1.0 <- 1.0.0 <- base" in shown.output and "lora_r=4" in shown.output
+    as_json = json.loads(cl("adapters", "--json").stdout)
+    assert as_json["champion"] == "1.1.0" and [a["version"] for a in as_json["adapters"]] == ["1.0.0", "1.1.0"]
+
+    back = cl("rollback")
+    assert back.exit_code == 0, back.output
+    assert "champion: 1.1.0 -> 1.0.0" in back.output and " ms)" in back.output
+    assert cl("rollback", "--steps", "5").exit_code == 4
+
+
+def test_cl_eval_keeps_a_worse_candidate(settings, two_adapters, fast_eval):
+    eval_path = settings.eval_dir / "qa_eval.jsonl"
+    prompts = ["Where is the spare valve?", "What torque for part P-9?"]
+    write_lines(eval_path, [{"prompt": p, "keywords": ["zzqx"]} for p in prompts])
+    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    report = json.loads(cl("eval", "--json", "--no-promote", "--no-general").stdout)
+    said = {k: {i["prompt"]: i["answer"] for i in report[k]["items"]} for k in ("subject", "against")}
+    write_lines(eval_path, discriminating_eval({p: (said["against"][p], said["subject"][p]) for p in prompts}, "1.0.0", "1.1.0"))
+    run = cl("eval", "--no-general")
+    assert run.exit_code == 0, run.output
+    assert "keep as candidate" in run.output and "is below 1.0.0's" in run.output
+    doc = registry.load(settings)
+    assert doc["champion"] == "1.0.0" and doc["adapters"]["1.1.0"]["status"] == "candidate"
+
+
+def test_cl_promote_and_errors(settings, two_adapters):
+    ok = cl("promote", "1.1.0", "--reason", "hotfix")
+    assert ok.exit_code == 0 and "champion: base -> 1.1.0" in ok.output
+    assert registry.load(settings)["history"][-1]["forced"] is True
+    with pytest.raises(RegistryError, match="champion changed"):  # a gate compared against the base: stale now
+        decisions.promote_version(settings, "1.0.0", "gate", expected_champion=None)
+    missing = cl("eval", "--no-general")
+    assert missing.exit_code == 2 and "no eval file" in missing.output and '"keywords"' in missing.output
+    assert cl("promote", "4.0.0").exit_code == 4
+
+
+def test_rollback_path_does_not_import_torch(workspace):
+    import subprocess
+    import sys
+
+    code = ("import sys, time; t = time.perf_counter(); from continuous_learning.cli import main\n"
+            "try:\n    main(['rollback'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch imported'; print(time.perf_counter() - t)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=workspace)
+    assert out.returncode == 0, out.stderr
+    assert "no champion to roll back" in out.stderr
+    assert float(out.stdout.strip().splitlines()[-1]) < 1.0
+
+
+# --- the real bundled model ------------------------------------------------------------------------------
+@pytest.mark.real_model
+def test_real_model_answers_the_general_set(real_workspace):
+    from continuous_learning.evaluate import _conversations, evaluate_versions
+    from continuous_learning.models import ChatModel
+    from continuous_learning.settings import load_settings
+
+    settings = load_settings()
+    chat = ChatModel.load(settings)
+    started = time.perf_counter()
+    [base] = evaluate_versions(settings, ["base"], eval_file=GENERAL_FILE, include_general=False, chat=chat)
+    elapsed = time.perf_counter() - started
+    assert base["accuracy"] >= 0.8, [(i["prompt"], i["answer"]) for i in base["items"] if not i["passed"]]
+    print(f"general accuracy {base['accuracy']:.0%} in {elapsed:.1f} s, {base['tokens_per_s']} tok/s")
+    some = load_eval_file(GENERAL_FILE)[:4]
+    one_by_one = chat.generate_batch(_conversations(settings, some), max_new_tokens=settings.eval.max_new_tokens, batch_size=1)
+    assert one_by_one == [i["answer"] for i in base["items"][:4]]

@@ -853,6 +853,10 @@ def run_curate(
     config = settings.curate
     rules = Rules.from_config(config, include_unrated, now)
     with workspace_lock(settings.lock_dir, "curate"):
+        if config.retention_days > 0:  # retention is applied to the raw log on every curate, under the same lock
+            from .gdpr import drop_expired
+
+            drop_expired(settings, config.retention_days, now=now)
         doc = registry.load(settings)
         snapshots = doc["snapshots"]
         cursor = Cursor() if full else previous_cursor(snapshots)

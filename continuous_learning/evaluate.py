@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 import orjson
 
 from . import decisions, registry
+from .crypto import cipher_from_env, open_messages
 from .decisions import BASE, Decision, gate, label  # noqa: F401  (gate is part of this module's API)
 from .errors import InputError, RegistryError
 from .records import utc_now
@@ -146,11 +147,12 @@ def assistant_only_labels(tokenizer, messages: list[dict], max_len: int = 2048) 
 def load_messages_file(path: Path) -> list[list[dict]]:
     """Conversations (messages lists ending with an assistant turn) from a snapshot's JSONL file."""
     conversations = []
+    cipher = cipher_from_env()
     for number, raw in enumerate(path.read_bytes().splitlines(), start=1):
         if not raw.strip():
             continue
         try:
-            messages = orjson.loads(raw).get("messages")
+            messages = open_messages(orjson.loads(raw), cipher).get("messages")
         except (orjson.JSONDecodeError, AttributeError):
             raise InputError(f"{path}, line {number}: not a JSON object with 'messages'", "re-run 'cl curate'") from None
         if isinstance(messages, list) and messages and messages[-1].get("role") == "assistant":

@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from . import registry
+from .crypto import cipher_from_env, open_messages
 from .decisions import UNUSABLE, champion_lineage
 from .errors import CLError, InputError
 from .privacy import hash_user_id, load_salt
@@ -309,7 +310,8 @@ def export_user(settings: Settings, user_id: str) -> Iterator[dict]:
     user_hash = user_hash_of(settings, user_id)
     doc = registry.load(settings)
     files = all_snapshot_files(settings, doc)
-    yield from _export_raw(settings.raw_log, user_hash)
+    cipher = cipher_from_env()
+    yield from _export_raw(settings.raw_log, user_hash, cipher)
     snapshot_ids = set()
     for snap in doc["snapshots"]:
         for name, _, _ in SPLITS:
@@ -317,20 +319,23 @@ def export_user(settings: Settings, user_id: str) -> Iterator[dict]:
             for record in _records(path) if path is not None else ():
                 if _mentions(record, user_hash):
                     snapshot_ids.add(snap["id"])
-                    yield {"category": "snapshot_example", "snapshot": snap["id"], "split": name, "record": record}
+                    yield {"category": "snapshot_example", "snapshot": snap["id"], "split": name,
+                           "record": open_messages(record, cipher)}
     for version, entry in doc["adapters"].items():
         if user_hash in (entry.get("user_hashes") or []) or (entry.get("snapshot") or {}).get("id") in snapshot_ids:
             yield {"category": "adapter", "record": _adapter_summary(version, entry)}
 
 
-def _export_raw(path: Path, user_hash: str) -> Iterator[dict]:
+def _export_raw(path: Path, user_hash: str, cipher=None) -> Iterator[dict]:
     theirs = interaction_ids(path, _by_user(user_hash))
     joined: dict[str, Feedback] = {}
     for record in _records(path):
         if record.get("type") == FEEDBACK and str(record.get("interaction_id")) in theirs:
             key = str(record["interaction_id"])
-            joined[key] = joined.get(key, Feedback()).merged(Feedback.from_dict(record.get("feedback")))
+            feedback = open_messages(record, cipher).get("feedback")
+            joined[key] = joined.get(key, Feedback()).merged(Feedback.from_dict(feedback))
     for record in _records(path):
+        record = open_messages(record, cipher) if record.get("type") in (INTERACTION, FEEDBACK) else record
         kind = record.get("type")
         if kind == INTERACTION and str(record.get("id")) in theirs:
             merged = Feedback.from_dict(record.get("feedback")).merged(joined.get(str(record["id"]), Feedback()))

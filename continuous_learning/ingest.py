@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from . import knowledge
+from .crypto import cipher_from_env, open_messages, seal_messages
 from .errors import InputError
 from .records import FEEDBACK, INTERACTION, ROLES, Feedback, FeedbackEvent, Interaction, helpful_verdict, new_id, parse_time, utc_now
 from .settings import Settings
@@ -85,7 +86,8 @@ class Recorder:
             self._interaction(t, msgs, corr, comm)
             for t, msgs, corr, comm in zip(turns, message_results, correction_results, comment_results)
         ]
-        append_jsonl(self.settings.raw_log, [i.to_dict() for i in interactions])
+        cipher = cipher_from_env()
+        append_jsonl(self.settings.raw_log, [seal_messages(i.to_dict(), cipher) for i in interactions])
         self._after_append(interactions)
         return interactions
 
@@ -140,7 +142,7 @@ class Recorder:
         clean = Feedback(score=feedback.score, helpful=feedback.helpful, private=feedback.private,
                          correction=correction.text or None, comment=comment.text or None)
         event = FeedbackEvent(interaction_id=interaction.id, feedback=clean, user_hash=self.user_hash(user_id), source=source)
-        append_jsonl(self.settings.raw_log, [event.to_dict()])
+        append_jsonl(self.settings.raw_log, [seal_messages(event.to_dict(), cipher_from_env())])
         update_feedback_counters(self.settings, [(interaction.feedback, interaction.feedback.merged(clean), interaction.adapter_version)])
         if clean.correction:
             facts = knowledge.extract_facts([clean.correction], self.settings.knowledge.patterns)
@@ -193,21 +195,23 @@ def record_generation(settings: Settings, interaction_id: str, stats, model: str
 
 # --- reading interactions back ---------------------------------------------------------------------
 def iter_interactions(settings: Settings, report: ReadReport | None = None) -> Iterator[Interaction]:
+    cipher = cipher_from_env()
     for _, record in iter_jsonl(settings.raw_log, report):
         if isinstance(record, dict) and record.get("type") == INTERACTION:
-            yield Interaction.from_dict(record)
+            yield Interaction.from_dict(open_messages(record, cipher))
 
 
 def find_interaction(settings: Settings, interaction_id: str) -> Interaction:
     """The interaction with its later feedback events merged in (one streaming pass)."""
     found: Interaction | None = None
+    cipher = cipher_from_env()
     for _, record in iter_jsonl(settings.raw_log):
         if not isinstance(record, dict):
             continue
         if record.get("type") == INTERACTION and record.get("id") == interaction_id:
-            found = Interaction.from_dict(record)
+            found = Interaction.from_dict(open_messages(record, cipher))
         elif found and record.get("type") == FEEDBACK and record.get("interaction_id") == interaction_id:
-            found.feedback = found.feedback.merged(Feedback.from_dict(record.get("feedback")))
+            found.feedback = found.feedback.merged(Feedback.from_dict(open_messages(record, cipher).get("feedback")))
     if found is None:
         raise InputError(f"no interaction with id {interaction_id}", "copy the id from the chat or from raw_interactions.jsonl")
     return found

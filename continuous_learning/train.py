@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from . import registry
+from .crypto import cipher_from_env, open_messages
 from .errors import CLError, ConfigError, InputError, NothingToDo, TrainingFailed
 from .models import BaseModel, file_sha256, load_model, load_tokenizer, quiet_known_warnings, resolve_base, set_threads
 from .records import utc_now
@@ -171,7 +172,8 @@ def encode_example(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[l
 def load_examples(path: Path) -> tuple[list[dict], int]:
     """The snapshot's records and how many lines were unreadable."""
     report = ReadReport()
-    rows = [record for _, record in iter_jsonl(path, report)]
+    cipher = cipher_from_env()
+    rows = [open_messages(record, cipher) for _, record in iter_jsonl(path, report)]
     return rows, report.skipped
 
 

@@ -6,16 +6,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
+from . import cli_loop, cli_monitor, cli_serve
+from .cli_support import console, err_console, print_json, settings_from
 from .errors import CLError, NothingToDo
-from .settings import Settings, describe, load_settings
+from .settings import Settings, describe
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
 
 
 class _Group(TyperGroup):
@@ -69,21 +68,6 @@ def root(
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     ctx.obj = {"home": home, "base_model": base_model, "debug": debug}
-
-
-def settings_from(ctx: typer.Context, **sections: dict) -> Settings:
-    """Settings for this command: its own flags (by section) over the root options, env, cl.toml, defaults."""
-    obj = ctx.find_root().obj or {}
-    overrides = {k: dict(v) for k, v in sections.items()}
-    if obj.get("base_model"):
-        overrides.setdefault("model", {})["base_model"] = obj["base_model"]
-    return load_settings(home=obj.get("home"), overrides=overrides, debug=bool(obj.get("debug")))
-
-
-def print_json(data: Any) -> None:
-    import orjson
-
-    sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
 # --- config ------------------------------------------------------------------------------------------
@@ -699,6 +683,11 @@ def export_cmd(
         return
     atomic_write_jsonl(out, items)
     err_console.print(f"exported {len(items)} record(s) to {out}")
+
+
+# Command groups that live in their own modules (one module per area keeps this file short).
+for _area in (cli_monitor, cli_loop, cli_serve):
+    _area.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:

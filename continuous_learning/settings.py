@@ -94,6 +94,9 @@ class TrainConfig:
     checkpoint_every: int = _knob(20, "Save a resumable checkpoint every N steps")
     rehearsal_examples: int = _knob(24, "Everyday prompts answered by the base model and mixed in against forgetting (0 = off)")
     rehearsal_weight: float = _knob(0.5, "Loss weight of each rehearsal example")
+    packing: bool = _knob(True, "Pack several examples into one row (padding-free, no cross-example attention)")
+    group_by_length: bool = _knob(True, "Batch examples of similar length together")
+    num_processes: int = _knob(1, "Data-parallel processes (Accelerate / torchrun; 1 = this process only)")
     seed: int = _knob(0, "Random seed")
 
 
@@ -107,6 +110,51 @@ class EvalConfig:
     alpha: float = _knob(0.05, "Significance level of the McNemar test in the promotion gate")
 
 
+@dataclass(frozen=True)
+class DriftConfig:
+    reference: str = _knob("champion", "Reference window: 'champion' (its training data) or 'YYYY-MM-DD..YYYY-MM-DD'")
+    recent_days: int = _knob(7, "Recent window: the last N days of interactions")
+    psi_warn: float = _knob(0.1, "Population Stability Index at or above which drift is a warning")
+    psi_alert: float = _knob(0.25, "Population Stability Index at or above which drift is an alert")
+    ks_alpha: float = _knob(0.05, "Significance level of the Kolmogorov-Smirnov tests")
+    helpful_alpha: float = _knob(0.05, "Significance level of the helpful-rate drop test (concept drift)")
+    bins: int = _knob(10, "Quantile bins for numeric features")
+    min_samples: int = _knob(30, "Fewest interactions per window for a verdict")
+
+
+@dataclass(frozen=True)
+class ABConfig:
+    traffic: float = _knob(0.1, "Default share of new chat sessions answered by the candidate")
+    min_samples: int = _knob(30, "Fewest rated turns per arm before a promotion")
+    alpha: float = _knob(0.05, "Significance level of the two-proportion z-test")
+    min_improvement: float = _knob(0.02, "Smallest helpful-rate gain (absolute, 0.02 = 2 points) that promotes")
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    auto_rollback: bool = _knob(True, "Roll back a champion whose helpful rate degrades significantly")
+    min_samples: int = _knob(30, "Fewest rated turns of the champion (and its predecessor) before judging")
+    degradation_factor: float = _knob(0.8, "Roll back when champion rate < factor x predecessor rate (and significant)")
+    alpha: float = _knob(0.05, "Significance level of the degradation test")
+
+
+@dataclass(frozen=True)
+class CycleConfig:
+    min_new_rated: int = _knob(10, "Fewest new rated interactions that make a curate due")
+    curate_cron: str = _knob("0 3 * * *", "Schedule of curation (cron; default daily 03:00)")
+    train_cron: str = _knob("0 4 * * 0", "Schedule of training + eval + gate (cron; default Sundays 04:00)")
+    eval_cron: str = _knob("0 5 1 * *", "Schedule of the full evaluation (cron; default the 1st, 05:00)")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    host: str = _knob("127.0.0.1", "Address `cl serve` binds to (loopback by default)")
+    port: int = _knob(8000, "Port of `cl serve`")
+    max_request_bytes: int = _knob(1_000_000, "Largest accepted request body")
+    queue_size: int = _knob(32, "Requests waiting for the model before new ones get 503")
+    max_tokens: int = _knob(512, "Largest max_tokens a request may ask for")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "chat": ChatConfig,
@@ -115,6 +163,11 @@ SECTIONS: dict[str, type] = {
     "curate": CurateConfig,
     "train": TrainConfig,
     "eval": EvalConfig,
+    "drift": DriftConfig,
+    "ab": ABConfig,
+    "health": HealthConfig,
+    "cycle": CycleConfig,
+    "serve": ServeConfig,
 }
 # Short environment names that users expect, mapped to section.field.
 ENV_ALIASES = {"CL_BASE_MODEL": ("model", "base_model"), "CL_MODEL_CACHE": ("model", "cache_dir")}
@@ -130,6 +183,11 @@ class Settings:
     curate: CurateConfig = field(default_factory=CurateConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    ab: ABConfig = field(default_factory=ABConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    cycle: CycleConfig = field(default_factory=CycleConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     debug: bool = False
 
     # --- workspace layout -------------------------------------------------------------------------

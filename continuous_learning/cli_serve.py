@@ -1,0 +1,8 @@
+"""`cl` commands for the OpenAI-compatible service."""
+from __future__ import annotations
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this module's commands to the `cl` app."""

@@ -27,6 +27,7 @@ from . import registry
 from .crypto import cipher_from_env, open_messages
 from .decisions import UNUSABLE, champion_lineage
 from .errors import CLError, InputError
+from .ingest import rebuild_feedback_counters
 from .privacy import hash_user_id, load_salt
 from .records import FEEDBACK, INTERACTION, Feedback, parse_time, utc_now
 from .settings import Settings
@@ -253,6 +254,8 @@ def forget_user(settings: Settings, user_id: str) -> ForgetReport:
         report.champion_move = retire_tainted_champion(after)
         if after != doc:
             atomic_write_json(settings.registry_file, registry.validate(after))
+    if report.interactions or report.feedback_events:
+        rebuild_feedback_counters(settings)
     if not report.found_nothing:
         registry.log_event(settings, "forget", subject=subject_tag(user_hash), **report.to_dict())
     return report
@@ -293,6 +296,7 @@ def drop_expired(settings: Settings, days: int, now: datetime | None = None) -> 
     old = _older_than(cutoff)
     dropped = drop_from_raw_log(settings, lambda r: old(r) and r.get("type") in (INTERACTION, FEEDBACK))
     if dropped:
+        rebuild_feedback_counters(settings)
         registry.log_event(settings, "retention", days=days, cutoff=cutoff.isoformat(),
                            interactions=dropped[INTERACTION], feedback_events=dropped[FEEDBACK])
     return dropped

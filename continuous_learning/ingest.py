@@ -41,6 +41,7 @@ class Turn:
     truncated: bool = False
     source: str = "chat"
     ab_arm: str | None = None
+    id: str | None = None  # set by front ends that hand the id out before the turn is written (the service)
 
 
 def clean_text(text: str) -> str:
@@ -118,6 +119,7 @@ class Recorder:
             source=turn.source,
             ab_arm=turn.ab_arm,
             created_at=turn.created_at or utc_now(),
+            id=turn.id or new_id(),
         )
 
     def _after_append(self, interactions: list[Interaction]) -> None:
@@ -180,6 +182,31 @@ def update_feedback_counters(settings: Settings, changes: list[tuple[Feedback | 
                 counts[new] += 1
         doc["updated_at"] = utc_now()
         atomic_write_json(settings.feedback_metrics, doc)
+
+
+def rebuild_feedback_counters(settings: Settings) -> dict:
+    """Recount logs/feedback_metrics.json from the raw log (after `forget` or retention removed turns).
+
+    Streams the log once; keeps only (adapter, latest feedback) per interaction id."""
+    latest: dict[str, tuple[str | None, Feedback]] = {}
+    for _, record in iter_jsonl(settings.raw_log):
+        if not isinstance(record, dict):
+            continue
+        if record.get("type") == INTERACTION and record.get("id"):
+            latest[record["id"]] = (record.get("adapter_version"), Feedback.from_dict(record.get("feedback")))
+        elif record.get("type") == FEEDBACK and record.get("interaction_id") in latest:
+            adapter = latest[record["interaction_id"]][0]
+            latest[record["interaction_id"]] = (adapter, Feedback.from_dict(record.get("feedback")))
+    with workspace_lock(settings.lock_dir, "feedback_metrics", wait=30.0):
+        doc: dict = {}
+        for adapter, feedback in latest.values():
+            for scope in ("total", f"adapter:{adapter or 'base'}"):
+                counts = doc.setdefault(scope, {"helpful": 0, "unhelpful": 0, "neutral": 0, "skipped": 0, "corrected": 0, "turns": 0})
+                counts["turns"] += 1
+                counts[_bucket(feedback, settings)] += 1
+        doc["updated_at"] = utc_now()
+        atomic_write_json(settings.feedback_metrics, doc)
+    return doc
 
 
 def record_generation(settings: Settings, interaction_id: str, stats, model: str, adapter: str | None) -> None:

@@ -120,6 +120,7 @@ class DriftConfig:
     helpful_alpha: float = _knob(0.05, "Significance level of the helpful-rate drop test (concept drift)")
     bins: int = _knob(10, "Quantile bins for numeric features")
     min_samples: int = _knob(30, "Fewest interactions per window for a verdict")
+    min_rated: int = _knob(10, "Fewest rated turns per window for the helpful-rate (concept drift) test")
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,9 @@ class CycleConfig:
     curate_cron: str = _knob("0 3 * * *", "Schedule of curation (cron; default daily 03:00)")
     train_cron: str = _knob("0 4 * * 0", "Schedule of training + eval + gate (cron; default Sundays 04:00)")
     eval_cron: str = _knob("0 5 1 * *", "Schedule of the full evaluation (cron; default the 1st, 05:00)")
+    gate_promote: bool = _knob(True, "`cl cycle` promotes a newly trained candidate that passes the eval gate")
+    ab_promote: bool = _knob(False, "`cl cycle` stops a running A/B test and promotes its candidate once the promotion criteria hold")
+    eval_max_age_days: int = _knob(30, "`cl cycle` re-evaluates the champion when its latest eval is older than this")
 
 
 @dataclass(frozen=True)
@@ -244,10 +248,17 @@ class Settings:
         return Path(self.model.cache_dir).expanduser() if self.model.cache_dir else self.home / "models"
 
     def resolve_in_home(self, relative: str | Path) -> Path:
-        """A path from config or CLI, confined to the workspace."""
+        """A path named in the configuration, confined to the workspace (`../` or outside paths are refused).
+
+        Files given explicitly on the command line (`--eval-file`, `cl ingest FILE`) are inputs and may live anywhere."""
         path = Path(relative).expanduser()
-        path = path if path.is_absolute() else self.home / path
-        return path
+        resolved = (path if path.is_absolute() else self.home / path).resolve()
+        if not resolved.is_relative_to(self.home.resolve()):
+            raise ConfigError(
+                f"configured path '{relative}' points outside the workspace {self.home}",
+                "use a path inside the workspace, or pass the file on the command line (e.g. --eval-file)",
+            )
+        return resolved
 
     def as_dict(self) -> dict:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

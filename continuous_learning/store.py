@@ -101,25 +101,41 @@ class ReadReport:
         return len(self.bad_lines)
 
 
-def iter_jsonl(path: Path, report: ReadReport | None = None, max_line_bytes: int = 64 * 1024 * 1024) -> Iterator[tuple[int, Any]]:
-    """Stream (line number, parsed record). Undecodable lines are skipped and noted in `report`."""
+MAX_RECORD_BYTES = 16 * 1024 * 1024  # records this tool writes are far smaller; longer lines are damage
+
+
+def iter_jsonl(path: Path, report: ReadReport | None = None, max_line_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, Any]]:
+    """Stream (line number, parsed record). Undecodable or over-long lines are skipped and noted in `report`."""
     report = report if report is not None else ReadReport()
     if not path.exists():
         return
     with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in _bounded_lines(handle, max_line_bytes):
+            if raw is None:
+                report.bad_lines.append((number, f"line longer than {max_line_bytes} bytes"))
+                continue
             if not raw.endswith(b"\n"):
                 report.torn_tail = True
             if not raw.strip():
-                continue
-            if len(raw) > max_line_bytes:
-                report.bad_lines.append((number, f"line longer than {max_line_bytes} bytes"))
                 continue
             try:
                 yield number, orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 reason = "torn last line" if not raw.endswith(b"\n") else f"not valid JSON ({exc})"
                 report.bad_lines.append((number, reason))
+
+
+def _bounded_lines(handle, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(number, line) pairs; a line longer than `limit` comes as None and is skipped without being held whole."""
+    number = 0
+    while raw := handle.readline(limit + 1):
+        number += 1
+        if len(raw) > limit:
+            while raw and not raw.endswith(b"\n"):
+                raw = handle.readline(1 << 20)
+            yield number, None
+        else:
+            yield number, raw
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -5,6 +5,9 @@
     helpers_crash.py registry                   registry.update forever (CL_HOME), printing each version
     helpers_crash.py curate                     print "start", run_curate(full=True) once, print the snapshot id
     helpers_crash.py hold NAME                  take workspace_lock(NAME), print "held", sleep
+    helpers_crash.py flip V1 V2 ...             promote / roll back among the versions forever, printing each champion
+    helpers_crash.py forget USER                print "start", forget USER, print "done"
+    helpers_crash.py train                      print "start", train on the newest snapshot, print the version
 """
 from __future__ import annotations
 
@@ -81,6 +84,43 @@ def hold(name: str) -> None:
         time.sleep(60)
 
 
+def flip(*versions: str) -> None:
+    from continuous_learning import registry
+    from continuous_learning.decisions import promote_version, rollback_champion
+    from continuous_learning.settings import load_settings
+
+    settings = load_settings()
+    rng = random.Random()
+    while True:
+        champion = registry.load(settings)["champion"]
+        if rng.random() < 0.3 and champion is not None:
+            moved = rollback_champion(settings, reason="crash test")
+        else:
+            moved = promote_version(settings, rng.choice([v for v in versions if v != champion]), "crash test", forced=True)
+        print(moved["to"], flush=True)
+
+
+def forget(user: str) -> None:
+    from continuous_learning.gdpr import forget_user
+    from continuous_learning.settings import load_settings
+
+    settings = load_settings()
+    print("start", flush=True)
+    forget_user(settings, user)
+    print("done", flush=True)
+
+
+def train() -> None:
+    from continuous_learning.settings import load_settings
+    from continuous_learning.train import run_training
+
+    settings = load_settings()
+    print("start", flush=True)
+    entry = run_training(settings)
+    print(entry["version"], flush=True)
+
+
 if __name__ == "__main__":
     mode, *args = sys.argv[1:]
-    {"stress": stress, "ack": ack, "registry": registry_loop, "curate": curate, "hold": hold}[mode](*args)
+    {"stress": stress, "ack": ack, "registry": registry_loop, "curate": curate, "hold": hold, "flip": flip,
+     "forget": forget, "train": train}[mode](*args)

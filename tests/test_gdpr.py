@@ -242,3 +242,22 @@ def test_forget_waits_for_a_running_training(settings, populated, monkeypatch):
         with pytest.raises(LockHeldError, match="'train' lock"):
             forget_user(settings, "alice")
     assert settings.raw_log.read_bytes() == raw_before
+
+
+def test_forget_and_retention_recount_the_feedback_counters(settings, populated):
+    from continuous_learning.ingest import update_feedback_counters
+
+    # counters as the recording path left them: 12 turns rated 5 (the two later ratings change no bucket)
+    update_feedback_counters(settings, [(None, Feedback(score=5), None)] * 12)
+    assert store.read_json(settings.feedback_metrics)["total"]["turns"] == 12
+
+    forget_user(settings, "alice")
+    counts = store.read_json(settings.feedback_metrics)
+    assert counts["total"] == counts["adapter:base"] == {
+        "helpful": 6, "unhelpful": 0, "neutral": 0, "skipped": 0, "corrected": 0, "turns": 6}
+
+    append(settings, turn("carol", "Old question about valve V-1?", "Valve V-1 is in stock.", days_ago=40))
+    update_feedback_counters(settings, [(None, Feedback(score=1), None)])
+    assert store.read_json(settings.feedback_metrics)["total"]["turns"] == 7
+    apply_retention(settings, 30)
+    assert store.read_json(settings.feedback_metrics)["total"]["turns"] == 6

@@ -428,3 +428,141 @@ def test_cli_turns_enospc_into_one_line(settings, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert_one_clear_line(result, "disk full")
     assert settings.raw_log.read_bytes() == before
+
+
+# --- 6. kill -9 during promote / rollback, forget and train ------------------------------------------------
+def champions_consistent(doc: dict) -> None:
+    marked = [v for v, entry in doc["adapters"].items() if entry.get("status") == "champion"]
+    assert marked == ([doc["champion"]] if doc["champion"] else []), (doc["champion"], marked)
+
+
+def test_kill9_during_promote_and_rollback_keeps_one_valid_champion(tmp_path):
+    from continuous_learning.decisions import verify_adapter_files
+
+    rng = random.Random(SEED + 6)
+    home = tmp_path / "ws"
+    settings = load_settings(home=home, env={})
+    versions = ("1.0.0", "1.1.0", "1.2.0")
+    doc = registry.empty_registry()
+    doc["adapters"] = {v: fake_adapter(settings, v, "candidate") for v in versions}
+    write_registry(settings, doc)
+    moves = 0
+    for _ in range(12):
+        proc = spawn(home, "flip", *versions)
+        time.sleep(rng.uniform(0.3, 0.8))
+        acked = kill9(proc)
+        moves += len(acked)
+        doc = registry.load(settings)
+        champions_consistent(doc)
+        if acked and acked[-1] != "None":  # the last acknowledged move stands, or a later one replaced it
+            assert doc["champion"] is not None
+        for version in versions:
+            verify_adapter_files(settings, doc["adapters"][version])
+        with store.workspace_lock(settings.lock_dir, "registry", wait=0):
+            pass
+    assert moves >= 12
+    started = time.perf_counter()
+    result = invoke("--home", str(home), "promote", "1.2.0")
+    assert result.exit_code == 0, result.output
+    assert registry.load(settings)["champion"] == "1.2.0" and time.perf_counter() - started < 1.0
+
+
+def test_kill9_during_forget_then_a_rerun_finishes_the_job(tmp_path, monkeypatch):
+    from continuous_learning.curate import run_curate
+    from continuous_learning.gdpr import forget_user
+
+    monkeypatch.setenv("CL_USER_HASH_SALT", "test-salt")  # the salt is read when a user id is hashed
+    rng = random.Random(SEED + 7)
+    home = tmp_path / "ws"
+    settings = load_settings(home=home, env={"CL_USER_HASH_SALT": "test-salt"})
+    start = datetime(2026, 1, 5, tzinfo=timezone.utc)
+    records = make_interactions(rng, 3000, start)
+    users = [f"user{i}" for i in range(25)]
+    for i, record in enumerate(records):  # real salted hashes, so `forget --user userN` finds them
+        record["user_hash"] = registry_hash(users[i % 25])
+    store.append_jsonl(settings.raw_log, records)
+    assert run_curate(settings, include_unrated=True)["status"] == "created"
+    per_user = {u: sum(1 for r in records if r["user_hash"] == registry_hash(u)) for u in users}
+
+    landed_mid_way = 0
+    for user in users[:6]:
+        proc = spawn(home, "forget", user)
+        wait_for_line(proc, "start")
+        time.sleep(rng.uniform(0.0, 0.8))
+        said = kill9(proc)
+        landed_mid_way += "done" not in said
+        raw = [r for _, r in store.iter_jsonl(settings.raw_log)]  # whole lines only, or this raises
+        left = sum(1 for r in raw if r["user_hash"] == registry_hash(user))
+        assert left in (0, per_user[user])  # the raw log is rewritten atomically: all of the user's lines or none
+        registry.load(settings)
+        forget_user(settings, user)  # the next run finishes whatever the kill interrupted
+        check_snapshots(settings)
+        holding = [p.name for p in (settings.raw_log, *settings.curated_dir.iterdir())
+                   if p.is_file() and registry_hash(user).encode() in p.read_bytes()]
+        assert holding == [], f"{user} left in {holding} after {said}"
+        assert list(settings.curated_dir.glob(".*.tmp")) == [] and list(settings.raw_log.parent.glob(".*.tmp")) == []
+    remaining = [r for _, r in store.iter_jsonl(settings.raw_log)]
+    assert len(remaining) == sum(per_user[u] for u in users[6:])
+    assert landed_mid_way >= 1, "no kill landed before a forget finished"
+
+
+def registry_hash(user: str) -> str:
+    from continuous_learning.privacy import hash_user_id
+
+    return hash_user_id(user, b"test-salt")
+
+
+def test_kill9_during_train_registers_nothing_half_made(workspace, monkeypatch):
+    from continuous_learning.curate import run_curate
+    from continuous_learning.decisions import verify_adapter_files
+    from continuous_learning.train import run_training
+
+    rng = random.Random(SEED + 8)
+    monkeypatch.setenv("CL_TRAIN_MAX_STEPS", "40")
+    settings = load_settings()
+    store.append_jsonl(settings.raw_log, make_interactions(rng, 40, datetime(2026, 1, 5, tzinfo=timezone.utc)))
+    assert run_curate(settings, include_unrated=True)["status"] == "created"
+    acked: list[str] = []
+    for delay in (1.0, 3.0, 5.0, 7.0):
+        proc = spawn(workspace, "train")
+        wait_for_line(proc, "start")
+        time.sleep(delay * rng.uniform(0.8, 1.2))
+        acked += [line for line in kill9(proc) if line != "start"]
+        doc = registry.load(settings)
+        assert set(acked) <= set(doc["adapters"])
+        for entry in doc["adapters"].values():  # whatever is registered is whole
+            verify_adapter_files(settings, entry)
+        with store.workspace_lock(settings.lock_dir, "train", wait=0):
+            pass
+    before = set(registry.load(settings)["adapters"])
+    entry = run_training(settings)  # the next run discards the killed runs' folders and finishes
+    doc = registry.load(settings)
+    assert set(doc["adapters"]) == before | {entry["version"]}
+    verify_adapter_files(settings, doc["adapters"][entry["version"]])
+    assert [p.name for p in settings.adapters_dir.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_50mb_line_in_the_raw_log_is_skipped_reported_and_never_held_whole(tmp_path):
+    import tracemalloc
+
+    from continuous_learning.curate import run_curate
+
+    rng = random.Random(SEED + 9)
+    settings = load_settings(home=tmp_path / "ws", env={"CL_USER_HASH_SALT": "test-salt"})
+    good = make_interactions(rng, 30, datetime(2026, 1, 5, tzinfo=timezone.utc))
+    store.append_jsonl(settings.raw_log, good[:15])
+    with open(settings.raw_log, "ab") as handle:
+        handle.write(b'{"type": "interaction", "pad": "' + b"z" * (50 * 1024 * 1024) + b'"}\n')
+    store.append_jsonl(settings.raw_log, good[15:])
+
+    report = store.ReadReport()
+    tracemalloc.start()
+    ids = [record["id"] for _, record in store.iter_jsonl(settings.raw_log, report)]
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert ids == [r["id"] for r in good]
+    assert [n for n, _ in report.bad_lines] == [16] and "longer than" in report.bad_lines[0][1]
+    # at most one chunk of the 16 MB record limit (plus its copy) is held, never the 50 MB line
+    assert peak < 40 * 1024 * 1024, f"reading held {peak / 2**20:.0f} MB"
+    manifest = run_curate(settings, include_unrated=True)
+    assert manifest["status"] == "created" and manifest["counts"]["bad_lines"] == 1

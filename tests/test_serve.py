@@ -1,0 +1,472 @@
+"""`cl serve`: the real server on a free port, driven by the official openai client and httpx."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
+
+import httpx
+import orjson
+import pytest
+from typer.testing import CliRunner
+
+from continuous_learning import cli, decisions, registry
+from continuous_learning.privacy import hash_user_id
+from continuous_learning.serve import (
+    ApiError, Service, StopScanner, bind_socket, check_bearer, cut_at_stop, make_server, model_list, resolve_model,
+    retry_after_s,
+)
+from continuous_learning.settings import load_settings
+from continuous_learning.store import iter_jsonl, workspace_lock
+
+TOKEN = "s3cret-admin-token"
+QUESTION = [{"role": "user", "content": "Hello there, how are you?"}]
+
+
+# --- pure parts -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, stops, expected", [
+    ("Hello world. Bye", ["."], ("Hello world", True)),
+    ("Hello world. Bye", ["Bye", "world"], ("Hello ", True)),
+    ("Hello", ["x"], ("Hello", False)),
+    ("Hello", [], ("Hello", False)),
+    ("Hello", [""], ("Hello", False)),
+])
+def test_cut_at_stop(text, stops, expected):
+    assert cut_at_stop(text, stops) == expected
+
+
+@pytest.mark.parametrize("stops", [["wor"], ["o w", "ld"], ["zz"], ["Hello"], ["d"]])
+def test_stop_scanner_streams_exactly_what_the_one_shot_cut_keeps(stops):
+    text = "Hello world, hello again"
+    for size in (1, 2, 3, 7):
+        scanner = StopScanner(stops)
+        streamed = "".join(scanner.feed(text[i : i + size]) for i in range(0, len(text), size)) + scanner.finish()
+        expected, hit = cut_at_stop(text, stops)
+        assert (streamed, scanner.stopped) == (expected, hit), size
+
+
+def registry_doc() -> dict:
+    doc = registry.empty_registry()
+    doc["adapters"] = {"1.0.0": {"status": "archived"}, "1.1.0": {"status": "champion"}, "1.2.0": {"status": "tainted"},
+                       "1.3.0": {"status": "candidate"}}
+    doc["champion"] = "1.1.0"
+    return doc
+
+
+def test_resolve_model_names():
+    doc = registry_doc()
+    assert resolve_model(doc, "champion") == "1.1.0"
+    assert resolve_model(doc, None) == "1.1.0"
+    assert resolve_model(doc, "base") is None
+    assert resolve_model(doc, "tiny_llama", base_name="tiny_llama") is None
+    assert resolve_model(doc, "1.0.0") == "1.0.0"
+    for bad in ("9.9.9", "1.2.0", "gpt-4"):
+        with pytest.raises(ApiError) as caught:
+            resolve_model(doc, bad)
+        assert caught.value.status == 404 and caught.value.code == "model_not_found"
+
+
+def test_model_list_hides_unusable_adapters():
+    listed = model_list(registry_doc(), "tiny", created=1)
+    assert listed["object"] == "list"
+    assert [m["id"] for m in listed["data"]] == ["champion", "base", "1.0.0", "1.1.0", "1.3.0"]
+    assert listed["data"][0]["serves"] == "1.1.0"
+
+
+def test_hosts_and_error_mapping():
+    from continuous_learning.errors import InputError, LockHeldError, ModelNotFoundError, RegistryError
+    from continuous_learning.serve import api_error_for, is_loopback
+
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
+    assert [api_error_for(e).status for e in (LockHeldError("x"), RegistryError("x"), InputError("x"),
+                                               ModelNotFoundError("x"))] == [409, 409, 400, 503]
+
+
+def test_bearer_check_and_retry_after():
+    assert check_bearer(None, TOKEN) == 401
+    assert check_bearer("Basic abc", TOKEN) == 401
+    assert check_bearer("Bearer ", TOKEN) == 401
+    assert check_bearer("Bearer wrong", TOKEN) == 403
+    assert check_bearer(f"Bearer {TOKEN}", TOKEN) is None
+    assert check_bearer(f"bearer {TOKEN}", TOKEN) is None
+    assert retry_after_s(0, 0.0) == 1
+    assert retry_after_s(10, 0.5) == 5
+
+
+# --- a running server ----------------------------------------------------------------------------------------
+@contextmanager
+def running(admin_token: str | None = ""):
+    """The real uvicorn server in a thread on a free port, over the current workspace."""
+    settings = load_settings()
+    service = Service.load(settings, admin_token=admin_token)
+    server = make_server(service, log_level="warning")
+    sock = bind_socket("127.0.0.1", 0)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}", service
+    finally:
+        server.should_exit = True
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def client(url: str):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def interactions(settings) -> list[dict]:
+    return [r for _, r in iter_jsonl(settings.raw_log) if r.get("type") == "interaction"]
+
+
+def raw_log_lines(settings) -> list[dict]:
+    return [orjson.loads(line) for line in settings.raw_log.read_bytes().splitlines() if line.strip()]
+
+
+def generation_lines(settings) -> list[dict]:
+    return [r for _, r in iter_jsonl(settings.generation_metrics)]
+
+
+def test_completions_through_the_openai_client_are_logged_like_chat_turns(settings):
+    with running() as (url, _):
+        api = client(url)
+        raw = api.chat.completions.with_raw_response.create(
+            model="champion", messages=[{"role": "user", "content": "Mail me at john.doe@example.com please"}],
+            max_tokens=6, user="alice")
+        reply = raw.parse()
+        assert raw.headers["x-interaction-id"] == reply.id
+        assert reply.object == "chat.completion" and reply.model == "base"
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage.completion_tokens <= 6 and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+        chunks = list(api.chat.completions.create(model="base", messages=QUESTION, max_tokens=6, stream=True,
+                                                  temperature=1.0, seed=3, stream_options={"include_usage": True}))
+        streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (["stop"], ["length"])
+        assert chunks[-1].usage.completion_tokens <= 6
+
+    logged = {i["id"]: i for i in interactions(settings)}
+    assert set(logged) == {reply.id, chunks[0].id}
+    first, second = logged[reply.id], logged[chunks[0].id]
+    assert first["source"] == "api" and first["user_hash"] == hash_user_id("alice", b"test-salt")
+    assert "john.doe@example.com" not in orjson.dumps(first).decode() and "EMAIL_ADDRESS" in first["pii_entities"]
+    assert first["messages"][0]["role"] == "system"  # the configured system prompt, as in the chat
+    assert first["messages"][-1] == {"role": "assistant", "content": reply.choices[0].message.content}
+    assert first["completion_tokens"] == reply.usage.completion_tokens
+    assert streamed.strip() and second["messages"][-1]["content"] == streamed.strip() and second["user_hash"] is None
+    assert {g["interaction_id"] for g in generation_lines(settings)} == {reply.id, chunks[0].id}
+
+
+def test_stop_strings_and_the_max_tokens_cap(workspace, monkeypatch):
+    monkeypatch.setenv("CL_SERVE_MAX_TOKENS", "6")
+    sampled = {"messages": QUESTION, "model": "champion", "max_tokens": 500, "temperature": 1.0, "seed": 7}
+    with running() as (url, _):
+        api = client(url)
+        full = api.chat.completions.create(**sampled)
+        assert full.usage.completion_tokens == 6 and full.choices[0].finish_reason == "length"
+        text = full.choices[0].message.content
+        assert len(text) >= 6 and api.chat.completions.create(**sampled).choices[0].message.content == text  # seeded
+        stop = text[len(text) // 2 : len(text) // 2 + 2]
+        expected = text[: text.find(stop)].strip()
+        cut = api.chat.completions.create(**sampled, stop=[stop, "\u2603"])
+        assert cut.choices[0].message.content == expected and cut.choices[0].finish_reason == "stop"
+        streamed = api.chat.completions.create(**sampled, stop=stop, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices).strip() == expected
+    logged = interactions(load_settings())
+    assert [i["truncated"] for i in logged] == [True, True, False, False]
+    assert logged[2]["messages"][-1]["content"] == expected
+
+
+def test_bad_requests_get_openai_shaped_errors(workspace, monkeypatch):
+    monkeypatch.setenv("CL_SERVE_MAX_REQUEST_BYTES", "4000")
+    with running() as (url, _):
+        def post(body, **kwargs):
+            return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=60, **kwargs)
+
+        cases = [
+            (post({"model": "champion"}), 422, "messages"),
+            (post({"messages": QUESTION, "temperature": 5}), 422, "temperature"),
+            (post({"messages": [{"role": "tool", "content": "x"}]}), 422, "messages.0.role"),
+            (post({"messages": [{"role": "system", "content": "only a system prompt"}]}), 422, "messages"),
+            (post({"messages": QUESTION, "n": 2}), 422, "n"),
+            (post({"messages": QUESTION, "model": "9.9.9"}), 404, "model"),
+            (post({"messages": [{"role": "user", "content": "x" * 5000}]}), 413, None),
+            (httpx.post(f"{url}/v1/chat/completions", content=b"{not json", timeout=60,
+                        headers={"content-type": "application/json"}), 400, None),
+            (httpx.get(f"{url}/v1/nowhere", timeout=60), 404, None),
+        ]
+        for response, status, param in cases:
+            assert response.status_code == status, response.text
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+            assert error["param"] == param
+        import openai
+
+        with pytest.raises(openai.NotFoundError, match="does not exist"):
+            client(url).chat.completions.create(model="nope", messages=QUESTION)
+        assert client(url).chat.completions.create(model="champion", messages=QUESTION, max_tokens=2).choices[0].message is not None
+    assert len(interactions(load_settings())) == 1  # refused requests are not logged
+
+
+def test_feedback_is_recorded_like_in_the_chat(settings):
+    with running() as (url, _):
+        reply = client(url).chat.completions.create(model="champion", messages=QUESTION, max_tokens=3)
+        ok = httpx.post(f"{url}/v1/feedback", json={"interaction_id": reply.id, "score": 5, "comment": "good, mail a@b.co"})
+        assert ok.status_code == 201 and ok.json()["interaction_id"] == reply.id
+        assert httpx.post(f"{url}/v1/feedback", json={"interaction_id": "nope", "helpful": True}).status_code == 404
+        for bad in ({"interaction_id": reply.id, "score": 7}, {"interaction_id": reply.id, "helpful": "yes"},
+                    {"interaction_id": reply.id}, {"interaction_id": reply.id, "score": 4, "extra": 1}):
+            response = httpx.post(f"{url}/v1/feedback", json=bad)
+            assert response.status_code == 422, bad
+            assert response.json()["error"]["type"] == "invalid_request_error"
+    events = [r for r in raw_log_lines(settings) if r["type"] == "feedback"]
+    assert len(events) == 1 and events[0]["interaction_id"] == reply.id and events[0]["source"] == "api"
+    assert events[0]["feedback"]["score"] == 5 and "a@b.co" not in events[0]["feedback"]["comment"]
+    counters = orjson.loads(settings.feedback_metrics.read_bytes())
+    assert counters["total"]["helpful"] == 1 and counters["total"]["turns"] == 1
+
+
+def test_admin_routes_are_absent_without_a_token(settings):
+    with running(admin_token="") as (url, _):
+        for method, path in [("GET", "/admin/status"), ("POST", "/admin/curate"), ("POST", "/admin/train"),
+                             ("POST", "/admin/rollback"), ("GET", "/admin/jobs/x")]:
+            response = httpx.request(method, f"{url}{path}", headers={"Authorization": f"Bearer {TOKEN}"}, content=b"{bad")
+            assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
+
+
+def test_admin_auth_status_and_a_curate_job(settings, monkeypatch):
+    monkeypatch.setenv("CL_ADMIN_TOKEN", TOKEN)
+    with running(admin_token=None) as (url, _):
+        missing = httpx.get(f"{url}/admin/status")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        assert httpx.get(f"{url}/admin/status", headers={"Authorization": "Bearer wrong"}).status_code == 403
+        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+        api = client(url)
+        prompts = ["What is lot number AB-123?", "How do I reset the pump?", "Which filter fits model X7?",
+                   "When is the next service due?"]
+        for k, prompt in enumerate(prompts):
+            reply = api.chat.completions.create(model="champion", messages=[{"role": "user", "content": prompt}], max_tokens=6)
+            fix = {"interaction_id": reply.id, "correction": f"The right answer number {k} is in the manual."}
+            assert admin.post("/v1/feedback", json=fix).status_code == 201
+        status = admin.get("/admin/status").json()
+        assert status["champion"] == "base" and status["counts"]["completions"] == 4 and status["counts"]["feedback"] == 4
+        assert status["queue"]["capacity"] == 32 and status["jobs"] == []
+        assert status["workspace"]["interactions"]["total"] == 4  # the same figures as `cl status --json`
+
+        started = admin.post("/admin/curate", json={"note": "from the API"})
+        assert started.status_code == 202 and started.headers["location"] == f"/admin/jobs/{started.json()['id']}"
+        job = wait_for_job(admin, started.json()["id"])
+        assert job["status"] == "succeeded", (job["result"] or {}).get("message") or job["error"]
+        assert job["result"]["status"] == "created" and job["result"]["counts"]["new_examples"] == 4
+        assert registry.load(settings)["snapshots"][-1]["id"] == job["result"]["id"]
+        assert admin.get("/admin/status").json()["jobs"][0]["id"] == job["id"]
+        assert admin.get("/admin/jobs/unknown").status_code == 404
+        assert admin.post("/admin/curate", json={"fully": True}).status_code == 422
+
+        with workspace_lock(settings.lock_dir, "train"):  # another process is training
+            refused = admin.post("/admin/train", json={"max_steps": 2})
+        assert refused.status_code == 409 and "lock is held" in refused.json()["error"]["message"]
+
+
+def test_train_job_runs_in_the_background_one_at_a_time(settings):
+    with running(admin_token=TOKEN) as (url, _):
+        admin = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120)
+        api = client(url)
+        for k in range(4):
+            reply = api.chat.completions.create(model="champion", max_tokens=3,
+                                                messages=[{"role": "user", "content": f"Question {k} about the pump?"}])
+            admin.post("/v1/feedback", json={"interaction_id": reply.id, "correction": f"Answer {k}: see page {k} of the manual."})
+        assert admin.post("/admin/train", json={"max_steps": 0}).status_code == 422
+        started = admin.post("/admin/train", json={"max_steps": 2, "evaluate": False, "note": "api"})
+        assert started.status_code == 202 and started.json()["kind"] == "train"
+        busy = admin.post("/admin/curate")  # the job is registered before the 202 goes out: no race here
+        assert busy.status_code == 409 and started.json()["id"] in busy.json()["error"]["message"]
+        job = wait_for_job(admin, started.json()["id"])
+        assert job["status"] == "succeeded", job["error"]
+        assert job["result"]["curate"]["status"] == "created" and job["result"]["train"]["version"] == "1.0.0"
+        status = admin.get("/admin/status").json()
+        assert status["candidates"] == ["1.0.0"] and status["champion"] == "base"  # no eval: nothing promoted
+        assert [m.id for m in api.models.list().data] == ["champion", "base", "1.0.0"]
+        assert api.chat.completions.create(model="1.0.0", messages=QUESTION, max_tokens=2).model == "1.0.0"
+    assert registry.load(settings)["adapters"]["1.0.0"]["status"] == "candidate"
+
+
+def wait_for_job(admin: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = admin.get(f"/admin/jobs/{job_id}").json()
+        if job["finished_at"] is not None or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)
+
+
+def make_adapter(settings, version: str, seed: int) -> None:
+    """A real PEFT LoRA over the tiny model, saved and registered the way training registers one."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from continuous_learning.models import file_sha256, resolve_base
+
+    base = resolve_base(settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base.path)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules="all-linear", init_lora_weights=False))
+    folder = settings.adapters_dir / version
+    lora.save_pretrained(str(folder))
+    files = ("adapter_model.safetensors", "adapter_config.json")
+    entry = {"version": version, "status": "candidate", "path": f"adapters/{version}",
+             "base_model": {"name": base.name, "sha256": base.sha256},
+             "sha256": {name: file_sha256(folder / name) for name in files}}
+    registry.update(settings, lambda d: registry.register_adapter(d, entry), "register", version=version)
+
+
+def test_promotion_and_rollback_take_effect_on_the_next_request(settings):
+    make_adapter(settings, "1.0.0", seed=1)
+    make_adapter(settings, "1.1.0", seed=2)
+    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    with running(admin_token=TOKEN) as (url, _):
+        api = client(url)
+        assert [m.id for m in api.models.list().data] == ["champion", "base", "1.0.0", "1.1.0"]
+        assert api.chat.completions.create(model="champion", messages=QUESTION, max_tokens=3).model == "1.0.0"
+        decisions.promote_version(settings, "1.1.0", "second", forced=True)  # e.g. `cl promote` in another shell
+        assert api.chat.completions.create(model="champion", messages=QUESTION, max_tokens=3).model == "1.1.0"
+        assert api.chat.completions.create(model="base", messages=QUESTION, max_tokens=3).model == "base"
+        moved = httpx.post(f"{url}/admin/rollback", json={"reason": "regression"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert moved.status_code == 200 and moved.json()["from"] == "1.1.0" and moved.json()["to"] == "1.0.0"
+        raw = api.chat.completions.with_raw_response.create(model="champion", messages=QUESTION, max_tokens=3)
+        assert raw.parse().model == "1.0.0" and raw.headers["x-model-version"] == "1.0.0"
+        again = httpx.post(f"{url}/admin/rollback", json={"to": "1.0.0"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert again.status_code == 409 and "already serving" in again.json()["error"]["message"]
+    assert [i["adapter_version"] for i in interactions(settings)] == ["1.0.0", "1.1.0", None, "1.0.0"]
+    assert registry.load(settings)["history"][-1]["reason"] == "regression"
+
+
+def test_load_16_clients_x_20_requests_every_turn_logged_once(settings):
+    with running() as (url, service):
+        def one_client(n: int) -> list[tuple[str, str]]:
+            api = client(url)
+            out = []
+            for k in range(20):
+                reply = api.chat.completions.create(
+                    model="champion", messages=[{"role": "user", "content": f"client {n} question {k}"}], max_tokens=2, user=f"user{n}")
+                assert reply.choices[0].message.role == "assistant" and isinstance(reply.choices[0].message.content, str)
+                assert reply.usage.completion_tokens <= 2
+                out.append((reply.id, f"client {n} question {k}"))
+            return out
+
+        with ThreadPoolExecutor(16) as pool:
+            replies = [r for batch in pool.map(one_client, range(16)) for r in batch]
+        assert service.counts["completions"] == 320 and service.counts["rejected"] == 0
+    logged = interactions(settings)
+    assert len(logged) == 320 and len({i["id"] for i in logged}) == 320
+    by_id = {i["id"]: i for i in logged}
+    assert all(by_id[rid]["messages"][1]["content"] == prompt for rid, prompt in replies)
+    assert len(generation_lines(settings)) == 320
+
+
+def test_full_queue_answers_503_with_retry_after(workspace, monkeypatch):
+    monkeypatch.setenv("CL_SERVE_QUEUE_SIZE", "1")
+    monkeypatch.setenv("CL_SERVE_MAX_TOKENS", "900")
+    with running() as (url, service), ThreadPoolExecutor(4) as pool:
+        body = {"model": "champion", "messages": QUESTION, "max_tokens": 900, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as long_one:
+            lines = long_one.iter_lines()  # keep the iterator: dropping it would hang up now
+            assert next(lines).startswith("data: ")  # generating now: the worker is busy
+            long_id = long_one.headers["x-interaction-id"]
+            short = {"model": "champion", "messages": QUESTION, "max_tokens": 1}
+            futures = [pool.submit(httpx.post, f"{url}/v1/chat/completions", json=short, timeout=60) for _ in range(4)]
+            rejected = []
+            for done in as_completed(futures):  # one request fits the queue, three are turned away at once
+                assert done.result().status_code == 503, done.result().text
+                rejected.append(done.result())
+                if len(rejected) == 3:
+                    break
+            lines.close()  # hang up mid-stream: that stops the long answer and lets the queued one run
+        queued = next(f.result() for f in futures if f.result().status_code != 503)
+        assert queued.status_code == 200
+        assert all(int(r.headers["retry-after"]) >= 1 and r.json()["error"]["code"] == "queue_full" for r in rejected)
+        assert service.counts["rejected"] == 3
+    logged = {i["id"]: i for i in interactions(load_settings())}
+    assert set(logged) == {queued.json()["id"], long_id}  # the client that hung up is recorded, cut short
+    assert logged[long_id]["truncated"] is True and logged[long_id]["completion_tokens"] < 900
+
+
+def test_cli_refuses_a_taken_port_in_one_line(workspace):
+    sock = bind_socket("127.0.0.1", 0)
+    sock.listen()
+    try:
+        result = CliRunner().invoke(cli.app, ["serve", "--port", str(sock.getsockname()[1])])
+    finally:
+        sock.close()
+    assert result.exit_code == 2
+    assert "cannot listen on 127.0.0.1" in result.output and "Traceback" not in result.output
+
+
+def test_sigterm_finishes_in_flight_requests_and_loses_no_turn(workspace):
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "CL_SERVE_MAX_TOKENS": "60"}
+    proc = subprocess.Popen([sys.executable, "-m", "continuous_learning.cli", "serve", "--port", str(port), "--log-level", "warning"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+
+        def ask(k: int):
+            try:
+                return httpx.post(f"{url}/v1/chat/completions", timeout=120,
+                                  json={"messages": [{"role": "user", "content": f"question {k}"}], "max_tokens": 60})
+            except httpx.TransportError as exc:
+                return exc
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ask, k) for k in range(4)]
+            while _busy(url) < 4:  # one generating, three waiting
+                assert time.monotonic() < deadline and not any(f.done() for f in futures)
+                time.sleep(0.02)
+            proc.send_signal(signal.SIGTERM)
+            results = [f.result() for f in futures]
+        assert proc.wait(120) == 0
+        output = proc.stdout.read().decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert [getattr(r, "status_code", r) for r in results] == [200] * 4, output
+    assert "server stopped" in output and "Traceback" not in output
+    logged = [i["id"] for i in interactions(load_settings())]
+    assert sorted(logged) == sorted(r.json()["id"] for r in results)
+
+
+def _busy(url: str) -> int:
+    return httpx.get(f"{url}/healthz", timeout=5).json()["busy"]
+
+
+@pytest.mark.real_model
+def test_real_model_answers_the_capital_of_france(real_workspace):
+    with running() as (url, _):
+        reply = client(url).chat.completions.create(
+            model="champion", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=20)
+    assert "Paris" in reply.choices[0].message.content
+    assert interactions(load_settings())[0]["messages"][-1]["content"] == reply.choices[0].message.content

@@ -9,17 +9,19 @@ in the registry. Nothing new to curate: it writes nothing and says why.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import hashlib
 import heapq
 import math
 import re
+import sys
 import unicodedata
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
@@ -38,7 +40,7 @@ DROP_REASONS = (
     "empty", "truncated", "too_short", "too_long", "blocklisted",
 )
 SHINGLE_CHARS = 5
-NUM_PERM = 128
+NUM_PERM = 64
 ID_CHARS = 16
 # Records are stamped before they are appended, so two writers can land slightly out of order, and a batch
 # import stamps many records with the same millisecond. The cursor remembers the ids seen in this window.
@@ -69,6 +71,9 @@ def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
+_ROLE_NAMES = {role: role for role in ROLES}  # one shared string per role, not one per parsed message
+
+
 def clean_messages(messages: Any) -> list[dict] | None:
     """[{"role", "content"}] ending with the assistant answer, or None when the shape is wrong."""
     if not isinstance(messages, list) or not messages:
@@ -77,7 +82,8 @@ def clean_messages(messages: Any) -> list[dict] | None:
     for message in messages:
         if not isinstance(message, dict) or message.get("role") not in ROLES or not isinstance(message.get("content"), str):
             return None
-        out.append({"role": message["role"], "content": message["content"]})
+        role, content = _ROLE_NAMES[message["role"]], message["content"]
+        out.append({"role": role, "content": sys.intern(content) if role == "system" else content})
     return out if out[-1]["role"] == "assistant" else None
 
 
@@ -205,6 +211,14 @@ class Rules:
         )
 
 
+_FEEDBACK_FIELDS = tuple(f.name for f in dataclasses.fields(Feedback))
+
+
+def merge_feedback(earlier: Feedback, later: Feedback) -> Feedback:
+    """`earlier.merged(later)` without its per-call dataclass-to-dict copies (the curate hot path)."""
+    return Feedback(**{k: getattr(later, k) if getattr(later, k) is not None else getattr(earlier, k) for k in _FEEDBACK_FIELDS})
+
+
 def _rating(feedback: Feedback) -> float:
     if isinstance(feedback.score, (int, float)):
         return float(feedback.score)
@@ -257,7 +271,7 @@ def select(interaction: Interaction, rules: Rules) -> Example | str:
         kind=kind,
         weight=KIND_WEIGHTS[kind],
         source_ids=[str(interaction.id)],
-        user_hashes=[str(interaction.user_hash)] if interaction.user_hash else [],
+        user_hashes=[sys.intern(str(interaction.user_hash))] if interaction.user_hash else [],
         target_tool=interaction.target_tool if isinstance(interaction.target_tool, str) and interaction.target_tool else None,
         created_at=str(interaction.created_at),
         rank=(KIND_RANK[kind], _rating(feedback), str(interaction.recorded_at)),
@@ -279,45 +293,182 @@ def dedupe_exact(examples: Iterable[Example]) -> tuple[list[Example], int]:
     return list(best.values()), collapsed
 
 
-def _signatures(texts: list[str]) -> Iterator[Any]:
-    """MinHash of each text's shingles, computed in chunks so only one chunk of them is alive at a time."""
-    from datasketch import MinHash
+_SIGNATURE_CELLS = 1 << 21  # permutations x shingle positions hashed at once (bounds the temporary arrays)
 
-    for start in range(0, len(texts), 4096):
-        chunk = [[s.encode("utf-8") for s in shingles(t)] for t in texts[start : start + 4096]]
-        yield from MinHash.bulk(chunk, num_perm=NUM_PERM, hashfunc=zlib.crc32)
+
+@lru_cache(maxsize=1)
+def _permutations() -> tuple[Any, Any]:
+    """Fixed multiply-shift hash parameters (odd multipliers), so signatures are the same in every run."""
+    import numpy as np
+
+    rng = np.random.default_rng(20261123)
+    a = rng.integers(1, 2**63, NUM_PERM, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    return a, rng.integers(0, 2**63, NUM_PERM, dtype=np.uint64)
+
+
+_PAD = "\U0010ffff"  # a noncharacter: pads a text shorter than a shingle, which is then one shingle, itself
+
+
+def _signatures(texts: list[str]) -> Iterator[Any]:
+    """MinHash signature (NUM_PERM uint32 minima) of each text's character shingles, numpy-vectorised over
+    chunks of texts; identical texts get identical signatures, repeated shingles count once (a min ignores them)."""
+    import numpy as np
+
+    a, b = _permutations()
+    per_chunk = _SIGNATURE_CELLS // NUM_PERM
+    start = 0
+    while start < len(texts):
+        chunk, size = [], 0
+        while start < len(texts) and (not chunk or size < per_chunk):
+            text = texts[start]
+            chunk.append(text if len(text) >= SHINGLE_CHARS else text + _PAD * (SHINGLE_CHARS - len(text)))
+            size += len(chunk[-1])
+            start += 1
+        hashes, offsets = _window_hashes(chunk)
+        with np.errstate(over="ignore"):
+            cells = np.multiply.outer(a, hashes)
+            cells += b[:, None]
+        cells >>= np.uint64(32)
+        yield from np.minimum.reduceat(cells, offsets, axis=1).T.astype(np.uint32)
+
+
+def _window_hashes(texts: list[str]) -> tuple[Any, Any]:
+    """A 64-bit hash of every SHINGLE_CHARS-long window inside each text (a polynomial over code points, then a
+    mixer), all texts at once; and where each text's windows start in the result."""
+    import numpy as np
+
+    points = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    count = len(points) - SHINGLE_CHARS + 1
+    with np.errstate(over="ignore"):
+        h = np.zeros(count, dtype=np.uint64)
+        for k in range(SHINGLE_CHARS):
+            h = h * np.uint64(0x100000001B3) + points[k : k + count]
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+    keep = np.ones(count, dtype=bool)
+    ends = np.cumsum(lengths)
+    crossing = (ends[:, None] - np.arange(1, SHINGLE_CHARS)).ravel()  # windows running into the next text
+    keep[crossing[crossing < count]] = False
+    windows = lengths - SHINGLE_CHARS + 1
+    return h[keep], np.concatenate([[0], np.cumsum(windows)[:-1]])
+
+
+def _band_shape(threshold: float) -> tuple[int, int]:
+    """(bands, rows) of LSH over NUM_PERM values whose candidate curve 1-(1-J^r)^b best separates pairs above and
+    below `threshold` (equal weight on missed pairs above and needless candidates below)."""
+
+    def area(f, lo: float, hi: float, steps: int = 200) -> float:
+        width = (hi - lo) / steps
+        return sum(f(lo + (i + 0.5) * width) for i in range(steps)) * width
+
+    best, shape = float("inf"), (NUM_PERM, 1)
+    for bands in range(1, NUM_PERM + 1):
+        for rows in range(1, NUM_PERM // bands + 1):
+            def hit(j: float) -> float:
+                return 1 - (1 - j**rows) ** bands
+
+            error = area(hit, 0.0, threshold) + area(lambda j: 1 - hit(j), threshold, 1.0)
+            if error < best:
+                best, shape = error, (bands, rows)
+    return shape
+
+
+@lru_cache(maxsize=8)
+def _cached_band_shape(threshold: float) -> tuple[int, int]:
+    return _band_shape(threshold)
 
 
 class NearIndex:
-    """Near-duplicate lookup: MinHash LSH proposes candidates, exact shingle Jaccard decides.
+    """Near-duplicate lookup: MinHash LSH (banded signatures) proposes candidates, exact shingle Jaccard decides.
 
     The LSH band threshold sits below the real one so that pairs just above it are not missed.
     """
 
     def __init__(self, threshold: float):
-        from datasketch import MinHashLSH
-
         self.threshold = threshold
-        self._lsh = MinHashLSH(threshold=max(0.1, threshold - 0.2), num_perm=NUM_PERM)
+        self._bands, self._rows = _cached_band_shape(round(max(0.1, threshold - 0.2), 4))
+        self._tables: list[dict[int, int | list[int]]] = [{} for _ in range(self._bands)]
         self._texts: dict[int, str] = {}
 
-    def add(self, key: int, text: str, signature: Any) -> None:
-        self._lsh.insert(key, signature)
+    def band_keys(self, texts: list[str]) -> Any:
+        """(texts x bands) uint64: each text's MinHash signature cut into bands, each band hashed to one integer."""
+        import numpy as np
+
+        weights = np.array([0x9E3779B97F4A7C15 * (2 * i + 1) % 2**64 for i in range(self._rows)], dtype=np.uint64)
+        width = self._bands * self._rows
+        out = np.empty((len(texts), self._bands), dtype=np.uint64)
+        for start in range(0, len(texts), 4096):
+            chunk = np.stack(list(_signatures(texts[start : start + 4096])))[:, :width].astype(np.uint64)
+            with np.errstate(over="ignore"):
+                out[start : start + len(chunk)] = (chunk.reshape(len(chunk), self._bands, self._rows) * weights).sum(
+                    axis=2, dtype=np.uint64)
+        return out
+
+    def signatures(self, texts: list[str]) -> Iterator[list[int]]:
+        """Each text's band keys as a list (what `add`, `candidates` and `matches` take)."""
+        yield from self.band_keys(texts).tolist()
+
+    def earlier_candidates(self, texts: list[str]) -> dict[int, list[int]]:
+        """For each text, the earlier texts sharing an LSH band with it (ascending), found by sorting each band's
+        keys: what probing an index holding every earlier text would propose, without holding that index."""
+        import numpy as np
+
+        keys = self.band_keys(texts)
+        earlier: dict[int, set[int]] = {}
+        for band in range(keys.shape[1]):
+            order = np.argsort(keys[:, band], kind="stable")  # equal keys keep ascending text order
+            column = keys[order, band]
+            repeats = np.flatnonzero(column[1:] == column[:-1])
+            group: list[int] = []
+            for position in repeats.tolist():
+                if not group or group[-1] != int(order[position]):
+                    group = [int(order[position])]
+                later = int(order[position + 1])
+                earlier.setdefault(later, set()).update(group)
+                group.append(later)
+        return {i: sorted(js) for i, js in earlier.items()}
+
+    def add(self, key: int, text: str, signature: list[int]) -> None:
+        for table, band in zip(self._tables, signature):
+            hits = table.get(band)  # most bands hold one key: store it bare, a list only on a collision
+            if hits is None:
+                table[band] = key
+            elif isinstance(hits, int):
+                table[band] = [hits, key]
+            else:
+                hits.append(key)
         self._texts[key] = text
 
+    def candidates(self, signature: list[int]) -> set[int]:
+        found: set[int] = set()
+        for table, band in zip(self._tables, signature):
+            hits = table.get(band)
+            if hits is None:
+                continue
+            if isinstance(hits, int):
+                found.add(hits)
+            else:
+                found.update(hits)
+        return found
+
     def matches(self, text: str, signature: Any) -> list[int]:
+        candidates = self.candidates(signature)
+        if not candidates:
+            return []
         mine = shingles(text)
-        return sorted(k for k in self._lsh.query(signature) if jaccard(mine, shingles(self._texts[k])) >= self.threshold)
+        return sorted(k for k in candidates if jaccard(mine, shingles(self._texts[k])) >= self.threshold)
 
     @classmethod
     def of(cls, texts: list[str], threshold: float) -> "NearIndex":
         index = cls(threshold)
-        for i, (text, signature) in enumerate(zip(texts, _signatures(texts))):
+        for i, (text, signature) in enumerate(zip(texts, index.signatures(texts))):
             index.add(i, text, signature)
         return index
 
     def matches_any(self, texts: list[str]) -> list[bool]:
-        return [bool(self.matches(t, s)) for t, s in zip(texts, _signatures(texts))] if self._texts else [False] * len(texts)
+        return [bool(self.matches(t, s)) for t, s in zip(texts, self.signatures(texts))] if self._texts else [False] * len(texts)
 
 
 def dedupe_near(examples: list[Example], threshold: float) -> tuple[list[Example], int]:
@@ -326,16 +477,23 @@ def dedupe_near(examples: list[Example], threshold: float) -> tuple[list[Example
         return list(examples), 0
     ordered = sorted(examples, key=lambda e: e.rank, reverse=True)  # best first, so the first of a cluster survives
     texts = [e.text for e in ordered]
-    index = NearIndex(threshold)
+    candidates = NearIndex(threshold).earlier_candidates(texts)
     kept: dict[int, Example] = {}
-    for i, signature in enumerate(_signatures(texts)):
-        match = index.matches(texts[i], signature)
-        if match:
-            kept[match[0]] = kept[match[0]].absorb(ordered[i])
+    for i, example in enumerate(ordered):
+        match = _first_near(texts, i, [j for j in candidates.get(i, ()) if j in kept], threshold)
+        if match is None:
+            kept[i] = example
         else:
-            index.add(i, texts[i], signature)
-            kept[i] = ordered[i]
+            kept[match] = kept[match].absorb(example)
     return list(kept.values()), len(examples) - len(kept)
+
+
+def _first_near(texts: list[str], i: int, candidates: list[int], threshold: float) -> int | None:
+    """The first candidate whose shingle Jaccard with text i reaches the threshold."""
+    if not candidates:
+        return None
+    mine = shingles(texts[i])
+    return next((j for j in candidates if jaccard(mine, shingles(texts[j])) >= threshold), None)
 
 
 # --- diversity and split ------------------------------------------------------------------------------
@@ -372,12 +530,14 @@ def prompt_groups(examples: list[Example], threshold: float) -> list[list[int]]:
     for i, example in enumerate(examples):
         parent[root(i)] = root(first.setdefault(example.prompt_key, i))
     if threshold < 1:
-        keys = [e.prompt_key for e in examples]
-        index = NearIndex(threshold)
-        for i, signature in enumerate(_signatures(keys)):
-            for j in index.matches(keys[i], signature):
-                parent[root(i)] = root(j)
-            index.add(i, keys[i], signature)
+        # a repeated prompt is already joined to its first occurrence, which stands for it in the index
+        distinct = [i for i, e in enumerate(examples) if first[e.prompt_key] == i]
+        keys = [examples[i].prompt_key for i in distinct]
+        for position, earlier in NearIndex(threshold).earlier_candidates(keys).items():
+            mine = shingles(keys[position])
+            for j in earlier:
+                if jaccard(mine, shingles(keys[j])) >= threshold:
+                    parent[root(distinct[position])] = root(distinct[j])
     groups: dict[int, list[int]] = {}
     for i in range(len(examples)):
         groups.setdefault(root(i), []).append(i)
@@ -558,7 +718,7 @@ class FeedbackScan:
     """Pass 1: every feedback event merged per interaction, in log order."""
 
     feedback: dict[str, Feedback] = field(default_factory=dict)
-    raters: dict[str, set[str]] = field(default_factory=dict)
+    raters: dict[str, str | set[str]] = field(default_factory=dict)  # one rater bare, several as a set
     late: set[str] = field(default_factory=set)  # interactions with an event newer than the cursor
     events: int = 0
     bad_records: int = 0
@@ -592,13 +752,31 @@ def _add_event(scan: FeedbackScan, record: dict, cursor: Cursor) -> None:
         scan.bad_records += 1
         return
     scan.events += 1
-    scan.feedback[target] = scan.feedback.get(target, Feedback()).merged(event)
+    earlier = scan.feedback.get(target)
+    scan.feedback[target] = event if earlier is None else merge_feedback(earlier, event)
     if record.get("user_hash"):
-        scan.raters.setdefault(target, set()).add(str(record["user_hash"]))
+        _add_rater(scan.raters, target, sys.intern(str(record["user_hash"])))
     ident = str(record.get("id") or "")
     scan.watermark.see(moment, record["created_at"], ident)
     if cursor.new_feedback(moment, ident):
         scan.late.add(target)
+
+
+def _add_rater(raters: dict[str, str | set[str]], target: str, user: str) -> None:
+    """Most turns have one rater: keep it as a bare string, a set only for a second one (memory on big logs)."""
+    known = raters.get(target)
+    if known is None:
+        raters[target] = user
+    elif isinstance(known, str):
+        if known != user:
+            raters[target] = {known, user}
+    else:
+        known.add(user)
+
+
+def raters_of(scan: "FeedbackScan", interaction_id: str) -> set[str]:
+    known = scan.raters.get(interaction_id)
+    return set() if known is None else {known} if isinstance(known, str) else set(known)
 
 
 @dataclass
@@ -650,10 +828,14 @@ class _Pass2:
         return self.select_joined(record)
 
     def select_joined(self, record: dict) -> Example | None:
+        reason = _plain_unrated_reason(record, self.scan.feedback, self.rules)
+        if reason is not None:
+            self.out.tally[f"dropped.{reason}"] += 1
+            return None
         try:
             interaction = Interaction.from_dict(record)
             if interaction.id in self.scan.feedback:
-                interaction.feedback = interaction.feedback.merged(self.scan.feedback[interaction.id])
+                interaction.feedback = merge_feedback(interaction.feedback, self.scan.feedback[interaction.id])
             outcome = select(interaction, self.rules)
         except (TypeError, ValueError, KeyError, AttributeError):  # a record edited into nonsense is dropped, not fatal
             outcome = "malformed"
@@ -661,10 +843,21 @@ class _Pass2:
             self.out.tally[f"dropped.{outcome}"] += 1
             return None
         self.out.tally[f"selected.{outcome.kind}"] += 1
-        raters = self.scan.raters.get(interaction.id)
+        raters = raters_of(self.scan, interaction.id)
         if raters:  # a correction is the rater's own text: deleting their data must find it
             outcome.user_hashes = sorted(set(outcome.user_hashes) | raters)
         return outcome
+
+
+def _plain_unrated_reason(record: dict, rated: dict, rules: Rules) -> str | None:
+    """The drop reason `select` would give a turn nobody rated, read off the raw record without building an
+    Interaction (most turns are unrated; this is the hot path). None when the turn needs the full path: it
+    has feedback, unrated turns are wanted, retention applies, or its messages are malformed."""
+    if rules.include_unrated or rules.expires_before is not None or record.get("feedback") or record["id"] in rated:
+        return None
+    if "session_id" not in record or clean_messages(record.get("messages")) is None:
+        return None  # malformed in some way: the full path decides how
+    return "pii_flagged" if record.get("pii_flagged") else "unrated"
 
 
 def gather_examples(
@@ -858,6 +1051,19 @@ def remove_orphans(settings: Settings, snapshots: list[dict]) -> int:
     return removed
 
 
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Curate builds hundreds of thousands of small acyclic objects; Python's cyclic collector would traverse all
+    of them again and again (time growing faster than the log). Reference counting still frees everything."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def run_curate(
     settings: Settings,
     *,
@@ -872,7 +1078,7 @@ def run_curate(
     now = now or datetime.now(timezone.utc)
     config = settings.curate
     rules = Rules.from_config(config, include_unrated, now)
-    with workspace_lock(settings.lock_dir, "curate"):
+    with workspace_lock(settings.lock_dir, "curate"), _no_cyclic_gc():
         if config.retention_days > 0:  # retention is applied to the raw log on every curate, under the same lock
             from .gdpr import drop_expired
 

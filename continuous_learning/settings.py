@@ -106,7 +106,7 @@ class EvalConfig:
     general_file: str = _knob("", "Everyday-questions anchor file ('' = the shipped one)")
     general_tolerance: float = _knob(0.1, "Largest allowed drop in general-ability accuracy")
     max_new_tokens: int = _knob(64, "Answer length during evaluation")
-    batch_size: int = _knob(8, "Prompts generated together")
+    batch_size: int = _knob(32, "Prompts generated together (finished answers leave the batch, so large batches cost little)")
     alpha: float = _knob(0.05, "Significance level of the McNemar test in the promotion gate")
 
 

@@ -566,3 +566,22 @@ def test_a_50mb_line_in_the_raw_log_is_skipped_reported_and_never_held_whole(tmp
     assert peak < 40 * 1024 * 1024, f"reading held {peak / 2**20:.0f} MB"
     manifest = run_curate(settings, include_unrated=True)
     assert manifest["status"] == "created" and manifest["counts"]["bad_lines"] == 1
+
+
+@pytest.mark.parametrize("bad", [
+    {"type": "interaction", "messages": "not a list", "session_id": "s"},
+    {"type": "interaction", "messages": [], "session_id": "s", "feedback": 7},
+    {"type": "interaction"},
+])
+def test_wrongly_shaped_interaction_records_are_skipped_by_readers(tmp_path, bad):
+    from continuous_learning.ingest import iter_interactions
+
+    rng = random.Random(SEED + 10)
+    settings = load_settings(home=tmp_path / "ws", env={})
+    good = make_interactions(rng, 3, datetime(2026, 1, 5, tzinfo=timezone.utc))
+    store.append_jsonl(settings.raw_log, [good[0], bad, *good[1:]])
+    report = store.ReadReport()
+    assert [i.id for i in iter_interactions(settings, report)] == [r["id"] for r in good]
+    assert [n for n, _ in report.bad_lines] == [2]
+    result = invoke("--home", str(settings.home), "drift")
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output

@@ -1,0 +1,196 @@
+"""The benchmark harness (contract keys, merging) and the fast paths it proves: the sanitizer's pre-screen, the
+curate MinHash/LSH and hot-path shortcuts."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+
+from continuous_learning import curate, privacy
+from continuous_learning.records import Feedback, Interaction
+from continuous_learning.settings import CurateConfig, PrivacyConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = [json.loads(line) for line in (REPO / "tests" / "data" / "pii_corpus.jsonl").read_text().splitlines() if line.strip()]
+ENTITIES = PrivacyConfig().entities
+CONTRACT = ("workload", "baseline", "goal", "ratio", "goal_met", "raw", "where_time_goes")
+
+
+# --- the harness ---------------------------------------------------------------------------------------------
+def test_quick_bench_writes_the_contract_and_keeps_other_entries(tmp_path: Path) -> None:
+    earlier = {"workloads": {"other": {"workload": "kept", "ratio": 1.0, "goal_met": True}}}
+    (tmp_path / "results.json").write_text(json.dumps(earlier))
+    env = {**os.environ, "CL_BENCH_MODEL_CACHE": os.environ.get("CL_TEST_MODEL_CACHE", str(tmp_path / "models"))}
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--repeats", "1", "--only", "rollback,sanitize",
+                           "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((tmp_path / "results.json").read_text())
+    assert doc["workloads"]["other"]["workload"] == "kept"
+    assert {"python", "cores", "versions"} <= set(doc["machine"])
+    for name in ("rollback", "sanitize"):
+        entry = doc["workloads"][name]
+        assert all(key in entry for key in CONTRACT), entry
+        assert isinstance(entry["ratio"], float) and entry["ratio"] > 0
+        assert entry["quick"] is True and entry["where_time_goes"]
+    sanitize = doc["workloads"]["sanitize"]["raw"]
+    assert sanitize["corpus_recall_ours"]["recall"] >= sanitize["corpus_recall_stock"]["recall"]
+    assert sum(sanitize["screen_stages"].values()) == sanitize["texts"]
+    assert doc["workloads"]["rollback"]["raw"]["versions"] == 10
+    markdown = (tmp_path / "RESULTS.md").read_text()
+    assert "## rollback" in markdown and "## sanitize" in markdown and "Where the time goes" in markdown
+
+
+def test_unknown_workload_is_one_clear_error() -> None:
+    proc = subprocess.run([sys.executable, "-m", "bench", "--only", "nope"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown workload(s) nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- sanitizer pre-screen --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("row", [r for r in CORPUS if r["pii"]], ids=lambda r: r["text"][:30])
+def test_screen_sends_every_corpus_entity_to_analysis(row: dict) -> None:
+    stage = privacy.screen(row["text"], ENTITIES)
+    assert stage != privacy.SKIP
+    if "PERSON" in row["entities"]:
+        assert stage in (privacy.NER, privacy.NAMES)
+
+
+FILLER = st.lists(st.sampled_from("the line is down again please check it and tell me what to do today".split()),
+                  min_size=0, max_size=8).map(" ".join)
+PII_VALUES = [(value, row["entities"]) for row in CORPUS for value in row["pii"]]
+
+
+@given(before=FILLER, after=FILLER, pick=st.sampled_from(PII_VALUES), capitalise=st.booleans())
+@hsettings(max_examples=300, deadline=None)
+def test_screen_never_skips_a_text_holding_an_entity(before: str, after: str, pick, capitalise: bool) -> None:
+    value, entities = pick
+    text = f"{before} {value} {after}".strip()
+    text = text[:1].upper() + text[1:] if capitalise else text
+    stage = privacy.screen(text, ENTITIES)
+    assert stage != privacy.SKIP
+    if entities == ["PERSON"]:
+        assert stage in (privacy.NER, privacy.NAMES)
+
+
+def test_screen_skips_only_what_cannot_hold_an_entity() -> None:
+    assert privacy.screen("thanks, that worked", ENTITIES) == privacy.SKIP
+    assert privacy.screen("How do I reset it? I tried twice.", ENTITIES) == privacy.SKIP
+    assert privacy.screen("Maria approved it.", ENTITIES) == privacy.NAMES  # a name opening the text
+    assert privacy.screen("Can you ask Will?", ENTITIES) == privacy.NAMES
+    assert privacy.screen("Dr. How is here", ENTITIES) == privacy.NAMES  # after a title, not a sentence start
+    assert privacy.screen("reach me at a@b.io", ENTITIES) == privacy.PATTERNS
+    assert privacy.screen("Call John on 555-123-4567", ENTITIES) == privacy.NER
+    assert privacy.screen("anything", ["EMAIL_ADDRESS", "LOCATION"]) == privacy.NER  # unknown entity: full pipeline
+    assert privacy.screen("Maria wrote", ["EMAIL_ADDRESS"]) == privacy.SKIP
+
+
+@pytest.fixture(scope="module")
+def sanitizer() -> privacy.Sanitizer:
+    return privacy.get_sanitizer(PrivacyConfig()).load()
+
+
+def _unscreened(sanitizer: privacy.Sanitizer, text: str) -> privacy.Sanitized:
+    """The full pipeline on one text, as before the pre-screen existed."""
+    raw = sanitizer._analyzer.analyze(text=text, language="en", **sanitizer._analyze_kwargs())
+    return sanitizer._finish(text, raw)
+
+
+WORDS = sorted({w for row in CORPUS for w in row["text"].split()} | set("the it please ok".split()))
+
+
+@given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=12), lower=st.booleans())
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_screened_batches_match_the_full_pipeline(sanitizer: privacy.Sanitizer, words: list[str], lower: bool) -> None:
+    text = " ".join(words).lower() if lower else " ".join(words)
+    assert sanitizer.sanitize_many([text])[0] == _unscreened(sanitizer, text)
+
+
+def test_corpus_results_match_the_full_pipeline(sanitizer: privacy.Sanitizer) -> None:
+    texts = [row["text"] for row in CORPUS]
+    assert sanitizer.sanitize_many(texts) == [_unscreened(sanitizer, t) for t in texts]
+
+
+# --- curate fast paths -----------------------------------------------------------------------------------------
+def test_signatures_do_not_depend_on_chunking() -> None:
+    rng = random.Random(1)
+    texts = ["".join(rng.choice("abcdé𝄞 ") for _ in range(rng.randint(0, 60))) for _ in range(300)]
+    together = list(curate._signatures(texts))
+    alone = [next(curate._signatures([t])) for t in texts]
+    assert all((a == b).all() for a, b in zip(together, alone))
+    assert (together[0] == next(curate._signatures([texts[0]]))).all()
+
+
+def test_near_index_finds_near_duplicates_and_ignores_strangers() -> None:
+    rng = random.Random(2)
+    words = ["".join(rng.choice("bcdfghklmnprstv") + rng.choice("aeiou") for _ in range(3)) for _ in range(400)]
+    base = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(200)]
+    variants = [t.rsplit(" ", 1)[0] + " zzz" for t in base]  # one word changed: Jaccard well above 0.8
+    index = curate.NearIndex.of(base, 0.8)
+    found = index.matches_any(variants)
+    assert all(curate.jaccard(curate.shingles(a), curate.shingles(b)) >= 0.8 for a, b in zip(base, variants))
+    assert sum(found) >= 198  # LSH may miss a rare pair; the exact check never accepts a wrong one
+    strangers = [" ".join(rng.choice(words) for _ in range(40)) for _ in range(200)]
+    assert not any(index.matches_any(strangers))
+
+
+OPTIONAL = st.none() | st.booleans()
+FEEDBACK = st.builds(Feedback, score=st.none() | st.integers(1, 5), helpful=OPTIONAL, comment=st.none() | st.text(max_size=5),
+                     correction=st.none() | st.text(max_size=5), private=OPTIONAL)
+
+
+@given(a=FEEDBACK, b=FEEDBACK)
+def test_merge_feedback_equals_merged(a: Feedback, b: Feedback) -> None:
+    assert curate.merge_feedback(a, b) == a.merged(b)
+
+
+MESSAGES = st.sampled_from([
+    [{"role": "user", "content": "How do I reset it?"}, {"role": "assistant", "content": "Hold the button."}],
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": ""}, {"role": "assistant", "content": "x"}],
+    "not a list",
+])
+
+
+@given(messages=MESSAGES, flagged=st.sampled_from([False, True, 1, 0, None]), truncated=st.booleans())
+def test_unrated_shortcut_gives_the_reason_select_gives(messages, flagged, truncated) -> None:
+    record = Interaction(messages=[], session_id="s").to_dict()
+    record.update(messages=messages, pii_flagged=flagged, truncated=truncated)
+    rules = curate.Rules.from_config(CurateConfig())
+    shortcut = curate._plain_unrated_reason(record, {}, rules)
+    try:  # as curate's full path does: a record that cannot be read is malformed
+        full = curate.select(Interaction.from_dict(record), rules)
+    except (TypeError, ValueError, KeyError, AttributeError):
+        full = "malformed"
+    assert shortcut is None or shortcut == full
+
+
+def test_sorted_band_candidates_equal_probing_an_incremental_index() -> None:
+    rng = random.Random(3)
+    pool = ["".join(rng.choice("abc ") for _ in range(30)) for _ in range(40)]
+    texts = [rng.choice(pool) + rng.choice(["", "x", "yz"]) for _ in range(300)]
+    index = curate.NearIndex(0.8)
+    expected: dict[int, list[int]] = {}
+    for i, keys in enumerate(index.signatures(texts)):
+        found = sorted(index.candidates(keys))
+        if found:
+            expected[i] = found
+        index.add(i, texts[i], keys)
+    assert curate.NearIndex(0.8).earlier_candidates(texts) == expected
+
+
+def test_greedy_batch_answers_like_generate_one_by_one(workspace: Path) -> None:
+    from continuous_learning.evaluate import common_prefix, greedy_batch
+    from continuous_learning.models import ChatModel
+    from continuous_learning.settings import load_settings
+
+    assert common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2 and common_prefix([[1, 2], [1, 2, 3]]) == 1
+    chat = ChatModel.load(load_settings())
+    conversations = [[{"role": "user", "content": q}] for q in ("Hi", "What is the capital of France?", "Name a colour.")]
+    one_by_one = chat.generate_batch(conversations, max_new_tokens=8, batch_size=1)
+    assert greedy_batch(chat, conversations[:1], 8) == one_by_one[:1]  # one row: no padding, same arithmetic
+    assert len(greedy_batch(chat, conversations, 8)) == 3

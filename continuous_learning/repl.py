@@ -8,11 +8,11 @@ from typing import Callable
 
 from rich.console import Console
 
-from . import registry
+from . import ab, registry
 from .errors import CLError
 from .ingest import Recorder, Turn, default_user_id, record_generation
 from .models import ChatModel, GenerationStats
-from .records import Feedback, Interaction, new_id
+from .records import Feedback, Interaction, new_id, utc_now
 from .settings import Settings
 
 RATING_PROMPT = "Helpful? [y/n/1-5/c=correct, Enter=skip] "
@@ -64,6 +64,8 @@ class ChatSession:
         self.recorder = recorder or Recorder(settings)
         self.user_id = user_id or default_user_id()
         self.session_id = new_id()
+        self.started_at = utc_now()
+        self.ab_arm: str | None = None  # the A/B arm this session is in, if a test routes it
         self.system_prompt = settings.chat.system_prompt
         self.history: list[dict] = []
         self.last_interaction: Interaction | None = None
@@ -74,29 +76,43 @@ class ChatSession:
             self.console.print(f"[yellow]Created a random user-id salt in {self.settings.salt_file} "
                                "(set CL_USER_HASH_SALT to share one across machines).[/yellow]")
         if self.chat_model is None:
-            with self.console.status("Loading model..."):
-                self.chat_model = ChatModel.load(self.settings)
+            # the prompt shows while the model (then the sanitizer) loads; the first answer waits if need be
+            self.chat_model = ChatModel.load_in_background(self.settings, then=(lambda: self.recorder.sanitizer.load(),))
         self.refresh_champion()
-        self.console.print(f"[bold]cl chat[/bold] - {self.chat_model.base.name}, adapter: {self.chat_model.active or 'none (base)'}. "
+        serving = "an A/B test is running" if self.ab_arm else self.chat_model.active or "none (base)"
+        self.console.print(f"[bold]cl chat[/bold] - {self.chat_model.base.name}, adapter: {serving}. "
                            "Type /help for commands, /quit to leave.")
 
     def refresh_champion(self) -> None:
-        """Serve the registry's champion; a promotion or rollback elsewhere takes effect on the next turn."""
+        """Serve the registry's champion (or, for a session in an A/B test's candidate arm, the candidate);
+        a promotion, rollback or test started elsewhere takes effect on the next turn."""
         try:
             doc = registry.load(self.settings)
+            test = ab.running_test(self.settings)
         except CLError as exc:
             self.console.print(f"[yellow]registry unreadable, keeping the current adapter: {exc}[/yellow]")
             return
         champion = doc.get("champion")
+        self.ab_arm = ab.session_arm(test, self.session_id, self.started_at) if test and test["candidate"] in doc["adapters"] else None
+        if self.ab_arm == ab.CANDIDATE and self._serve(doc, test["candidate"]):
+            return
+        if self.ab_arm == ab.CANDIDATE:  # the candidate cannot be loaded: answer with the champion, outside the test
+            self.ab_arm = None
         if champion == self.chat_model.active:
             return
-        folder = registry.confined(self.settings, doc["adapters"][champion]["path"]) if champion else None
+        if self._serve(doc, champion) and self.ab_arm is None:  # A/B sessions are not told which arm answers
+            self.console.print(f"[dim](now answering with {'adapter ' + champion if champion else 'the base model'})[/dim]")
+
+    def _serve(self, doc: dict, version: str | None) -> bool:
+        if version == self.chat_model.active:
+            return True
+        folder = registry.confined(self.settings, doc["adapters"][version]["path"]) if version else None
         try:
-            self.chat_model.use(champion, folder)
+            self.chat_model.use(version, folder)
         except CLError as exc:
-            self.console.print(f"[yellow]cannot load adapter {champion}, staying on {self.chat_model.active or 'base'}: {exc}[/yellow]")
-            return
-        self.console.print(f"[dim](now answering with {'adapter ' + champion if champion else 'the base model'})[/dim]")
+            self.console.print(f"[yellow]cannot load adapter {version}, staying on {self.chat_model.active or 'base'}: {exc}[/yellow]")
+            return False
+        return True
 
     # --- the loop ---
     def run(self) -> None:
@@ -137,7 +153,8 @@ class ChatSession:
                 self.system_prompt, self.history = arg.strip(), []
                 self.console.print("[dim](system prompt set; conversation cleared)[/dim]")
         elif name == "/adapter":
-            self.console.print(f"adapter: {self.chat_model.active or 'none (base model)'}; base: {self.chat_model.base.name}", markup=False)
+            arm = f"; A/B test arm: {self.ab_arm}" if self.ab_arm else ""
+            self.console.print(f"adapter: {self.chat_model.active or 'none (base model)'}; base: {self.chat_model.base.name}{arm}", markup=False)
         elif name == "/private":
             self.mark_private()
         else:
@@ -166,7 +183,7 @@ class ChatSession:
             session_id=self.session_id, user_id=self.user_id, feedback=rating.feedback,
             model=self.chat_model.base.name, adapter_version=self.chat_model.active,
             prompt_tokens=stats.prompt_tokens, completion_tokens=stats.completion_tokens,
-            latency_ms=round(stats.latency_ms, 1), truncated=stats.truncated, source="chat",
+            latency_ms=round(stats.latency_ms, 1), truncated=stats.truncated, source="chat", ab_arm=self.ab_arm,
         )
         self.last_interaction = self.recorder.record_turns([turn])[0]
         record_generation(self.settings, self.last_interaction.id, stats, self.chat_model.base.name, self.chat_model.active)

@@ -299,6 +299,7 @@ def train_cmd(
     grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest training sequence in tokens."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Data-parallel training processes (launched with torchrun)."),
     note: Optional[str] = typer.Option(None, "--note", help="A note stored with the adapter version."),
     as_json: bool = typer.Option(False, "--json", help="Print the registry entry as JSON (no progress bar)."),
 ) -> None:
@@ -317,6 +318,7 @@ def train_cmd(
             "grad_accum": grad_accum,
             "max_seq_len": max_seq_len,
             "seed": seed,
+            "num_processes": num_processes,
         },
     )
     entry = _train_with_progress(settings, snapshot=snapshot, fresh=fresh, resume=resume, note=note, quiet=as_json)

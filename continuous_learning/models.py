@@ -204,6 +204,7 @@ def load_model(base: BaseModel, load_in_4bit: bool = False, for_training: bool =
 
     _quiet_transformers()
     on_gpu = device() == "cuda"
+    gpu = int(os.environ.get("LOCAL_RANK", "0"))  # each data-parallel process on its own GPU
     kwargs: dict = {"local_files_only": True}
     if load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -212,7 +213,7 @@ def load_model(base: BaseModel, load_in_4bit: bool = False, for_training: bool =
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16,
         )
-        kwargs["device_map"] = {"": 0} if on_gpu else "cpu"
+        kwargs["device_map"] = {"": gpu} if on_gpu else "cpu"
         kwargs["dtype"] = torch.bfloat16
     else:
         kwargs["dtype"] = torch.bfloat16 if on_gpu else torch.float32
@@ -221,7 +222,7 @@ def load_model(base: BaseModel, load_in_4bit: bool = False, for_training: bool =
     except OSError as exc:
         raise ModelNotFoundError(f"cannot load base model from {base.path}: {exc}", "check --base-model") from None
     if not load_in_4bit and on_gpu:
-        model.to("cuda")
+        model.to(f"cuda:{gpu}")
     if not for_training:
         model.eval()
     return model

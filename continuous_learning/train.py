@@ -52,6 +52,11 @@ FAILED_FILE = "FAILED"
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_STATE = "trainer_state.pt"
 RESUME_HINT = "'cl train --resume' continues it from its last checkpoint; 'cl train' starts over"
+LOCK_HELD_ENV = "CL_TRAIN_LOCK_HELD"  # set for launched processes: the launching process holds the workspace lock
+RESULT_ENV = "CL_TRAIN_RESULT_FILE"  # where rank 0 writes the registry entry (or the error) for the launcher
+PROGRESS_ENV = "CL_TRAIN_PROGRESS_JSON"  # rank 0 prints progress events as PROGRESS_PREFIX + JSON lines
+PROGRESS_PREFIX = "@cl-progress "
+SETTINGS_ENV = "CL_TRAIN_SETTINGS_JSON"  # the launcher's resolved settings, for launched processes
 
 
 # --- pure pieces ------------------------------------------------------------------------------------------------
@@ -77,6 +82,7 @@ def validate_train_config(cfg: TrainConfig) -> None:
     need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {cfg.weight_decay})")
     need(cfg.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (got {cfg.checkpoint_every}; 0 = never)")
     need(cfg.seed >= 0, f"train.seed must be >= 0 (got {cfg.seed})")
+    need(cfg.num_processes >= 1, f"train.num_processes must be >= 1 (got {cfg.num_processes})")
     need(cfg.rehearsal_examples >= 0, f"train.rehearsal_examples must be >= 0 (got {cfg.rehearsal_examples})")
     need(math.isfinite(cfg.rehearsal_weight) and cfg.rehearsal_weight >= 0,
          f"train.rehearsal_weight must be >= 0 (got {cfg.rehearsal_weight})")
@@ -91,11 +97,16 @@ def target_modules(cfg: TrainConfig) -> str | list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
-def total_steps(cfg: TrainConfig, n_examples: int) -> int:
-    """Optimizer steps: `max_steps`, or epochs x examples / (batch x accum) when epochs > 0."""
+def total_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> int:
+    """Optimizer steps: `max_steps`, or epochs x examples / (batch x accum x processes) when epochs > 0."""
     if cfg.epochs > 0:
-        return max(1, math.ceil(cfg.epochs * n_examples / (cfg.batch_size * cfg.grad_accum)))
+        return max(1, math.ceil(cfg.epochs * n_examples / step_size(cfg, world)))
     return cfg.max_steps
+
+
+def step_size(cfg: TrainConfig, world: int = 1) -> int:
+    """Examples per optimizer step over all processes (the global batch)."""
+    return cfg.batch_size * cfg.grad_accum * world
 
 
 def warmup_steps(cfg: TrainConfig, steps: int) -> int:
@@ -109,10 +120,12 @@ def lr_multiplier(step: int, steps: int, warmup: int) -> float:
     return max(0.0, (steps - step) / max(1, steps - warmup))
 
 
-def example_order(n_examples: int, seed: int, start: int, count: int) -> list[int]:
+def example_order(n_examples: int, seed: int, start: int, count: int,
+                  lengths: list[int] | None = None, micro: int = 1) -> list[int]:
     """Example indices `start .. start+count` of an endless stream of seeded shuffled epochs.
 
     The order depends only on (seed, position), so a resumed run sees exactly the batches it would have seen.
+    With `lengths`, each epoch is length-grouped (see `group_by_length`) into micro-batches of `micro`.
     """
     out: list[int] = []
     position = start
@@ -120,13 +133,83 @@ def example_order(n_examples: int, seed: int, start: int, count: int) -> list[in
         epoch, offset = divmod(position, n_examples)
         permutation = list(range(n_examples))
         random.Random(seed * 1_000_003 + epoch).shuffle(permutation)
+        if lengths is not None:
+            permutation = group_by_length(permutation, lengths, micro, seed * 1_000_003 + epoch)
         take = min(count - len(out), n_examples - offset)
         out.extend(permutation[offset : offset + take])
         position += take
     return out
 
 
+MEGA_BATCH = 16  # micro-batches per length-sorted window: big enough to find look-alikes, small enough to stay random
+
+
+def group_by_length(order: list[int], lengths: list[int], micro: int, seed: int) -> list[int]:
+    """`order` regrouped so each micro-batch holds examples of similar length (less padding).
+
+    Windows of MEGA_BATCH micro-batches are sorted by length (longest first), cut into micro-batches, and those
+    micro-batches are shuffled (seeded) inside the window: still random across the epoch, the same for the same seed.
+    """
+    micro = max(1, micro)
+    window = micro * MEGA_BATCH
+    rng = random.Random(seed)
+    out: list[int] = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start : start + window], key=lambda i: (-lengths[i], i))
+        batches = [chunk[k : k + micro] for k in range(0, len(chunk), micro)]
+        rng.shuffle(batches)
+        out.extend(i for batch in batches for i in batch)
+    return out
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` grouped into as few rows of at most `capacity` tokens as first-fit needs, balanced so the
+    rows come out about equally long (they are padded to the longest row of a forward pass).
+
+    Longest first, each item goes to the emptiest row it fits in; the row count starts at ceil(total / capacity)
+    and grows only when nothing fits. An item longer than `capacity` gets a row of its own (examples are cut to
+    max_seq_len, so it does not happen). Rows come out fullest first."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = [[] for _ in range(max(1, math.ceil(sum(lengths) / capacity)))] if lengths else []
+    used = [0] * len(rows)
+    for i in order:
+        fits = [r for r in range(len(rows)) if used[r] + lengths[i] <= capacity or not rows[r]]
+        if fits:
+            r = min(fits, key=lambda r: (used[r], r))
+        else:
+            rows.append([])
+            used.append(0)
+            r = len(rows) - 1
+        rows[r].append(i)
+        used[r] += lengths[i]
+    rows = [row for row in rows if row]
+    return sorted(rows, key=lambda row: -sum(lengths[i] for i in row))
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This process's contiguous share of a global step (every share non-empty when len(items) >= world)."""
+    per, extra = divmod(len(items), world)
+    start = rank * per + min(rank, extra)
+    return items[start : start + per + (1 if rank < extra else 0)]
+
+
+def label_count(example: dict) -> int:
+    return sum(1 for t in example["labels"] if t != IGNORE_INDEX)
+
+
 def end_of_turn_ids(tokenizer) -> set[int]:
+    cached = getattr(tokenizer, "_cl_end_of_turn_ids", None)  # get_vocab() builds a 49k-entry dict per call
+    if cached is not None:
+        return cached
+    ids = _end_of_turn_ids(tokenizer)
+    try:
+        tokenizer._cl_end_of_turn_ids = ids
+    except (AttributeError, TypeError):  # pragma: no cover - a tokenizer that refuses new attributes
+        pass
+    return ids
+
+
+def _end_of_turn_ids(tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     unk = tokenizer.unk_token_id
     for token in END_OF_TURN_TOKENS:
@@ -226,6 +309,80 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+# --- batches ----------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Batch:
+    """One forward pass: ids/labels (rows, L); `mask` is the usual 2D padding mask, or for packed rows a 4D
+    (rows, 1, L, L) block-diagonal causal mask (with sdpa, restarting position ids alone leak attention across
+    examples); `token_weights` carries each example's loss weight on its own positions."""
+
+    ids: Any
+    mask: Any
+    labels: Any
+    token_weights: Any
+    position_ids: Any = None
+    real_tokens: int = 0
+    padded_tokens: int = 0  # pad positions computed on (the waste)
+
+
+def collate_padded(batch: list[dict], pad_id: int, device=None) -> Batch:
+    """Rows padded on the right to the longest example of the batch."""
+    import torch
+
+    length = max(len(e["input_ids"]) for e in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, example in enumerate(batch):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        mask[row, :n] = 1
+    weights = torch.tensor([e["weight"] for e in batch], dtype=torch.float32)
+    real = int(mask.sum())
+    return Batch(ids.to(device), mask.to(device), labels.to(device), weights[:, None].expand(-1, length).to(device),
+                 real_tokens=real, padded_tokens=ids.numel() - real)
+
+
+def collate_packed(rows: list[list[dict]], pad_id: int, device=None) -> Batch:
+    """Several examples per row, back to back: position ids restart at 0 for each example, the 4D mask lets a token
+    see only earlier tokens of its own example, labels stay -100 on every example's first token, so no loss or
+    attention crosses a boundary. Pad positions (shorter rows) attend only to themselves."""
+    import torch
+
+    length = max(sum(len(e["input_ids"]) for e in row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), length), dtype=torch.long)
+    segments = torch.full((len(rows), length), -1, dtype=torch.long)
+    weights = torch.zeros((len(rows), length), dtype=torch.float32)
+    for r, row in enumerate(rows):
+        at = 0
+        for k, example in enumerate(row):
+            n = len(example["input_ids"])
+            ids[r, at : at + n] = torch.tensor(example["input_ids"])
+            labels[r, at : at + n] = torch.tensor(example["labels"])
+            labels[r, at] = IGNORE_INDEX
+            positions[r, at : at + n] = torch.arange(n)
+            segments[r, at : at + n] = k
+            weights[r, at : at + n] = example["weight"]
+            at += n
+    real = int((segments >= 0).sum())
+    pads = segments < 0
+    segments[pads] = -1 - torch.arange(length).expand(len(rows), -1)[pads]  # each pad position its own segment
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    mask = (segments[:, :, None] == segments[:, None, :]) & causal
+    return Batch(ids.to(device), mask[:, None].to(device), labels.to(device), weights.to(device), positions.to(device),
+                 real_tokens=real, padded_tokens=ids.numel() - real)
+
+
+def loss_positions(labels):
+    """Positions whose logits predict a labelled token in some row (p predicts p+1): the only logits worth computing.
+    The lm_head over a 49k vocabulary is a fifth of SmolLM2's forward; prompts need none of it."""
+    needed = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+    return needed if len(needed) else labels.new_zeros(1)
+
+
 # --- the recipe -------------------------------------------------------------------------------------------------
 class Trainer:
     """One training run. `setup()` -> `train()` -> `save()` -> `register()`; `cleanup()` always."""
@@ -269,10 +426,21 @@ class Trainer:
         self.warnings: list[str] = []
         self.created_at = utc_now()
         self.final_dir: Path | None = None
+        # data-parallel: set by setup() when launched by torchrun / accelerate (WORLD_SIZE > 1)
+        self.world = 1
+        self.rank = 0
+        self.accelerator = None
+        self._train_model = None  # the model the loop calls: DDP-wrapped when world > 1
+        self._lengths: list[int] = []
+
+    @property
+    def is_main(self) -> bool:
+        """Only this process writes the run folder, metrics, adapter and registry, and reports progress."""
+        return self.rank == 0
 
     # -- helpers ---------------------------------------------------------------------------------------------------
     def _emit(self, event: str, **data: Any) -> None:
-        if self._progress is not None:
+        if self._progress is not None and self.is_main:
             self._progress({"event": event, **data})
 
     def _warn(self, message: str) -> None:
@@ -296,6 +464,7 @@ class Trainer:
         started = time.perf_counter()
         validate_train_config(self.cfg)
         quiet_known_warnings()  # before anything imports bitsandbytes
+        self._init_distributed()
         if self.cfg.load_in_4bit:
             import importlib.util
 
@@ -338,7 +507,8 @@ class Trainer:
             eval_records, _ = load_examples(eval_path)
             self.eval_examples, _ = tokenize_examples(self.tokenizer, eval_records, self.cfg.max_seq_len,
                                                        self.settings.chat.system_prompt)
-        self.steps = total_steps(self.cfg, len(self.examples))
+        self._lengths = [len(e["input_ids"]) for e in self.examples]
+        self.steps = total_steps(self.cfg, len(self.examples), self.world)
 
         if run_state is None:
             self.parent, warm_dir = self._warm_start_source(doc)
@@ -354,7 +524,43 @@ class Trainer:
             self._start_run_dir()
         else:
             self._load_checkpoint()
+        self._wrap_for_processes()
         self.timings["setup_s"] = time.perf_counter() - started
+
+    def _init_distributed(self) -> None:
+        """Join the process group when a launcher (torchrun, accelerate launch) started several processes."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return
+        import torch
+        from accelerate import Accelerator
+
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())  # gloo on CPU, NCCL on GPUs
+        self.world = self.accelerator.num_processes
+        self.rank = self.accelerator.process_index
+        if self.accelerator.distributed_type.name not in ("MULTI_CPU", "MULTI_GPU", "NO"):
+            raise ConfigError(
+                f"'cl train' runs data-parallel (DDP) only; this launch asked for {self.accelerator.distributed_type.name}",
+                "launch with torchrun or 'cl train --num-processes N'; for FSDP + QLoRA see accelerate_fsdp_qlora.yaml's notes",
+            )
+
+    def _wrap_for_processes(self) -> None:
+        """DDP over the LoRA weights (the frozen 4-bit base is not synchronised: every rank loads the same one)."""
+        self._train_model = self.model
+        if self.world == 1:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        device = self.model.device
+        try:
+            self._train_model = DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - turned into one clear line
+            raise TrainingFailed(
+                f"cannot wrap the model for {self.world} processes: {type(exc).__name__}: {exc}",
+                "train with --no-4bit (full-precision LoRA), or with --num-processes 1",
+            ) from exc
+        self.accelerator.wait_for_everyone()  # rank 0 has created the run folder
 
     def _resolve_snapshot(self, doc: dict) -> dict:
         if self.snapshot_id:
@@ -536,6 +742,9 @@ class Trainer:
             self._warn("--fresh is ignored with --resume")
 
     def _start_run_dir(self) -> None:
+        if not self.is_main:
+            self.run_dir = self._partial_dir(self.version)
+            return
         adapters = ensure_dir(self.settings.adapters_dir)
         for stale in self._partial_runs():
             self._warn(f"discarding the earlier unfinished run {stale.name} ('cl train --resume' would have continued it)")
@@ -594,10 +803,12 @@ class Trainer:
 
         folder = self._checkpoint_dir()
         rows = [r for _, r in iter_jsonl(self.run_dir / "metrics.jsonl")]
-        (self.run_dir / FAILED_FILE).unlink(missing_ok=True)
+        if self.is_main:
+            (self.run_dir / FAILED_FILE).unlink(missing_ok=True)
         if folder is None:  # interrupted before the first checkpoint: start the same run again from step 0
             self._warn(f"{self.run_dir.name} has no checkpoint yet: restarting it from step 0")
-            atomic_write_jsonl(self.run_dir / "metrics.jsonl", [])
+            if self.is_main:
+                atomic_write_jsonl(self.run_dir / "metrics.jsonl", [])
             return
         state = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -607,55 +818,81 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.start_step = self.step = int(state["step"])
         self.history = [r for r in rows if r.get("step", 0) <= self.start_step]
-        atomic_write_jsonl(self.run_dir / "metrics.jsonl", self.history)  # steps after the checkpoint are redone
+        if self.is_main:
+            atomic_write_jsonl(self.run_dir / "metrics.jsonl", self.history)  # steps after the checkpoint are redone
         self._emit("status", message=f"resuming {self.run_dir.name} at step {self.start_step}/{self.steps}")
 
     def mark_failed(self, reason: str) -> None:
-        if self.run_dir is not None and self.run_dir.exists():
+        if self.is_main and self.run_dir is not None and self.run_dir.exists():
             atomic_write_json(self.run_dir / FAILED_FILE, {"reason": reason, "step": self.step, "steps": self.steps, "at": utc_now()})
 
     # -- training --------------------------------------------------------------------------------------------------
     def _collate(self, batch: list[dict]):
-        import torch
+        """(ids, mask, labels, weights) of padded rows: held-out loss and the tests use it."""
+        b = collate_padded(batch, self._pad_id(), self.device)
+        return b.ids, b.mask, b.labels, b.token_weights[:, 0]
 
-        length = max(len(e["input_ids"]) for e in batch)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids = torch.full((len(batch), length), pad, dtype=torch.long)
-        labels = torch.full((len(batch), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(batch), length), dtype=torch.long)
-        for row, example in enumerate(batch):
-            n = len(example["input_ids"])
-            ids[row, :n] = torch.tensor(example["input_ids"])
-            labels[row, :n] = torch.tensor(example["labels"])
-            mask[row, :n] = 1
-        weights = torch.tensor([e["weight"] for e in batch], dtype=torch.float32)
-        device = self.device
-        return ids.to(device), mask.to(device), labels.to(device), weights.to(device)
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
 
-    def token_losses(self, ids, mask, labels):
+    def token_losses(self, ids, mask, labels, position_ids=None):
         """Per-token cross-entropy (fp32) of the labelled positions, shape (batch, positions), 0 where unlabelled."""
+        losses, labelled, _ = self._forward_losses(self.model, ids, mask, labels, position_ids)
+        return losses, labelled
+
+    def _forward_losses(self, model, ids, mask, labels, position_ids=None):
+        """(losses, labelled, target positions): logits only where some row has a labelled next token."""
         import torch
         import torch.nn.functional as F
 
-        length = ids.shape[1]
-        labelled = (labels != IGNORE_INDEX).any(dim=0).nonzero()
-        first = max(1, int(labelled[0])) if len(labelled) else 1
-        keep = length - first + 1  # logits from position first-1 on: only those predict labelled tokens
-        kwargs = {"logits_to_keep": keep} if self._uses_logits_to_keep else {}
+        needed = loss_positions(labels)
+        kwargs = {"logits_to_keep": needed} if self._uses_logits_to_keep else {}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
-            out = self.model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
+            out = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
         logits = out.logits.float()
-        if logits.shape[1] != keep:
-            logits = logits[:, -keep:]
-        targets = labels[:, length - keep + 1 :]
-        losses = F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        return losses.view(targets.shape), targets != IGNORE_INDEX
+        if logits.shape[1] != len(needed):
+            logits = logits[:, needed]
+        targets = labels[:, needed + 1]
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+                                 reduction="none")
+        return losses.view(targets.shape), targets != IGNORE_INDEX, needed + 1
+
+    def batch_losses(self, batch: Batch, model=None):
+        """(per-token losses, labelled mask, per-token weights) of one Batch, all of the same shape."""
+        model = self.model if model is None else model
+        losses, labelled, targets = self._forward_losses(model, batch.ids, batch.mask, batch.labels, batch.position_ids)
+        return losses, labelled, batch.token_weights[:, targets]
+
+    def step_examples(self, step: int) -> list[dict]:
+        """The examples of optimizer step `step` over all processes (the same list on every rank)."""
+        cfg = self.cfg
+        size = step_size(cfg, self.world)
+        lengths = None if cfg.packing or not cfg.group_by_length else self._lengths
+        order = example_order(len(self.examples), cfg.seed, step * size, size, lengths, cfg.batch_size)
+        return [self.examples[i] for i in order]
+
+    def micro_batches(self, examples: list[dict]) -> list[Batch]:
+        """This process's forward passes for its share of a step: packed rows (`batch_size` rows each) or padded
+        micro-batches of `batch_size` examples."""
+        cfg, pad, device = self.cfg, self._pad_id(), self.device
+        if cfg.packing:
+            rows = [[examples[i] for i in row] for row in pack_rows([len(e["input_ids"]) for e in examples], cfg.max_seq_len)]
+            chunks = [rows[k : k + cfg.batch_size] for k in range(0, len(rows), cfg.batch_size)]
+            # rows of one example each need no block mask: the plain causal path is the same and cheaper
+            return [collate_packed(chunk, pad, device) if any(len(row) > 1 for row in chunk)
+                    else collate_padded([row[0] for row in chunk], pad, device) for chunk in chunks]
+        return [collate_padded(examples[k : k + cfg.batch_size], pad, device) for k in range(0, len(examples), cfg.batch_size)]
 
     def train(self) -> dict:
         """The loop: AdamW on the LoRA weights, warm-up + linear decay, gradient accumulation, weighted loss on the
-        final assistant tokens. Raises TrainingFailed on a non-finite loss or gradient."""
+        final assistant tokens. Raises TrainingFailed on a non-finite loss or gradient.
+
+        The objective of a step is sum(weight x token loss) / labelled tokens of the whole (global) step, whether
+        the step is packed, padded or spread over processes: all of them give the same gradient."""
+        import contextlib
+
         import torch
 
         cfg = self.cfg
@@ -666,29 +903,33 @@ class Trainer:
         metrics_file = self.run_dir / "metrics.jsonl"
         if self.start_step == 0 and self.eval_examples and "eval_loss_start" not in self.metrics:
             self.metrics["eval_loss_start"] = self.evaluate_loss(self.eval_examples)["loss"]
-            atomic_write_json(self.run_dir / RUN_FILE, self._run_state())  # kept for a resumed run
+            if self.is_main:
+                atomic_write_json(self.run_dir / RUN_FILE, self._run_state())  # kept for a resumed run
         self._emit("start", step=self.step, total_steps=self.steps, examples=len(self.examples))
         session_started = time.perf_counter()
         session_seconds = 0.0
         while self.step < self.steps:
             step_started = time.perf_counter()
-            micro = cfg.batch_size
-            order = example_order(len(self.examples), cfg.seed, self.step * cfg.grad_accum * micro, cfg.grad_accum * micro)
-            batches = [[self.examples[i] for i in order[k : k + micro]] for k in range(0, len(order), micro)]
-            step_label_tokens = sum(sum(1 for t in e["labels"] if t != IGNORE_INDEX) for b in batches for e in b)
-            loss_sum = weighted_sum = 0.0
-            tokens = 0
-            for batch in batches:
-                ids, mask, labels, weights = self._collate(batch)
-                losses, labelled = self.token_losses(ids, mask, labels)
-                per_example = (losses * labelled).sum(dim=1)
-                objective = (weights * per_example).sum() / step_label_tokens
-                if not torch.isfinite(objective):
-                    raise _NonFinite(f"loss became {objective.item()} at step {self.step + 1}")
-                objective.backward()
-                loss_sum += float(per_example.detach().sum())
-                weighted_sum += float(objective.detach()) * step_label_tokens
-                tokens += int(mask.sum())
+            everyone = self.step_examples(self.step)
+            step_label_tokens = sum(label_count(e) for e in everyone)
+            batches = self.micro_batches(shard(everyone, self.rank, self.world))
+            # DDP averages gradients over processes; the objective is a global sum, so scale it back up
+            scale = self.world / step_label_tokens
+            sums = torch.zeros(4, dtype=torch.float64)  # loss, weighted loss, real tokens, pad tokens
+            for k, batch in enumerate(batches):
+                last = k == len(batches) - 1
+                sync = contextlib.nullcontext() if last or self.world == 1 else self._train_model.no_sync()
+                with sync:
+                    losses, labelled, weights = self.batch_losses(batch, self._train_model)
+                    token_losses = losses * labelled
+                    weighted = (weights * token_losses).sum()
+                    objective = weighted * scale
+                    if not torch.isfinite(objective):
+                        raise _NonFinite(f"loss became {objective.item()} at step {self.step + 1}")
+                    objective.backward()
+                sums += torch.tensor([float(token_losses.detach().sum()), float(weighted.detach()),
+                                      batch.real_tokens, batch.padded_tokens], dtype=torch.float64)
+            sums = self._sum_over_processes(sums)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
             if not math.isfinite(grad_norm):
                 raise _NonFinite(f"gradient norm became {grad_norm} at step {self.step + 1}")
@@ -701,23 +942,27 @@ class Trainer:
             session_seconds += seconds
             done_here = self.step - self.start_step
             elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
+            real, padded = int(sums[2]), int(sums[3])
             row = {
                 "step": self.step,
-                "loss": loss_sum / step_label_tokens,
-                "weighted_loss": weighted_sum / step_label_tokens,
+                "loss": float(sums[0]) / step_label_tokens,
+                "weighted_loss": float(sums[1]) / step_label_tokens,
                 "lr": lr,
                 "grad_norm": grad_norm,
-                "tokens": tokens,
+                "tokens": real,
+                "real_tokens": real,
+                "padded_tokens": padded,
                 "label_tokens": step_label_tokens,
                 "seconds": seconds,
-                "tokens_per_s": tokens / seconds if seconds > 0 else 0.0,
+                "tokens_per_s": real / seconds if seconds > 0 else 0.0,  # real (non-pad) tokens
                 "elapsed_s": elapsed_before + seconds,
                 "time": utc_now(),
             }
             self.history.append(row)
-            append_jsonl(metrics_file, [row])
-            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.steps:
-                self.save_checkpoint()
+            if self.is_main:
+                append_jsonl(metrics_file, [row])
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.steps:
+                    self.save_checkpoint()
             eta = session_seconds / done_here * (self.steps - self.step)
             self._emit("step", total_steps=self.steps, eta_s=eta, **row)
         self.timings["train_loop_s"] = time.perf_counter() - session_started
@@ -728,11 +973,21 @@ class Trainer:
             self.metrics.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"], eval_tokens=result["tokens"])
         return self.metrics
 
+    def _sum_over_processes(self, values):
+        if self.world == 1:
+            return values
+        import torch.distributed as dist
+
+        out = values.to(self.device)
+        dist.all_reduce(out)
+        return out.cpu()
+
     def _summary(self) -> dict:
         losses = [r["loss"] for r in self.history]
         train_tokens = sum(r["tokens"] for r in self.history)
+        padded_tokens = sum(r.get("padded_tokens", 0) for r in self.history)
         seconds = sum(r["seconds"] for r in self.history)
-        window = max(1, math.ceil(len(self.examples) / (self.cfg.batch_size * self.cfg.grad_accum)))
+        window = max(1, math.ceil(len(self.examples) / step_size(self.cfg, self.world)))
         return {
             "final_loss": final_window(losses, window),
             "initial_loss": sum(losses[:window]) / len(losses[:window]) if losses else None,
@@ -741,10 +996,14 @@ class Trainer:
             "examples": len(self.examples),
             "eval_examples": len(self.eval_examples),
             "train_tokens": train_tokens,
+            "real_tokens": train_tokens,
+            "padded_tokens": padded_tokens,
             "tokens_per_s": train_tokens / seconds if seconds > 0 else 0.0,
             "seconds": seconds,
             "resumed_at_step": self.start_step or None,
             "device": str(self.device),
+            "processes": self.world,
+            "packing": self.cfg.packing,
         }
 
     def evaluate_loss(self, examples: list[dict]) -> dict:
@@ -790,6 +1049,7 @@ class Trainer:
             "warm_start": self.warm_start,
             "device": str(self.device),
             "autocast_bf16": self._autocast,
+            "processes": self.world,
         }
 
     def _write_loss_curve(self) -> None:
@@ -868,7 +1128,12 @@ class Trainer:
     def cleanup(self) -> None:
         import gc
 
-        self.model = self.optimizer = self.scheduler = None
+        self.model = self.optimizer = self.scheduler = self._train_model = None
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
         gc.collect()
         try:
             import torch
@@ -937,17 +1202,32 @@ def run_training(
     then nothing is registered and the run folder keeps a FAILED file with the reason.
     """
     validate_train_config(settings.train)
-    with workspace_lock(settings.lock_dir, "train"):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 and settings.train.num_processes > 1:
+        with workspace_lock(settings.lock_dir, "train"):
+            return launch_processes(settings, snapshot_id=snapshot_id, fresh=fresh, resume=resume, note=note, progress=progress)
+    # under a launcher the lock is held by whoever launched us (LOCK_HELD_ENV), else by rank 0 alone
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    take_lock = rank0 and os.environ.get(LOCK_HELD_ENV) != "1"
+    with workspace_lock(settings.lock_dir, "train") if take_lock else _no_lock():
         trainer = Trainer(settings, snapshot_id=snapshot_id, fresh=fresh, resume=resume, note=note, progress=progress)
         try:
             trainer.setup()
             trainer.train()
+            if not trainer.is_main:
+                return {}
             trainer.save()
             return trainer.register()
         except BaseException as exc:  # noqa: BLE001 - every failure is recorded, then re-raised
             raise _failure(settings, trainer, exc) from exc
         finally:
             trainer.cleanup()
+
+
+def _no_lock():
+    import contextlib
+
+    return contextlib.nullcontext()
 
 
 def _failure(settings: Settings, trainer: Trainer, exc: BaseException) -> BaseException:
@@ -965,15 +1245,16 @@ def _failure(settings: Settings, trainer: Trainer, exc: BaseException) -> BaseEx
     if started:
         trainer.mark_failed(reason)
     try:
-        registry.log_event(
-            settings,
-            "train_failed",
-            version=trainer.version,
-            snapshot=trainer.snapshot_id,
-            step=trainer.step,
-            reason=reason,
-            run_dir=str(trainer.run_dir.relative_to(settings.home)) if started else None,
-        )
+        if trainer.is_main:  # one event per run, however many processes
+            registry.log_event(
+                settings,
+                "train_failed",
+                version=trainer.version,
+                snapshot=trainer.snapshot_id,
+                step=trainer.step,
+                reason=reason,
+                run_dir=str(trainer.run_dir.relative_to(settings.home)) if started else None,
+            )
     except CLError:  # pragma: no cover - the original failure matters more than its log line
         pass
     where = f"; the partial run is kept in {trainer.run_dir.relative_to(settings.home)}" if started else ""
@@ -981,3 +1262,184 @@ def _failure(settings: Settings, trainer: Trainer, exc: BaseException) -> BaseEx
     if isinstance(exc, TrainingFailed):
         return TrainingFailed(exc.message + where, exc.hint or hint)
     return TrainingFailed(f"training failed: {reason}{where}", hint)
+
+
+# --- several processes ------------------------------------------------------------------------------------------
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The resolved settings as environment variables, so launched processes rebuild exactly these settings
+    (flags given to the launching command included)."""
+    import json
+
+    sections = settings.as_dict()
+    return {"CL_HOME": str(sections.pop("home")), SETTINGS_ENV: json.dumps(sections)}
+
+
+def settings_from_env(env: dict[str, str], overrides: dict[str, dict], debug: bool = False) -> Settings:
+    """Settings in a launched process: the launcher's (SETTINGS_ENV), else env / cl.toml; then `overrides`."""
+    import json
+
+    from .settings import load_settings
+
+    layers = json.loads(env[SETTINGS_ENV]) if env.get(SETTINGS_ENV) else {}
+    for section, values in overrides.items():
+        layers.setdefault(section, {}).update({k: v for k, v in values.items() if v is not None})
+    return load_settings(env=env, overrides=layers, debug=debug)
+
+
+def launch_command(settings: Settings, snapshot_id: str | None, fresh: bool, resume: bool, note: str | None) -> list[str]:
+    """torchrun (torch.distributed.run) starting `python -m continuous_learning.train` once per process."""
+    import sys
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={settings.train.num_processes}",
+            "-m", "continuous_learning.train"]
+    if snapshot_id:
+        args += ["--snapshot", snapshot_id]
+    if fresh:
+        args.append("--fresh")
+    if resume:
+        args.append("--resume")
+    if note:
+        args += ["--note", note]
+    if settings.debug:
+        args.append("--debug")
+    return args
+
+
+def launch_processes(settings: Settings, snapshot_id: str | None = None, fresh: bool = False, resume: bool = False,
+                     note: str | None = None, progress: Progress | None = None) -> dict:
+    """Run the training in `train.num_processes` data-parallel processes (the caller holds the 'train' lock).
+
+    Rank 0 reports progress as JSON lines on its stdout and writes the registry entry (or its error) to a file;
+    the processes' stderr is kept out of sight unless the run fails without a clear error (or with --debug)."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    n = settings.train.num_processes
+    with tempfile.TemporaryDirectory(prefix="cl-train-") as tmp:
+        result_file, log_file = Path(tmp) / "result.json", Path(tmp) / "stderr.log"
+        env = {**os.environ, **settings_env(settings), LOCK_HELD_ENV: "1", RESULT_ENV: str(result_file), PROGRESS_ENV: "1"}
+        if settings.model.threads <= 0:  # torchrun would pin every process to one thread
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+        if progress is not None:
+            progress({"event": "status", "message": f"starting {n} training processes (torchrun)"})
+        with open(log_file, "w") as stderr:
+            process = subprocess.Popen(
+                launch_command(settings, snapshot_id, fresh, resume, note), env=env, stdout=subprocess.PIPE,
+                stderr=None if settings.debug else stderr, text=True, cwd=str(settings.home),
+            )
+            for line in process.stdout:
+                if line.startswith(PROGRESS_PREFIX):
+                    if progress is not None:
+                        progress(json.loads(line[len(PROGRESS_PREFIX):]))
+                else:
+                    sys.stderr.write(line)
+            code = process.wait()
+        result = read_json(result_file, default=None) or {}
+        for other in sorted(Path(tmp).glob(result_file.name + ".rank*")):
+            if "error" in result or "entry" in result:
+                break
+            result = read_json(other, default=None) or {}
+        if "entry" in result:  # rank 0 registered the adapter (even if another rank then failed to exit cleanly)
+            return result["entry"]
+        if "error" in result:
+            from . import errors
+
+            kind = getattr(errors, result.get("kind", ""), None)
+            kind = kind if isinstance(kind, type) and issubclass(kind, CLError) else TrainingFailed
+            raise kind(result["error"], result.get("hint"))
+        tail = [line for line in log_file.read_text(errors="replace").splitlines() if line.strip()][-1:]
+        raise TrainingFailed(f"the {n} training processes failed (exit code {code}){': ' + tail[0] if tail else ''}",
+                             "run with --debug to see their output, or train with --num-processes 1")
+
+
+def _child_progress(as_json: bool) -> Progress:
+    import json
+    import sys
+
+    def report(event: dict) -> None:
+        if as_json:
+            sys.stdout.write(PROGRESS_PREFIX + json.dumps(event, default=str) + "\n")
+            sys.stdout.flush()
+        elif event["event"] in ("status", "warning"):
+            print(f"{event['event']}: {event['message']}", file=sys.stderr, flush=True)
+        elif event["event"] == "step":
+            print(f"step {event['step']}/{event['total_steps']} loss {event['loss']:.4f} "
+                  f"{event['tokens_per_s']:.0f} tok/s", file=sys.stderr, flush=True)
+
+    return report
+
+
+def _parse_args(argv: list[str] | None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m continuous_learning.train",
+        description="Train a LoRA adapter (the options of 'cl train'); under torchrun / accelerate launch the "
+                    "processes train data-parallel and rank 0 saves and registers the adapter.",
+    )
+    parser.add_argument("--home", help="workspace (default: CL_HOME or the current folder)")
+    parser.add_argument("--base-model", help="base model (default: the configured one)")
+    parser.add_argument("--snapshot", help="snapshot id to train on (default: the newest)")
+    parser.add_argument("--fresh", action="store_true", help="start from the base model instead of the champion")
+    parser.add_argument("--resume", action="store_true", help="continue the newest interrupted run")
+    parser.add_argument("--4bit", dest="load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
+                        help="QLoRA (4-bit NF4 base) or full precision")
+    for flag, field, typ in (("--steps", "max_steps", int), ("--epochs", "epochs", int), ("--lr", "learning_rate", float),
+                             ("--rank", "lora_r", int), ("--alpha", "lora_alpha", int), ("--dropout", "lora_dropout", float),
+                             ("--batch-size", "batch_size", int), ("--grad-accum", "grad_accum", int),
+                             ("--max-seq-len", "max_seq_len", int), ("--seed", "seed", int),
+                             ("--num-processes", "num_processes", int)):
+        parser.add_argument(flag, dest=field, type=typ, default=None)
+    parser.add_argument("--note", help="a note stored with the adapter version")
+    parser.add_argument("--json", dest="as_json", action="store_true", help="print the registry entry as JSON")
+    parser.add_argument("--debug", action="store_true", help="tracebacks instead of one-line errors")
+    return parser.parse_args(argv)
+
+
+TRAIN_FLAGS = ("load_in_4bit", "max_steps", "epochs", "learning_rate", "lora_r", "lora_alpha", "lora_dropout",
+               "batch_size", "grad_accum", "max_seq_len", "seed", "num_processes")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m continuous_learning.train`, `torchrun -m continuous_learning.train`, `accelerate launch -m ...`."""
+    import json
+    import sys
+
+    args = _parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    result_file = os.environ.get(RESULT_ENV)
+    try:
+        overrides = {"train": {k: getattr(args, k) for k in TRAIN_FLAGS}}
+        if args.base_model:
+            overrides["model"] = {"base_model": args.base_model}
+        env = dict(os.environ)
+        if args.home:
+            env["CL_HOME"] = args.home
+        settings = settings_from_env(env, overrides, debug=args.debug)
+        entry = run_training(settings, snapshot_id=args.snapshot, fresh=args.fresh, resume=args.resume, note=args.note,
+                             progress=_child_progress(os.environ.get(PROGRESS_ENV) == "1"))
+    except CLError as exc:
+        if result_file:  # rank 0's error is the one shown; another rank's only when rank 0 had none
+            target = Path(result_file if rank == 0 else f"{result_file}.rank{rank}")
+            atomic_write_json(target, {"error": exc.message, "hint": exc.hint, "kind": type(exc).__name__})
+        if args.debug:
+            raise
+        print(f"error: {exc.message}" + (f" ({exc.hint})" if exc.hint else ""), file=sys.stderr)
+        return 1
+    if rank != 0:
+        return 0
+    if result_file:
+        atomic_write_json(Path(result_file), {"entry": entry})
+    elif args.as_json:
+        print(json.dumps(entry, indent=2, default=str))
+    else:
+        metrics = entry.get("metrics", {})
+        print(f"adapter {entry['version']} (candidate): {metrics.get('steps')} steps on {metrics.get('processes', 1)} "
+              f"process(es), loss {metrics.get('final_loss', 0):.4f}, {metrics.get('tokens_per_s', 0):.0f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

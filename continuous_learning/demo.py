@@ -120,6 +120,10 @@ def run_demo(home: Path) -> None:
     step("7. Roll back", "Undo the promotion: the pointer moves back after the adapter files are verified.",
          ["cl", "rollback"], env)
     step("8. After the rollback", "The base model answers again.", ["cl", "adapters"], env)
+    step("9. Watch the loop", "Traffic, helpful rate, versions, latest events and disk use on one screen; "
+         "then a report with charts.", ["cl", "status"], env)
+    step("10. A report to keep", "Eval accuracy per version, the loss curve, helpful rate and drift, as HTML.",
+         ["cl", "report"], env)
     console.print(Rule(f"[bold]demo finished in {time.perf_counter() - total:.0f} s"))
     console.print(f"Look around: {home}/data, {home}/adapters/registry.json, {home}/logs")
 

@@ -14,23 +14,32 @@ import dataclasses
 import gc
 import hashlib
 import heapq
+import itertools
 import math
+import os
 import re
 import sys
+import tempfile
 import unicodedata
+from array import array
 from collections import Counter
+from collections.abc import Mapping
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+import orjson
+
 from . import registry
 from .crypto import cipher_from_env, open_messages, seal_messages
-from .errors import ConfigError
+from .errors import CLError, ConfigError
 from .records import FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict, parse_time
 from .settings import CurateConfig, Settings
-from .store import ReadReport, atomic_write_bytes, atomic_write_json, dumps_line, iter_jsonl, remove_stale_temp_files, workspace_lock
+from .store import (FILE_MODE, ReadReport, atomic_write_json, dumps_line, ensure_dir, fsync_dir, iter_jsonl,
+                    remove_stale_temp_files, workspace_lock)
 
 KIND_WEIGHTS = {"corrected": 2.0, "helpful": 1.0, "unrated": 0.5}
 KIND_RANK = {"corrected": 3, "helpful": 2, "unrated": 1, "replay": 0}
@@ -413,22 +422,7 @@ class NearIndex:
     def earlier_candidates(self, texts: list[str]) -> dict[int, list[int]]:
         """For each text, the earlier texts sharing an LSH band with it (ascending), found by sorting each band's
         keys: what probing an index holding every earlier text would propose, without holding that index."""
-        import numpy as np
-
-        keys = self.band_keys(texts)
-        earlier: dict[int, set[int]] = {}
-        for band in range(keys.shape[1]):
-            order = np.argsort(keys[:, band], kind="stable")  # equal keys keep ascending text order
-            column = keys[order, band]
-            repeats = np.flatnonzero(column[1:] == column[:-1])
-            group: list[int] = []
-            for position in repeats.tolist():
-                if not group or group[-1] != int(order[position]):
-                    group = [int(order[position])]
-                later = int(order[position + 1])
-                earlier.setdefault(later, set()).update(group)
-                group.append(later)
-        return {i: sorted(js) for i, js in earlier.items()}
+        return _earlier_from_keys(self.band_keys(texts))
 
     def add(self, key: int, text: str, signature: list[int]) -> None:
         for table, band in zip(self._tables, signature):
@@ -568,6 +562,409 @@ def leaked_prompts(train: list[Example], eval_examples: list[Example], threshold
     index = NearIndex.of([e.prompt_key for e in eval_examples], min(threshold, 0.999))
     near = index.matches_any([e.prompt_key for e in train])
     return [e for e, hit in zip(train, near) if hit or e.prompt_key in keys]
+
+
+# --- the compact path: selected examples spooled to disk, small columns in memory ---------------------------------
+# A run over a big log selects hundreds of thousands of examples. Holding each as an Example (texts, shingles, ids)
+# made peak memory grow with the log, so `run_curate` parks every selected example as one line in a temp file beside
+# the snapshots (`.*.tmp`: a killed run's leftover is removed by the next one) and keeps only fixed-size columns per
+# example: what the pure functions above need to decide, computed as each example arrives. Decisions read texts back
+# from the spool only for the few candidate pairs MinHash proposes. Every decision is the one the list functions
+# above make (same order, ties, survivors and merged sources), so snapshots are byte-identical.
+_CHUNK = 4096
+
+
+def _hex64(text: str) -> int:
+    return int(text, 16)
+
+
+def _utf8(text: str) -> bytes:
+    # UTF-8 byte order is code point order, so numpy's bytes comparison orders these as Python orders the strings
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _earlier_from_keys(keys: Any) -> dict[int, list[int]]:
+    """`NearIndex.earlier_candidates` over precomputed band keys (rows in text order)."""
+    import numpy as np
+
+    earlier: dict[int, set[int]] = {}
+    for band in range(keys.shape[1]):
+        order = np.argsort(keys[:, band], kind="stable")  # equal keys keep ascending text order
+        column = keys[order, band]
+        repeats = np.flatnonzero(column[1:] == column[:-1])
+        group: list[int] = []
+        for position in repeats.tolist():
+            if not group or group[-1] != int(order[position]):
+                group = [int(order[position])]
+            later = int(order[position + 1])
+            earlier.setdefault(later, set()).update(group)
+            group.append(later)
+    return {i: sorted(js) for i, js in earlier.items()}
+
+
+def _give_back_freed_memory() -> None:
+    """Hand the heap pages freed by the many small column pieces back to the OS (glibc keeps them otherwise, and
+    they would count in peak memory as if still used). A no-op where the C library has no malloc_trim."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+class Spool:
+    """Selected examples as sealed JSONL lines in a temp file; read back by (offset, length)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self._made_folder = folder, not folder.exists()
+        self.path: Path | None = None
+        self._file: Any = None
+        self.size = 0
+        self._unflushed = False
+        self._cipher = cipher_from_env()
+
+    def _open(self) -> None:  # on the first example, so a run that selects nothing creates nothing
+        ensure_dir(self.folder)
+        fd, name = tempfile.mkstemp(dir=self.folder, prefix=".curate_spool.", suffix=".tmp")
+        os.fchmod(fd, FILE_MODE)
+        self.path, self._file = Path(name), os.fdopen(fd, "w+b")
+
+    def add(self, example: Example) -> tuple[int, int]:
+        if self._file is None:
+            self._open()
+        line = dumps_line(seal_messages(example.to_record(), self._cipher))
+        self._file.write(line)
+        self._unflushed = True
+        offset, self.size = self.size, self.size + len(line)
+        return offset, len(line)
+
+    def record(self, offset: int, length: int) -> dict:
+        if self._unflushed:
+            self._file.flush()
+            self._unflushed = False
+        return open_messages(orjson.loads(os.pread(self._file.fileno(), length, offset)), self._cipher)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+        if self._made_folder:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()  # only when still empty
+
+
+class ExamplePool:
+    """The selected examples of one run: spooled lines plus numpy columns (rank, ids, times, domain, MinHash band
+    keys of the text and of the prompt), and the merged sources/users of duplicates that absorbed others."""
+
+    def __init__(self, spool: Spool, seed: int, threshold: float):
+        self.spool, self.seed, self.threshold = spool, str(seed), threshold
+        self.near = threshold < 1
+        self._index = NearIndex(threshold) if self.near else None
+        self.tools: list[str] = []
+        self._tool_codes: dict[str, int] = {}
+        self._rows: list[tuple] = []
+        self._texts: list[str] = []
+        self._chunks: list[dict[str, Any]] = []
+        self.cols: dict[str, Any] = {}
+        self.extras: dict[int, tuple[list[str], list[str]]] = {}  # row -> merged (source_ids, user_hashes)
+
+    # building
+    def add(self, example: Example) -> None:
+        offset, _ = self.spool.add(example)
+        tool = -1 if example.target_tool is None else self._tool_codes.setdefault(example.target_tool, len(self._tool_codes))
+        if tool == len(self.tools):
+            self.tools.append(example.target_tool)
+        kind, rating, recorded = example.rank
+        same_time = example.created_at == recorded  # the usual case: then `created` stays empty, saving its bytes
+        self._rows.append((_hex64(example.id), offset, kind, rating, _utf8(recorded), same_time,
+                           b"" if same_time else _utf8(example.created_at), tool, _hex64(short_hash(self.seed, example.prompt_key))))
+        if self.near:
+            self._texts.append(example.text)
+        if len(self._rows) >= _CHUNK:
+            self._flush()
+
+    def _flush(self) -> None:
+        import numpy as np
+
+        if not self._rows and self._chunks:
+            return
+        names = ("id", "offset", "kind", "rating", "recorded", "same_time", "created", "tool", "prompt_hash")
+        dtypes = (np.uint64, np.int64, np.int8, np.float64, bytes, np.bool_, bytes, np.int32, np.uint64)
+        columns = list(zip(*self._rows)) or [()] * len(names)
+        chunk = {name: np.array(values, dtype=dtype) for name, values, dtype in zip(names, columns, dtypes)}
+        if self.near:
+            chunk["text_keys"] = self._index.band_keys(self._texts)
+        self._chunks.append(chunk)
+        self._rows, self._texts = [], []
+
+    def finish(self) -> None:
+        import numpy as np
+
+        self._flush()
+        for name in list(self._chunks[0]):  # column by column, freeing the pieces as it goes
+            self.cols[name] = np.concatenate([chunk.pop(name) for chunk in self._chunks])
+        self._chunks = []
+        _give_back_freed_memory()
+
+    def __len__(self) -> int:
+        return len(self.cols["id"]) if self.cols else 0
+
+    # reading back
+    def record(self, row: int) -> dict:
+        offsets = self.cols["offset"]  # lines lie back to back in the spool: a line ends where the next begins
+        start = int(offsets[row])
+        end = int(offsets[row + 1]) if row + 1 < len(offsets) else self.spool.size
+        record = self.spool.record(start, end - start)
+        if row in self.extras:
+            record["source_ids"], record["user_hashes"] = (list(x) for x in self.extras[row])
+        return record
+
+    def example(self, row: int) -> Example:
+        return Example.from_record(self.record(row))
+
+    def text(self, row: int) -> str:
+        """`Example.text` of a row, straight from its spooled messages (already cleaned when they were spooled)."""
+        messages = self.record(row)["messages"]
+        return "\n".join(normalise(m["content"]) for m in messages if m["role"] != "system")
+
+    def prompt_key(self, row: int) -> str:
+        """`Example.prompt_key` of a row, straight from its spooled messages."""
+        messages = self.record(row)["messages"]
+        return normalise(next((m["content"] for m in reversed(messages) if m["role"] == "user"), ""))
+
+    def rank(self, row: int) -> tuple:
+        return int(self.cols["kind"][row]), float(self.cols["rating"][row]), self.cols["recorded"][row].decode("utf-8", "surrogatepass")
+
+    def absorb(self, keep: int, drop: int) -> None:
+        """`Example.absorb` where `keep` is known to win: keep's sources first, users merged and sorted."""
+        kept, dropped = self.record(keep), self.record(drop)
+        sources = list(dict.fromkeys(kept["source_ids"] + dropped["source_ids"]))
+        self.extras[keep] = (sources, sorted(set(kept["user_hashes"]) | set(dropped["user_hashes"])))
+
+    def rank_desc(self, rows: Any) -> Any:
+        """`sorted(rows, key=rank, reverse=True)`: best first, equal ranks in their given order."""
+        import numpy as np
+
+        if len(rows) == 0:
+            return rows
+        _, recorded = np.unique(self.cols["recorded"][rows], return_inverse=True)
+        order = np.lexsort((np.arange(len(rows)), -recorded.astype(np.int64), -self.cols["rating"][rows],
+                            -self.cols["kind"][rows].astype(np.int64)))
+        return rows[order]
+
+    def prompt_band_keys(self, rows: Any) -> Any:
+        """Band keys of these rows' prompts, read back from the spool a chunk at a time (computed here, not on
+        arrival, so they are never held beside the text keys)."""
+        import numpy as np
+
+        keys = np.empty((len(rows), self._index._bands), dtype=np.uint64)
+        for start in range(0, len(rows), _CHUNK):
+            prompts = [self.prompt_key(row) for row in rows[start : start + _CHUNK].tolist()]
+            keys[start : start + len(prompts)] = self._index.band_keys(prompts)
+        return keys
+
+    def forget_text_keys(self) -> None:
+        """Near-dedupe is done: its keys are not needed again."""
+        self.cols.pop("text_keys", None)
+        _give_back_freed_memory()
+
+    def tool_of(self, row: int) -> str | None:
+        code = int(self.cols["tool"][row])
+        return None if code < 0 else self.tools[code]
+
+
+def pooled_dedupe_exact(pool: ExamplePool) -> tuple[Any, int]:
+    """`dedupe_exact` over the pool in arrival order: (survivor rows in first-arrival order, number collapsed)."""
+    import numpy as np
+
+    if len(pool) == 0:
+        return np.zeros(0, dtype=np.int64), 0
+    _, first, inverse, counts = np.unique(pool.cols["id"], return_index=True, return_inverse=True, return_counts=True)
+    survivors = first.copy()
+    by_group = np.argsort(inverse.ravel(), kind="stable")  # each group's rows together, in arrival order
+    ends = np.cumsum(counts)
+    for group in np.flatnonzero(counts > 1).tolist():
+        survivors[group] = _absorb_chain(pool, by_group[ends[group] - counts[group] : ends[group]].tolist())
+    return survivors[np.argsort(first, kind="stable")], int(len(pool) - len(first))
+
+
+def _absorb_chain(pool: ExamplePool, members: list[int]) -> int:
+    """Replays `kept.absorb(next)` over duplicates in arrival order; returns the surviving row."""
+    kept = members[0]
+    for row in members[1:]:
+        if pool.rank(kept) >= pool.rank(row):
+            pool.absorb(kept, row)
+        else:
+            pool.absorb(row, kept)
+            kept = row
+    return kept
+
+
+def pooled_dedupe_near(pool: ExamplePool, rows: Any) -> tuple[Any, int]:
+    """`dedupe_near` over pooled rows: (survivors, best first, number collapsed)."""
+    import numpy as np
+
+    if not pool.near or len(rows) < 2:
+        return rows, 0
+    ordered = pool.rank_desc(rows)
+    candidates = _earlier_from_keys(pool.cols["text_keys"][ordered])
+    kept = bytearray(len(ordered))
+    text_of = _recent(lambda k: pool.text(int(ordered[k])))
+    shingles_of = lambda k: shingles(text_of(k))  # noqa: E731
+    for i in range(len(ordered)):
+        earlier = [j for j in candidates.get(i, ()) if kept[j]]
+        match = _first_match(shingles_of, i, earlier, pool.threshold)
+        if match is None:
+            kept[i] = 1
+        else:
+            pool.absorb(int(ordered[match]), int(ordered[i]))
+    survivors = ordered[np.frombuffer(bytes(kept), dtype=np.uint8).astype(bool)]
+    return survivors, len(rows) - len(survivors)
+
+
+def _first_match(shingles_of: Callable[[int], set[str]], i: int, candidates: list[int], threshold: float) -> int | None:
+    if not candidates:
+        return None
+    mine = shingles_of(i)
+    return next((j for j in candidates if jaccard(mine, shingles_of(j)) >= threshold), None)
+
+
+def _recent(read: Callable[[int], str], limit: int = 4096) -> Callable[[int], str]:
+    """`read` with the texts of recent positions kept (candidates cluster around the same earlier texts); emptied
+    when full, so it holds a few MB at most."""
+    cache: dict[int, str] = {}
+
+    def cached(k: int) -> str:
+        text = cache.get(k)
+        if text is None:
+            if len(cache) >= limit:
+                cache.clear()
+            text = cache[k] = read(k)
+        return text
+
+    return cached
+
+
+def pooled_cap_domains(pool: ExamplePool, rows: Any, cap: float) -> tuple[Any, Any]:
+    """`cap_domains` over pooled rows: (kept rows, capped rows)."""
+    import numpy as np
+
+    tools = pool.cols["tool"][rows]
+    codes, sizes = np.unique(tools[tools >= 0], return_counts=True)
+    has_untagged = bool((tools < 0).any())
+    if cap >= 1 or len(codes) + has_untagged < 2:
+        return rows, rows[:0]
+    limit = max(1, math.floor(cap * len(rows)))
+    capped: list[Any] = []
+    for code in sorted((int(c) for c, n in zip(codes, sizes) if n > limit), key=lambda c: pool.tools[c]):
+        capped.append(pool.rank_desc(rows[tools == code])[limit:])
+    dropped = np.concatenate(capped) if capped else rows[:0]
+    return rows[~np.isin(rows, dropped)], dropped
+
+
+def pooled_split_eval(pool: ExamplePool, rows: Any, fraction: float) -> tuple[Any, Any]:
+    """`split_eval` over pooled rows: (train rows, eval rows), each in the given order."""
+    import numpy as np
+
+    wanted = min(int(fraction * len(rows) + 0.5), len(rows) - 1)
+    _, group_of, sizes = np.unique(_pooled_prompt_roots(pool, rows), return_inverse=True, return_counts=True)
+    if wanted <= 0 or len(sizes) < 2:
+        return rows, rows[:0]
+    members = np.argsort(group_of.ravel(), kind="stable")  # each group's positions together, ascending
+    ends = np.cumsum(sizes)
+    # short_hash(seed, smallest prompt of the group) as a number sorts as its fixed-width hex text does
+    order_keys = np.empty(len(sizes), dtype=np.uint64)
+    singles = sizes == 1
+    order_keys[singles] = pool.cols["prompt_hash"][rows[members[(ends - 1)[singles]]]]
+    for group in np.flatnonzero(~singles).tolist():
+        positions = members[ends[group] - sizes[group] : ends[group]].tolist()
+        smallest = min(pool.prompt_key(int(rows[i])) for i in positions)
+        order_keys[group] = _hex64(short_hash(pool.seed, smallest))
+    held = np.zeros(len(rows), dtype=bool)
+    taken = 0
+    for group in np.argsort(order_keys, kind="stable").tolist():
+        size = int(sizes[group])
+        if taken + size <= wanted:
+            held[members[ends[group] - size : ends[group]]] = True
+            taken += size
+        if taken >= wanted:
+            break
+    return rows[~held], rows[held]
+
+
+def _pooled_prompt_roots(pool: ExamplePool, rows: Any) -> Any:
+    """`prompt_groups` over pooled rows, as one group label per position (connected components: equal prompts,
+    matched by their 64-bit seeded hash, and near ones). Only positions that join another are in the union-find."""
+    import numpy as np
+
+    parent: dict[int, int] = {}
+
+    def root(i: int) -> int:
+        while parent.get(i, i) != i:
+            parent[i] = parent.get(parent[i], parent[i])
+            i = parent[i]
+        return i
+
+    def join(i: int, j: int) -> None:
+        a, b = root(i), root(j)
+        if a != b:
+            parent[a] = b
+
+    _, first, inverse = np.unique(pool.cols["prompt_hash"][rows], return_index=True, return_inverse=True)
+    representative = first[inverse.ravel()]
+    for i in np.flatnonzero(representative != np.arange(len(rows))).tolist():
+        join(i, int(representative[i]))
+    if pool.near:
+        distinct = np.sort(first)
+        prompt_of = _recent(lambda k: pool.prompt_key(int(rows[distinct[k]])))
+        shingles_of = lambda k: shingles(prompt_of(k))  # noqa: E731
+        for position, earlier in _earlier_from_keys(pool.prompt_band_keys(rows[distinct])).items():
+            mine = shingles_of(position)
+            for j in earlier:
+                if jaccard(mine, shingles_of(j)) >= pool.threshold:
+                    join(int(distinct[position]), int(distinct[j]))
+    roots = np.arange(len(rows))
+    for i in list(parent):
+        roots[i] = root(i)
+    return roots
+
+
+def pooled_chronological(pool: ExamplePool, rows: Any) -> Any:
+    """Rows sorted by (created_at, id), as `_chronological` sorts examples."""
+    import numpy as np
+
+    if len(rows) == 0:
+        return rows
+    created_at = np.where(pool.cols["same_time"][rows], pool.cols["recorded"][rows], pool.cols["created"][rows])
+    _, created = np.unique(created_at, return_inverse=True)
+    return rows[np.lexsort((pool.cols["id"][rows], created))]
+
+
+def atomic_write_lines(path: Path, lines: Iterable[bytes]) -> str:
+    """`atomic_write_bytes` for a stream of lines (never all in memory); returns the sha256 of what was written."""
+    ensure_dir(path.parent)
+    digest = hashlib.sha256()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, FILE_MODE)
+        with os.fdopen(fd, "wb", closefd=False) as handle:
+            for line in lines:
+                digest.update(line)
+                handle.write(line)
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as exc:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise CLError(f"cannot write {path}: {exc.strerror or exc}", "free some space or make the workspace writable, "
+                      "then run the command again; nothing stored was changed") from None
+    return digest.hexdigest()
 
 
 # --- replay -----------------------------------------------------------------------------------------
@@ -717,8 +1114,8 @@ def _ticker(progress: Progress | None, phase: str, total: int | None) -> Callabl
 class FeedbackScan:
     """Pass 1: every feedback event merged per interaction, in log order."""
 
-    feedback: dict[str, Feedback] = field(default_factory=dict)
-    raters: dict[str, str | set[str]] = field(default_factory=dict)  # one rater bare, several as a set
+    # target -> (merged Feedback, its rater: one bare, several as a frozenset); one table, and the pairs are shared
+    joined: dict[str, tuple] = field(default_factory=dict)
     late: set[str] = field(default_factory=set)  # interactions with an event newer than the cursor
     events: int = 0
     bad_records: int = 0
@@ -726,9 +1123,71 @@ class FeedbackScan:
     watermark: Watermark = field(default_factory=Watermark)
     report: ReadReport = field(default_factory=ReadReport)
 
+    def __post_init__(self) -> None:
+        self.feedback: Mapping[str, Feedback] = _FeedbackView(self.joined)
+
+    def release(self) -> None:
+        """Drop the per-interaction maps once pass 2 (their only reader) is done; the counts stay."""
+        self.joined, self.late = {}, set()
+        self.feedback = _FeedbackView(self.joined)
+
+
+class _FeedbackView(Mapping):
+    """target -> merged Feedback, read off `FeedbackScan.joined`."""
+
+    def __init__(self, joined: dict[str, tuple]):
+        self._joined = joined
+
+    def __getitem__(self, key: str) -> Feedback:
+        return self._joined[_packed_id(key)][0]
+
+    def __contains__(self, key: object) -> bool:
+        return _packed_id(key) in self._joined
+
+    def __iter__(self) -> Iterator[str]:
+        return map(_unpacked_id, self._joined)
+
+    def __len__(self) -> int:
+        return len(self._joined)
+
+
+def _packed_id(ident: Any) -> Any:
+    """A canonical (lowercase) UUID string as its 16 bytes, anything else as it is: the feedback table of a big
+    log holds hundreds of thousands of ids, and 16 bytes take half the memory of the 36-character text."""
+    if isinstance(ident, str) and len(ident) == 36 and ident[8] == ident[13] == ident[18] == ident[23] == "-" \
+            and ident.lower() == ident:
+        with contextlib.suppress(ValueError):
+            return bytes.fromhex(ident.replace("-", ""))
+    return ident
+
+
+def _unpacked_id(key: Any) -> Any:
+    if isinstance(key, bytes):
+        text = key.hex()
+        return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    return key
+
+
+class _KeysOf(AbstractSet):
+    """The keys of a dict as a read-only set, without a copy."""
+
+    def __init__(self, mapping: dict):
+        self._mapping = mapping
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._mapping
+
+    def __iter__(self) -> Iterator:
+        return iter(self._mapping)
+
+    def __len__(self) -> int:
+        return len(self._mapping)
+
 
 def scan_feedback(path: Path, cursor: Cursor, progress: Progress | None = None, total: int | None = None) -> FeedbackScan:
     scan = FeedbackScan()
+    if cursor._edges[2] is None:  # no feedback seen before: every event is late, so `late` is every target
+        scan.late = _KeysOf(scan.feedback)
     tick = _ticker(progress, "reading feedback", total)
     cipher = cipher_from_env()
     for number, record in iter_jsonl(path, scan.report):
@@ -752,30 +1211,67 @@ def _add_event(scan: FeedbackScan, record: dict, cursor: Cursor) -> None:
         scan.bad_records += 1
         return
     scan.events += 1
-    earlier = scan.feedback.get(target)
-    scan.feedback[target] = event if earlier is None else merge_feedback(earlier, event)
+    key = _packed_id(target)
+    earlier = scan.joined.get(key)
+    feedback = _shared(event if earlier is None else merge_feedback(earlier[0], event))
+    rater = None if earlier is None else earlier[1]
     if record.get("user_hash"):
-        _add_rater(scan.raters, target, sys.intern(str(record["user_hash"])))
+        rater = _with_rater(rater, sys.intern(str(record["user_hash"])))
+    scan.joined[key] = _shared_pair(feedback, rater)
     ident = str(record.get("id") or "")
     scan.watermark.see(moment, record["created_at"], ident)
-    if cursor.new_feedback(moment, ident):
+    if not isinstance(scan.late, _KeysOf) and cursor.new_feedback(moment, ident):
         scan.late.add(target)
 
 
-def _add_rater(raters: dict[str, str | set[str]], target: str, user: str) -> None:
+_SHARED_FEEDBACK: dict[tuple, Feedback] = {}
+_SHARED_IDS: set[int] = set()  # ids of the objects above (they live as long as the module)
+
+
+def _verdict_key(feedback: Feedback) -> tuple:
+    return tuple((type(v), v) for v in (feedback.score, feedback.helpful, feedback.private))
+
+
+def _shared(feedback: Feedback) -> Feedback:
+    """One object per distinct plain verdict (score / helpful / private, no text): a big log has hundreds of
+    thousands of ratings but only a handful of distinct ones. Feedback with text, or odd values, stays its own."""
+    if feedback.comment is not None or feedback.correction is not None:
+        return feedback
+    try:
+        shared = _SHARED_FEEDBACK.get(_verdict_key(feedback))
+    except TypeError:  # an unhashable value (a list where a score belongs): keep it as it is
+        return feedback
+    if shared is None and len(_SHARED_FEEDBACK) < 4096:
+        shared = _SHARED_FEEDBACK[_verdict_key(feedback)] = feedback
+        _SHARED_IDS.add(id(feedback))
+    return feedback if shared is None else shared
+
+
+def _with_rater(known: str | frozenset | None, user: str) -> str | frozenset:
     """Most turns have one rater: keep it as a bare string, a set only for a second one (memory on big logs)."""
-    known = raters.get(target)
-    if known is None:
-        raters[target] = user
-    elif isinstance(known, str):
-        if known != user:
-            raters[target] = {known, user}
-    else:
-        known.add(user)
+    if known is None or known == user:
+        return user
+    return frozenset({known, user}) if isinstance(known, str) else known | {user}
+
+
+_SHARED_PAIRS: dict[tuple, tuple] = {}
+
+
+def _shared_pair(feedback: Feedback, rater: str | frozenset | None) -> tuple:
+    """(feedback, rater), one tuple per distinct pair of a shared verdict and one rater (a few thousand at most)."""
+    if id(feedback) not in _SHARED_IDS or not isinstance(rater, (str, type(None))):
+        return feedback, rater
+    key = (id(feedback), rater)
+    pair = _SHARED_PAIRS.get(key)
+    if pair is None:
+        pair = (feedback, rater)
+        if len(_SHARED_PAIRS) < 1 << 16:
+            _SHARED_PAIRS[key] = pair
+    return pair
 
 
 def raters_of(scan: "FeedbackScan", interaction_id: str) -> set[str]:
-    known = scan.raters.get(interaction_id)
+    known = scan.joined.get(_packed_id(interaction_id), (None, None))[1]
     return set() if known is None else {known} if isinstance(known, str) else set(known)
 
 
@@ -801,8 +1297,22 @@ class _Pass2:
     out: Gathered = field(default_factory=Gathered)
 
     def __post_init__(self) -> None:
-        self.orphans = set(self.scan.feedback)  # events whose interaction is never seen
+        self.rated_seen = array("q")  # hash() of each rated id seen: orphans are the rest (8 bytes each, not a set)
         self.deferred = set(self.cursor.deferred_ids)
+
+    def orphans(self) -> int:
+        """Feedback targets never seen as an interaction (looked up a slice at a time in the sorted seen hashes)."""
+        import numpy as np
+
+        seen = np.sort(np.frombuffer(self.rated_seen, dtype=np.int64))
+        targets, missing = iter(self.scan.feedback), 0
+        while len(piece := np.fromiter((hash(k) for k in itertools.islice(targets, 1 << 16)), dtype=np.int64)):
+            if len(seen) == 0:
+                missing += len(piece)
+                continue
+            at = np.minimum(np.searchsorted(seen, piece), len(seen) - 1)
+            missing += int((seen[at] != piece).sum())
+        return missing
 
     def consider(self, record: dict) -> Example | None:
         tally = self.out.tally
@@ -812,7 +1322,8 @@ class _Pass2:
         if not isinstance(ident, str) or moment is None:
             tally["bad_records"] += 1
             return None
-        self.orphans.discard(ident)
+        if ident in self.scan.feedback:
+            self.rated_seen.append(hash(ident))
         self.out.watermark.see(moment, stamp, ident)
         if self.full or self.cursor.new_interaction(moment, ident):
             tally["new_interactions"] += 1
@@ -868,8 +1379,10 @@ def gather_examples(
     rules: Rules,
     full: bool,
     progress: Progress | None = None,
+    pool: "ExamplePool | None" = None,
 ) -> Gathered:
-    """Stream the interactions, take the new ones (plus old ones with new feedback), select and exact-dedupe."""
+    """Stream the interactions, take the new ones (plus old ones with new feedback), select and exact-dedupe
+    (into `pool` when one is given: it spools them and dedupes later; else into `Gathered.examples`)."""
     state = _Pass2(scan, cursor, already_snapshotted, rules, full)
     tick = _ticker(progress, "selecting turns", scan.lines)
     cipher = cipher_from_env()
@@ -885,8 +1398,14 @@ def gather_examples(
                     yield example
         tick(scan.lines, True)
 
-    state.out.examples, state.out.exact_duplicates = dedupe_exact(selected())
-    state.out.tally["orphan_feedback"] = len(state.orphans)
+    if pool is None:
+        state.out.examples, state.out.exact_duplicates = dedupe_exact(selected())
+    else:
+        for example in selected():
+            pool.add(example)
+        pool.finish()
+    state.out.tally["orphan_feedback"] = state.orphans()
+    _give_back_freed_memory()
     return state.out
 
 
@@ -925,7 +1444,7 @@ def earlier_examples(settings: Settings, snapshots: list[dict], expires_before: 
 
 
 # --- the run ----------------------------------------------------------------------------------------
-def _counts(tally: Counter, scan: FeedbackScan, exact: int, near: int, capped: list[Example]) -> dict:
+def _counts(tally: Counter, scan: FeedbackScan, exact: int, near: int, capped_tools: list[str | None]) -> dict:
     return {
         "lines": scan.lines,
         "bad_lines": scan.report.skipped,
@@ -941,7 +1460,7 @@ def _counts(tally: Counter, scan: FeedbackScan, exact: int, near: int, capped: l
         "selected": {k: tally[f"selected.{k}"] for k in KIND_WEIGHTS},
         "dropped": {r: tally[f"dropped.{r}"] for r in DROP_REASONS},
         "deduped": {"exact": exact, "near": near},
-        "capped": {"total": len(capped), "by_domain": dict(sorted(Counter(e.target_tool for e in capped).items()))},
+        "capped": {"total": len(capped_tools), "by_domain": dict(sorted(Counter(capped_tools).items()))},
         "new_examples": 0,
         "replayed": 0,
         "replay_sources_missing": tally["replay_sources_missing"],
@@ -974,37 +1493,43 @@ def new_snapshot_id(settings: Settings, taken: set[str], now: datetime) -> str:
     return candidate
 
 
-def _write(path: Path, examples: list[Example]) -> str:
-    cipher = cipher_from_env()
-    payload = b"".join(dumps_line(seal_messages(e.to_record(), cipher)) for e in examples)
-    atomic_write_bytes(path, payload)
-    return hashlib.sha256(payload).hexdigest()
-
-
 def _chronological(examples: list[Example]) -> list[Example]:
     return sorted(examples, key=lambda e: (e.created_at, e.id))
 
 
-def write_snapshot(settings: Settings, doc: dict, train: list[Example], eval_examples: list[Example], manifest: dict,
+def write_snapshot(settings: Settings, doc: dict, train: Iterable[dict], eval_records: Iterable[dict], manifest: dict,
                    now: datetime) -> dict:
-    """Write train, eval and manifest atomically (0600), then register the snapshot. Returns the manifest."""
+    """Write train and eval (example records, already in file order, streamed) and the manifest atomically (0600),
+    then register the snapshot. Returns the manifest."""
     snapshot_id = new_snapshot_id(settings, {s["id"] for s in doc["snapshots"]}, now)
     folder = settings.curated_dir
     paths = {k: folder / f"{snapshot_id}{suffix}" for k, suffix in
              (("train", ".jsonl"), ("eval", "_eval.jsonl"), ("manifest", "_manifest.json"))}
-    sha = {"train": _write(paths["train"], _chronological(train)), "eval": _write(paths["eval"], _chronological(eval_examples))}
+    cipher = cipher_from_env()
+    seen_users: set[str] = set()
+    written = Counter()
+
+    def lines(records: Iterable[dict], key: str) -> Iterator[bytes]:
+        for record in records:
+            written[key] += 1
+            seen_users.update(record["user_hashes"])
+            yield dumps_line(seal_messages(record, cipher))
+
+    sha = {"train": atomic_write_lines(paths["train"], lines(train, "train")),
+           "eval": atomic_write_lines(paths["eval"], lines(eval_records, "eval"))}
     relative = {k: str(p.relative_to(settings.home)) for k, p in paths.items()}
-    users = sorted({h for e in train + eval_examples for h in e.user_hashes})
+    users = sorted(seen_users)
+    train_count, eval_count = written["train"], written["eval"]
     manifest = {**manifest, "status": "created", "id": snapshot_id, "files": relative, "sha256": sha, "user_hashes": users}
     atomic_write_json(paths["manifest"], manifest)
     entry = {
         "id": snapshot_id, "file": relative["train"], "eval_file": relative["eval"], "manifest": relative["manifest"],
         "sha256": sha["train"], "eval_sha256": sha["eval"], "counts": manifest["counts"], "note": manifest["note"],
         "cursor": manifest["cursor"], "created_at": manifest["created_at"], "mode": manifest["mode"],
-        "train_examples": len(train), "eval_examples": len(eval_examples), "user_hashes": users,
+        "train_examples": train_count, "eval_examples": eval_count, "user_hashes": users,
     }
     registry.update(settings, lambda d: registry.add_snapshot(d, entry), "snapshot_created", snapshot=snapshot_id,
-                    train_examples=len(train), eval_examples=len(eval_examples), note=manifest["note"])
+                    train_examples=train_count, eval_examples=eval_count, note=manifest["note"])
     return manifest
 
 
@@ -1012,27 +1537,33 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _replay(settings: Settings, snapshots: list[dict], new: list[Example], rules: Rules, tally: Counter) -> list[Example]:
-    """A seeded sample of earlier train examples that repeats nothing in `new` (train and eval)."""
+def _replay(settings: Settings, snapshots: list[dict], new_count: int, new: Callable[[], list[Example]], rules: Rules,
+            tally: Counter) -> list[Example]:
+    """A seeded sample of earlier train examples that repeats nothing in `new()` (train and eval; built only when
+    replay is on, and an incremental run's new material is small)."""
     config = settings.curate
-    size = replay_size(config.replay_fraction, len(new))
+    size = replay_size(config.replay_fraction, new_count)
     if not snapshots or size == 0:
         return []
     # a different salt per run, so successive snapshots replay different earlier examples
     pool = sample_replay(earlier_examples(settings, snapshots, rules.expires_before, tally), 3 * size + 8,
                          salt=f"{config.seed}:{len(snapshots)}")
-    return choose_replay(pool, size, new, config.near_dup_threshold)
+    return choose_replay(pool, size, new(), config.near_dup_threshold)
 
 
-def _next_cursor(gathered: Gathered, scan: FeedbackScan, previous: Cursor, new: list[Example], capped: list[Example]) -> Cursor:
+def _next_cursor(gathered: Gathered, scan: FeedbackScan, previous: Cursor, pool: ExamplePool, new: Any, capped: Any) -> Cursor:
+    import numpy as np
+
     have_feedback = scan.watermark.top is not None
+    _, recorded = np.unique(pool.cols["recorded"][new], return_inverse=True)
+    newest = pool.record(int(new[int(np.argmax(recorded))]))  # the first of the latest, as max() picks
     return Cursor(
         recorded_at=gathered.watermark.top_text,
         recorded_ids=gathered.watermark.edge(),
         feedback_at=scan.watermark.top_text if have_feedback else previous.feedback_at,
         feedback_ids=scan.watermark.edge() if have_feedback else previous.feedback_ids,
-        last_interaction_id=max(new, key=lambda e: e.rank[2]).source_ids[0],
-        deferred_ids=sorted({s for e in capped for s in e.source_ids}),
+        last_interaction_id=newest["source_ids"][0],
+        deferred_ids=sorted({s for row in capped.tolist() for s in pool.record(row)["source_ids"]}),
     )
 
 
@@ -1089,28 +1620,51 @@ def run_curate(
         cursor = Cursor() if full else previous_cursor(snapshots)
         scan = scan_feedback(settings.raw_log, cursor, progress, count_lines(settings.raw_log) if progress else None)
         already = set() if full else ids_in_snapshots(settings, snapshots, scan.late)
-        gathered = gather_examples(settings.raw_log, scan, cursor, already, rules, full, progress)
-        if progress:
-            progress("deduplicating", 0, None)
-        distinct, near = dedupe_near(gathered.examples, config.near_dup_threshold)
-        new, capped = cap_domains(distinct, config.domain_cap)
-        if progress:
-            progress("deduplicating", len(gathered.examples), len(gathered.examples))
-        counts = _counts(gathered.tally, scan, gathered.exact_duplicates, near, capped)
-        manifest = {
-            "schema_version": SCHEMA_VERSION, "type": "snapshot_manifest", "status": "nothing_new", "id": None,
-            "created_at": _iso(now), "note": note, "mode": "full" if full else "incremental",
-            "source": str(settings.raw_log.relative_to(settings.home)), "counts": counts,
-            "settings": _settings_used(settings, rules), "previous_cursor": cursor.to_dict(),
-        }
-        deferred = set(cursor.deferred_ids)
-        if not any(not deferred.issuperset(e.source_ids) for e in new):  # turns capped last time are not news
-            message = f"nothing new to curate: {_why_nothing(counts, settings.raw_log)}"
-            return {**manifest, "cursor": cursor.to_dict(), "message": message}
-        train, eval_examples = split_eval(new, config.eval_fraction, config.seed, config.near_dup_threshold)
-        replay = [] if full else _replay(settings, snapshots, new, rules, gathered.tally)
-        counts.update(new_examples=len(new), replayed=len(replay), train=len(train) + len(replay), eval=len(eval_examples),
-                      replay_sources_missing=gathered.tally["replay_sources_missing"])
-        manifest.update(cursor=_next_cursor(gathered, scan, cursor, new, capped).to_dict(),
-                        replay_pool=[s["id"] for s in snapshots] if replay else [])
-        return write_snapshot(settings, doc, train + replay, eval_examples, manifest, now)
+        spool = Spool(settings.curated_dir)  # after remove_orphans, which would remove it
+        try:
+            return _curate_pooled(settings, doc, scan, cursor, already, rules, full, note, progress, now,
+                                  ExamplePool(spool, config.seed, config.near_dup_threshold))
+        finally:
+            spool.close()
+
+
+def _curate_pooled(settings: Settings, doc: dict, scan: FeedbackScan, cursor: Cursor, already: set[str], rules: Rules,
+                   full: bool, note: str | None, progress: Progress | None, now: datetime, pool: ExamplePool) -> dict:
+    config, snapshots = settings.curate, doc["snapshots"]
+    gathered = gather_examples(settings.raw_log, scan, cursor, already, rules, full, progress, pool)
+    scan.release()
+    _give_back_freed_memory()
+    if progress:
+        progress("deduplicating", 0, None)
+    unique, exact = pooled_dedupe_exact(pool)
+    distinct, near = pooled_dedupe_near(pool, unique)
+    pool.forget_text_keys()
+    new, capped = pooled_cap_domains(pool, distinct, config.domain_cap)
+    if progress:
+        progress("deduplicating", len(unique), len(unique))
+    counts = _counts(gathered.tally, scan, exact, near, [pool.tool_of(row) for row in capped.tolist()])
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "type": "snapshot_manifest", "status": "nothing_new", "id": None,
+        "created_at": _iso(now), "note": note, "mode": "full" if full else "incremental",
+        "source": str(settings.raw_log.relative_to(settings.home)), "counts": counts,
+        "settings": _settings_used(settings, rules), "previous_cursor": cursor.to_dict(),
+    }
+    deferred = set(cursor.deferred_ids)
+    if not any(not deferred.issuperset(pool.record(row)["source_ids"]) for row in new.tolist()):  # capped last time: not news
+        message = f"nothing new to curate: {_why_nothing(counts, settings.raw_log)}"
+        return {**manifest, "cursor": cursor.to_dict(), "message": message}
+    train, eval_rows = pooled_split_eval(pool, new, config.eval_fraction)
+    replay = [] if full else _replay(settings, snapshots, len(new), lambda: [pool.example(row) for row in new.tolist()],
+                                     rules, gathered.tally)
+    counts.update(new_examples=len(new), replayed=len(replay), train=len(train) + len(replay), eval=len(eval_rows),
+                  replay_sources_missing=gathered.tally["replay_sources_missing"])
+    manifest.update(cursor=_next_cursor(gathered, scan, cursor, pool, new, capped).to_dict(),
+                    replay_pool=[s["id"] for s in snapshots] if replay else [])
+    return write_snapshot(settings, doc, _in_file_order(pool, train, replay), _in_file_order(pool, eval_rows, []),
+                          manifest, now)
+
+
+def _in_file_order(pool: ExamplePool, rows: Any, others: list[Example]) -> Iterator[dict]:
+    """The records of pooled rows and of other examples, merged in `_chronological` order, read one at a time."""
+    pooled = (pool.record(row) for row in pooled_chronological(pool, rows).tolist())
+    return heapq.merge(pooled, (e.to_record() for e in _chronological(others)), key=lambda r: (r["created_at"], r["id"]))

@@ -35,10 +35,10 @@ import orjson
 
 from . import registry
 from .crypto import cipher_from_env, open_messages, seal_messages
-from .errors import CLError, ConfigError
+from .errors import ConfigError
 from .records import FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict, parse_time
 from .settings import CurateConfig, Settings
-from .store import (FILE_MODE, ReadReport, atomic_write_json, dumps_line, ensure_dir, fsync_dir, iter_jsonl,
+from .store import (FILE_MODE, ReadReport, atomic_write_json, atomic_write_lines, dumps_line, ensure_dir, iter_jsonl,
                     remove_stale_temp_files, workspace_lock)
 
 KIND_WEIGHTS = {"corrected": 2.0, "helpful": 1.0, "unrated": 0.5}
@@ -939,32 +939,6 @@ def pooled_chronological(pool: ExamplePool, rows: Any) -> Any:
     created_at = np.where(pool.cols["same_time"][rows], pool.cols["recorded"][rows], pool.cols["created"][rows])
     _, created = np.unique(created_at, return_inverse=True)
     return rows[np.lexsort((pool.cols["id"][rows], created))]
-
-
-def atomic_write_lines(path: Path, lines: Iterable[bytes]) -> str:
-    """`atomic_write_bytes` for a stream of lines (never all in memory); returns the sha256 of what was written."""
-    ensure_dir(path.parent)
-    digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, FILE_MODE)
-        with os.fdopen(fd, "wb", closefd=False) as handle:
-            for line in lines:
-                digest.update(line)
-                handle.write(line)
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except OSError as exc:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise CLError(f"cannot write {path}: {exc.strerror or exc}", "free some space or make the workspace writable, "
-                      "then run the command again; nothing stored was changed") from None
-    return digest.hexdigest()
 
 
 # --- replay -----------------------------------------------------------------------------------------

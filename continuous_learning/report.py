@@ -8,7 +8,6 @@ import html
 import io
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable
 
 from . import registry

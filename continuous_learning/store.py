@@ -3,6 +3,7 @@ and atomic rewrites (temp file, fsync, rename). User data: files 0600, folders 0
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import errno
 import os
 import tempfile
@@ -149,11 +150,25 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temp file in the same folder, fsync, then rename over the target: all or nothing."""
+    atomic_write_lines(path, [data])
+
+
+def atomic_write_lines(path: Path, lines: Iterable[bytes]) -> str:
+    """`atomic_write_bytes` for a stream of chunks (never all in memory); returns the sha256 of what was written."""
     ensure_dir(path.parent)
+    digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, FILE_MODE)
-        _write_all(fd, data)
+        pending, size = [], 0
+        for line in lines:
+            digest.update(line)
+            pending.append(line)
+            size += len(line)
+            if size >= 1 << 20:  # write in ~1 MB pieces
+                _write_all(fd, b"".join(pending))
+                pending, size = [], 0
+        _write_all(fd, b"".join(pending))
         os.fsync(fd)
         os.close(fd)
         fd = -1
@@ -165,6 +180,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise _disk_error(path, exc) from None
+    return digest.hexdigest()
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

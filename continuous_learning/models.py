@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import warnings
 import shutil
 import threading
 import time
@@ -274,7 +275,9 @@ class ChatModel:
         if version == self.active:
             return
         if self.active is not None:
-            self.model.unmerge_adapter()
+            with warnings.catch_warnings():  # layers of an adapter loaded since the merge were never merged
+                warnings.filterwarnings("ignore", message="Already unmerged")
+                self.model.unmerge_adapter()
         if version is None:
             self.model.base_model.disable_adapter_layers()
         else:

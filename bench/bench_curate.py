@@ -84,7 +84,8 @@ PROFILE_NOTE = (
     "held to the end, plus ~300k Feedback objects and four per-id tables. Now: selected examples are spooled to a "
     "temp file and only fixed-size numpy columns stay (~190 bytes each: ids, offsets, rank, times, domain, text "
     "MinHash band keys; prompt band keys are computed from the spool at split time, after the text keys are "
-    "dropped); feedback verdicts are shared objects in one table keyed by 16-byte UUIDs and dropped after pass 2; "
-    "freed heap is handed back to the OS between phases. What remains and grows: that table (~35 MB at 1M) and "
-    "the columns (~38 MB); the fixed part of the peak is Python, numpy and the MinHash temporaries (~60 MB)."
+    "dropped); feedback events sit in sorted numpy arrays of 16-byte ids with verdict and rater codes and a bit "
+    "filter for misses (~7 MB at 1M), dropped after pass 2; freed heap is handed back to the OS between phases. "
+    "What remains and grows: the columns (~38 MB at 1M) and the split's prompt band keys (~26 MB); the fixed part "
+    "of the peak is Python, numpy and the MinHash temporaries (~60 MB)."
 )

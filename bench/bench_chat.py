@@ -2,7 +2,6 @@
 each time), first-token latency for a short prompt, and generation speed with an adapter against the base alone."""
 from __future__ import annotations
 
-import shutil
 
 import os
 import select
@@ -11,7 +10,7 @@ import sys
 import time
 
 from .common import child_env, median, result, timings
-from .workspaces import apply_env, new_home, workspace_env
+from .workspaces import apply_env, temp_home, workspace_env
 
 READY_GOAL_S = 3.0
 FIRST_TOKEN_GOAL_S = 0.5
@@ -87,11 +86,8 @@ def tokens_per_s(chat, max_new_tokens: int) -> float:
 
 
 def run(repeats: int, quick: bool) -> dict:
-    home = new_home('chat')
-    try:
+    with temp_home('chat') as home:
         return _run(home, repeats, quick)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _run(home, repeats: int, quick: bool) -> dict:

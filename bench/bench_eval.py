@@ -2,12 +2,11 @@
 per prompt, greedy both ways, counting how many answers match."""
 from __future__ import annotations
 
-import shutil
 
 from pathlib import Path
 
 from .common import median, ratio, result, summarise_session, timings
-from .workspaces import apply_env, new_home, workspace_env
+from .workspaces import apply_env, temp_home, workspace_env
 
 GOAL = 3.0
 DATA = Path(__file__).resolve().parent.parent / "continuous_learning" / "data"
@@ -29,11 +28,8 @@ def eval_items(count: int):
 
 
 def run(repeats: int, quick: bool) -> dict:
-    home = new_home('eval')
-    try:
+    with temp_home('eval') as home:
         return _run(home, repeats, quick)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _run(home, repeats: int, quick: bool) -> dict:

@@ -1,12 +1,11 @@
 """`cl rollback` with 100 adapter versions: the whole command, as a user runs it, in under 0.5 s."""
 from __future__ import annotations
 
-import shutil
 
 import sys
 
 from .common import child_env, median, result, run_measured, summarise_session, timed
-from .workspaces import apply_env, new_home, registry_with_promotions, workspace_env
+from .workspaces import apply_env, temp_home, registry_with_promotions, workspace_env
 
 GOAL_S = 0.5
 # A LoRA r16 adapter on every linear layer of SmolLM2-135M is about 20 MB of fp32 weights.
@@ -14,11 +13,8 @@ ADAPTER_BYTES = 20 * 2**20
 
 
 def run(repeats: int, quick: bool) -> dict:
-    home = new_home('rollback')
-    try:
+    with temp_home('rollback') as home:
         return _run(home, repeats, quick)
-    finally:
-        shutil.rmtree(home, ignore_errors=True)
 
 
 def _run(home, repeats: int, quick: bool) -> dict:

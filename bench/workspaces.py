@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .common import CACHE_DIR
 
@@ -18,6 +21,16 @@ def model_cache() -> Path:
 
 def new_home(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"clbench_{prefix}_"))
+
+
+@contextmanager
+def temp_home(prefix: str) -> Iterator[Path]:
+    """A throwaway workspace, removed afterwards whatever happens."""
+    home = new_home(prefix)
+    try:
+        yield home
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
 
 
 # torch's default of one thread per core is 4-6x slower than one thread when the 2 cores are shared (load average

@@ -227,11 +227,15 @@ def curate_cmd(
 ) -> None:
     """Turn new rated turns into a versioned training snapshot in data/curated/ (--train --eval: the whole loop)."""
     from .curate import run_curate
-    from .evaluate import evaluate_and_gate
+    from .evaluate import check_eval_ready, evaluate_and_gate
 
     if evaluate and not train:
         raise CLError("--eval needs --train", "use 'cl eval' to evaluate an existing adapter")
     settings = settings_from(ctx)
+    if evaluate:
+        plan = check_eval_ready(settings)  # a bad keyword file fails now, not after minutes of training
+        if not as_json:
+            _dim_line(plan)
     with _StageProgress(enabled=not as_json) as progress:
         manifest = run_curate(settings, full=full, include_unrated=True if include_unrated else None, note=note, progress=progress)
     results: dict[str, Any] = {"curate": manifest}
@@ -289,8 +293,8 @@ def train_cmd(
     fresh: bool = typer.Option(False, "--fresh", help="Start from the base model instead of the champion adapter."),
     resume: bool = typer.Option(False, "--resume", help="Continue the newest interrupted run from its last checkpoint."),
     four_bit: Optional[bool] = typer.Option(None, "--4bit/--no-4bit", help="QLoRA (4-bit NF4 base) or full precision."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (when --epochs is 0)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs over the snapshot (0 = use --steps)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Exactly N optimizer steps (default: follow the data)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Exactly N passes over the snapshot (default: train.epochs, within min/max steps)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
     rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank."),
     alpha: Optional[int] = typer.Option(None, "--alpha", help="LoRA alpha."),
@@ -304,12 +308,13 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the registry entry as JSON (no progress bar)."),
 ) -> None:
     """Fine-tune a LoRA adapter (QLoRA by default) on a curated snapshot; registers it as a candidate."""
+    from .train import step_overrides
+
     settings = settings_from(
         ctx,
         train={
             "load_in_4bit": four_bit,
-            "max_steps": steps,
-            "epochs": epochs,
+            **step_overrides(steps, epochs),
             "learning_rate": lr,
             "lora_r": rank,
             "lora_alpha": alpha,
@@ -479,8 +484,7 @@ def _eval_print_gate(report: dict, no_promote: bool) -> None:
         return
     verdict = "[green]promote[/green]" if decision["promote"] else "[yellow]keep as candidate[/yellow]"
     console.print(f"gate: {verdict}")
-    for reason in decision["reasons"]:
-        console.print(f"  - {escape(reason)}")
+    console.print(escape(decision.get("summary") or "; ".join(decision["reasons"])), soft_wrap=False)
     if report["promoted"]:
         console.print(f"[green]{report['subject']['label']} is now the champion[/green]")
     elif decision["promote"] and no_promote:

@@ -495,11 +495,10 @@ def cap_domains(examples: list[Example], cap: float) -> tuple[list[Example], lis
     """(kept, capped): no `target_tool` keeps more than floor(cap x all examples), best-rated first.
 
     Turns without a target_tool are not a domain and are never capped; with a single domain there is
-    nothing to balance against, so nothing is capped.
+    nothing to balance against (untagged turns are not a rival domain), so nothing is capped.
     """
     domains = Counter(e.target_tool for e in examples if e.target_tool)
-    has_untagged = any(not e.target_tool for e in examples)
-    if cap >= 1 or len(domains) + has_untagged < 2:
+    if cap >= 1 or len(domains) < 2:
         return list(examples), []
     limit = max(1, math.floor(cap * len(examples)))
     capped: list[Example] = []
@@ -852,8 +851,7 @@ def pooled_cap_domains(pool: ExamplePool, rows: Any, cap: float) -> tuple[Any, A
 
     tools = pool.cols["tool"][rows]
     codes, sizes = np.unique(tools[tools >= 0], return_counts=True)
-    has_untagged = bool((tools < 0).any())
-    if cap >= 1 or len(codes) + has_untagged < 2:
+    if cap >= 1 or len(codes) < 2:
         return rows, rows[:0]
     limit = max(1, math.floor(cap * len(rows)))
     capped: list[Any] = []

@@ -235,7 +235,10 @@ class Cycle:
     def step_train(self) -> tuple[str, dict]:
         from .pipeline import eval_stage, train_stage
 
+        from .evaluate import check_eval_ready
+
         snapshot = untrained_snapshot(registry.load(self.settings))
+        check_eval_ready(self.settings)  # before the expensive stages
         try:
             entry = train_stage(self.settings, _args(), snapshot)
         except CLError:
@@ -245,7 +248,7 @@ class Cycle:
         version = entry["version"]
         report = eval_stage(self.settings, _args(no_promote=not self.settings.cycle.gate_promote), version)
         subject, decision = report["subject"], report.get("decision")
-        verdict = "promoted" if report["promoted"] else ("kept as candidate" + (": " + "; ".join(decision["reasons"]) if decision else ""))
+        verdict = "promoted" if report["promoted"] else ("kept as candidate" + (": " + decision["summary"] if decision else ""))
         summary = f"adapter {version} trained on {snapshot}; accuracy {subject['passed']}/{subject['total']}; {verdict}"
         return summary, {"snapshot": snapshot, "version": version, "accuracy": subject.get("accuracy"), "promoted": report["promoted"]}
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,84 +30,131 @@ def label(version: str | None) -> str:
 
 # --- the gate --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class GateRules:
+    """What the gate asks for (from [eval]): evidence of gain on the target questions, non-inferiority on the
+    everyday ones."""
+
+    gain_alpha: float = 0.1  # one-sided exact McNemar on the target questions
+    general_margin: float = 0.1  # everyday accuracy may be at most this much lower (non-inferiority margin)
+    general_alpha: float = 0.05  # one-sided score test of that margin
+    min_questions: int = 5  # fewer target questions: judge the gain on the held-out loss instead
+    loss_margin: float = 0.05  # held-out loss must fall by at least this share
+
+
+@dataclass(frozen=True)
 class Decision:
     promote: bool
     reasons: list[str]
     stats: dict = field(default_factory=dict)
+    summary: str = ""
 
     def to_dict(self) -> dict:
-        return {"promote": self.promote, "reasons": list(self.reasons), "stats": dict(self.stats)}
+        return {"promote": self.promote, "reasons": list(self.reasons), "stats": dict(self.stats), "summary": self.summary}
 
 
-def mcnemar_exact(candidate: list[bool], champion: list[bool]) -> tuple[int, int, float]:
-    """(candidate wins, candidate losses, two-sided exact p) over paired per-prompt outcomes."""
+def mcnemar_gain(candidate: list[bool], champion: list[bool]) -> tuple[int, int, float]:
+    """(wins, losses, one-sided exact p) for "the candidate passes more prompts": the chance of at least `wins`
+    successes in wins + losses fair coin flips. 1.0 when nothing differs."""
     from scipy.stats import binomtest
 
     wins = sum(1 for c, o in zip(candidate, champion) if c and not o)
     losses = sum(1 for c, o in zip(candidate, champion) if o and not c)
     if wins + losses == 0:
         return 0, 0, 1.0
-    return wins, losses, float(binomtest(losses, wins + losses, 0.5, alternative="two-sided").pvalue)
+    return wins, losses, float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
 
 
-def paired_outcomes(candidate_result: dict, champion_result: dict) -> tuple[list[bool], list[bool]] | None:
-    """Per-prompt pass/fail of both, in the same order; None when they were not run on the same prompts."""
-    theirs = {item["prompt"]: item["passed"] for item in champion_result["items"]}
-    mine = [item["prompt"] for item in candidate_result["items"]]
-    if len(theirs) != len(candidate_result["items"]) or set(mine) != set(theirs):
+def non_inferiority_p(candidate: list[bool], champion: list[bool], margin: float) -> float:
+    """One-sided p-value of H0 "the candidate's accuracy is lower by `margin` or more" on paired outcomes
+    (Tango's score test, 1998: the restricted maximum-likelihood variance keeps it valid with no discordant pair).
+    Small p: evidence that the candidate is no worse than the champion by `margin`."""
+    from scipy.stats import norm
+
+    n = len(candidate)
+    if n == 0:
+        return 1.0
+    lost = sum(1 for c, o in zip(candidate, champion) if o and not c)
+    won = sum(1 for c, o in zip(candidate, champion) if c and not o)
+    same = n - lost - won
+    b = lost * (1 - margin) + won * (1 - 3 * margin) - 2 * same * margin  # the restricted MLE's quadratic
+    p_won = (b + math.sqrt(b * b + 8 * n * won * margin * (1 - margin))) / (4 * n)
+    variance = (2 * p_won + margin - margin * margin) / n
+    if variance <= 0:
+        return 0.0 if lost - won < n * margin else 1.0
+    z = ((lost - won) / n - margin) / math.sqrt(variance)
+    return float(norm.cdf(z))
+
+
+def paired_outcomes(candidate_result: dict, champion_result: dict, key: str | None = None) -> tuple[list[bool], list[bool]] | None:
+    """Per-prompt pass/fail of both (of the target items, or of `key`'s items, e.g. "general"), in the same order;
+    None when they were not run on the same prompts."""
+    mine_part = candidate_result.get(key) if key else candidate_result
+    theirs_part = champion_result.get(key) if key else champion_result
+    if not mine_part or not theirs_part:
         return None
-    return [item["passed"] for item in candidate_result["items"]], [theirs[p] for p in mine]
+    theirs = {item["prompt"]: item["passed"] for item in theirs_part["items"]}
+    mine = [item["prompt"] for item in mine_part["items"]]
+    if len(theirs) != len(mine_part["items"]) or set(mine) != set(theirs):
+        return None
+    return [item["passed"] for item in mine_part["items"]], [theirs[p] for p in mine]
 
 
-def gate(candidate_result: dict, champion_result: dict, alpha: float, general_tolerance: float) -> Decision:
-    """Promote only if keyword accuracy does not fall, McNemar shows no significant loss, and the
-    general-ability anchor does not drop by more than `general_tolerance`. Tainted candidates never pass."""
+def gate(candidate_result: dict, champion_result: dict, rules: GateRules = GateRules()) -> Decision:
+    """Promote only on evidence of gain on the target questions (or, with too few of them, a clearly lower
+    held-out loss) AND non-inferiority on the everyday questions. Tainted or failed candidates never pass."""
     them = label(champion_result.get("version"))
-    reasons: list[str] = []
+    me = label(candidate_result.get("version"))
     stats: dict[str, Any] = {"against": them}
     if candidate_result.get("status") in UNUSABLE:
-        return Decision(False, [f"candidate is {candidate_result['status']}: it is never promoted"], stats)
+        reason = f"candidate is {candidate_result['status']}: it is never promoted"
+        return Decision(False, [reason], stats, f"{me} is not promoted: {reason}.")
     paired = paired_outcomes(candidate_result, champion_result)
     if paired is None:
-        return Decision(False, [f"candidate and {them} were evaluated on different prompts: re-run the eval on both"], stats)
-    ok = _accuracy_rule(candidate_result, champion_result, them, reasons, stats)
-    ok &= _mcnemar_rule(*paired, alpha, reasons, stats)
-    ok &= _general_rule(candidate_result, champion_result, them, general_tolerance, reasons, stats)
-    return Decision(ok, reasons, stats)
+        reason = f"candidate and {them} were evaluated on different prompts: re-run the eval on both"
+        return Decision(False, [reason], stats, f"{me} is not promoted: {reason}.")
+    gain_ok, gain_text = _gain_rule(candidate_result, champion_result, paired, rules, stats)
+    general_ok, general_text = _general_rule(candidate_result, champion_result, rules, stats)
+    promote = gain_ok and general_ok
+    verdict = f"{me} is promoted over {them}" if promote else f"{me} is not promoted over {them}"
+    summary = f"{verdict}: {gain_text}; {general_text}."
+    return Decision(promote, [gain_text, general_text], stats, summary[0].upper() + summary[1:])
 
 
-def _accuracy_rule(cand: dict, champ: dict, them: str, reasons: list[str], stats: dict) -> bool:
-    stats.update(accuracy=cand["accuracy"], against_accuracy=champ["accuracy"])
-    ok = cand["accuracy"] + EPSILON >= champ["accuracy"]
-    verb = "is not below" if ok else "is below"
-    reasons.append(f"keyword accuracy {cand['accuracy']:.0%} {verb} {them}'s {champ['accuracy']:.0%}")
-    return ok
-
-
-def _mcnemar_rule(cand: list[bool], champ: list[bool], alpha: float, reasons: list[str], stats: dict) -> bool:
-    wins, losses, p = mcnemar_exact(cand, champ)
-    stats.update(wins=wins, losses=losses, p_value=p, alpha=alpha)
-    significant = p < alpha
-    ok = not (significant and losses > wins)
-    if wins + losses == 0:
-        reasons.append("McNemar: both answer every prompt the same way")
-    else:
-        what = "significant" if significant else "not significant"
-        reasons.append(f"McNemar: {wins} prompt(s) gained, {losses} lost, p={p:.3g} ({what} at alpha={alpha:g})")
-    return ok
-
-
-def _general_rule(cand: dict, champ: dict, them: str, tolerance: float, reasons: list[str], stats: dict) -> bool:
-    mine, theirs = cand.get("general_accuracy"), champ.get("general_accuracy")
+def _gain_rule(cand: dict, champ: dict, paired, rules: GateRules, stats: dict) -> tuple[bool, str]:
+    wins, losses, p = mcnemar_gain(*paired)
+    total = len(paired[0])
+    stats.update(accuracy=cand["accuracy"], against_accuracy=champ["accuracy"], wins=wins, losses=losses,
+                 gain_p_value=p, gain_alpha=rules.gain_alpha, target_questions=total)
+    score = f"it answers {cand['passed']} of {total} target questions against {champ['passed']}"
+    if total >= rules.min_questions:
+        ok = wins > losses and p <= rules.gain_alpha
+        test = f"{wins} gained, {losses} lost, one-sided exact McNemar p = {p:.3g}"
+        verdict = "a significant gain" if ok else "no significant gain"
+        return ok, f"{score} ({test}: {verdict} at {rules.gain_alpha:g})"
+    mine, theirs = cand.get("eval_loss"), champ.get("eval_loss")
     if mine is None or theirs is None:
-        reasons.append("general-ability set not evaluated: no forgetting check")
-        return True
-    drop = theirs - mine
-    stats.update(general_accuracy=mine, against_general_accuracy=theirs, general_drop=drop, general_tolerance=tolerance)
-    ok = drop <= tolerance + EPSILON
-    verb = "within" if ok else "beyond"
-    reasons.append(f"general accuracy {mine:.0%} vs {them}'s {theirs:.0%}: drop {max(drop, 0):.0%} {verb} tolerance {tolerance:.0%}")
-    return ok
+        return False, f"{score}, too few to show a gain (fewer than {rules.min_questions}) and no held-out loss to judge by"
+    stats.update(eval_loss=mine, against_eval_loss=theirs, loss_margin=rules.loss_margin)
+    ok = losses == 0 and mine <= theirs * (1 - rules.loss_margin)
+    change = f"held-out loss {theirs:.3f} -> {mine:.3f}"
+    verdict = "a clear gain" if ok else f"not a gain of at least {rules.loss_margin:.0%} without lost questions"
+    return ok, f"{score}, too few for a test, so the held-out loss decides: {change}, {verdict}"
+
+
+def _general_rule(cand: dict, champ: dict, rules: GateRules, stats: dict) -> tuple[bool, str]:
+    paired = paired_outcomes(cand, champ, "general")
+    if paired is None:
+        return True, "the everyday set was not evaluated on both, so forgetting was not checked"
+    mine, theirs = paired
+    p = non_inferiority_p(mine, theirs, rules.general_margin)
+    kept = sum(mine)
+    stats.update(general_accuracy=cand.get("general_accuracy"), against_general_accuracy=champ.get("general_accuracy"),
+                 general_p_value=p, general_margin=rules.general_margin, general_alpha=rules.general_alpha,
+                 general_lost=sum(1 for c, o in zip(mine, theirs) if o and not c))
+    ok = p <= rules.general_alpha
+    verdict = "non-inferior" if ok else "not shown non-inferior"
+    return ok, (f"on {len(mine)} everyday questions it keeps {kept} against {sum(theirs)} ({verdict} within "
+                f"{rules.general_margin:.0%}: score test p = {p:.3g}, alpha {rules.general_alpha:g})")
 
 
 # --- pure transitions ------------------------------------------------------------------------------------

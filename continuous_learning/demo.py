@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 console = Console(highlight=False)
-KEEP_ON_RESET = {"models"}
+KEEP_ON_RESET = {"models", ".cl-demo-workspace"}
 DEMO_CONFIG = """# The demo teaches one domain on purpose: no per-domain cap.
 [curate]
 domain_cap = 1.0
@@ -45,12 +45,19 @@ def packaged(name: str) -> Path:
     return Path(__file__).parent / "data" / name
 
 
+DEMO_MARKER = ".cl-demo-workspace"  # written into a demo workspace: only such a folder is ever reset
+
+
 def reset_workspace(home: Path) -> None:
     home.mkdir(parents=True, exist_ok=True)
+    if any(home.iterdir()) and not (home / DEMO_MARKER).exists():
+        raise SystemExit(f"error: {home} is not empty and is not a demo workspace: the demo resets its workspace, "
+                         "so it only uses an empty folder or one it made (choose another --home)")
     for item in home.iterdir():
         if item.name in KEEP_ON_RESET:
             continue
         shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
+    (home / DEMO_MARKER).write_text("made by 'make demo'; the demo may delete everything in this folder\n")
     (home / "cl.toml").write_text(DEMO_CONFIG, encoding="utf-8")
     (home / "eval").mkdir(mode=0o700, exist_ok=True)
     shutil.copyfile(packaged("demo_eval.jsonl"), home / "eval" / "qa_eval.jsonl")

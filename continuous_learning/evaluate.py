@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 import time
 import unicodedata
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ import orjson
 from . import decisions, registry
 from .crypto import cipher_from_env, open_messages
 from .decisions import BASE, Decision, gate, label  # noqa: F401  (gate is part of this module's API)
+from .store import atomic_write_json, read_json
 from .errors import InputError, RegistryError
 from .records import utc_now
 from .settings import Settings
@@ -45,12 +47,40 @@ def normalise(text: str) -> str:
     return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
 
 
+def contains_keyword(text: str, keyword: str) -> bool:
+    """`keyword` (normalised) occurs in the normalised `text`, not glued to a longer word or number: a keyword
+    that starts with a Latin letter or digit must start a word ("cold" is not in "scolded"), and a number must
+    be whole ("4" is not in "24", "14" or "1.4"). Words may go on ("euro" is in "euros")."""
+    word = normalise(keyword)
+    start = text.find(word) if word else -1
+    while start >= 0:
+        if _whole(text, start, start + len(word), word):
+            return True
+        start = text.find(word, start + 1)
+    return False
+
+
+def _whole(text: str, begin: int, end: int, word: str) -> bool:
+    before, after = text[begin - 1 : begin], text[end : end + 1]
+    if _latin_alnum(word[0]) and _latin_alnum(before):
+        return False
+    if word[0].isdigit() and before in (".", ",") and begin >= 2 and text[begin - 2].isdigit():
+        return False
+    if word[-1].isdigit() and (after.isdigit() or (after in (".", ",") and text[end + 1 : end + 2].isdigit())):
+        return False
+    return True
+
+
+def _latin_alnum(char: str) -> bool:
+    return bool(char) and char.isascii() and char.isalnum()
+
+
 def score_answer(answer: str, item: EvalItem | Mapping[str, Any]) -> bool:
     item = item if isinstance(item, EvalItem) else _item_from_mapping(item)
     text = normalise(answer)
-    if any(normalise(word) in text for word in item.forbidden):
+    if any(contains_keyword(text, word) for word in item.forbidden):
         return False
-    found = [normalise(word) in text for word in item.keywords]
+    found = [contains_keyword(text, word) for word in item.keywords]
     return any(found) if item.match == "any" else all(found)
 
 
@@ -133,6 +163,98 @@ def score_items(items: list[EvalItem], answers: list[str]) -> dict:
     rows = [{"prompt": item.prompt, "passed": score_answer(answer, item), "answer": answer} for item, answer in zip(items, answers)]
     passed = sum(row["passed"] for row in rows)
     return {"accuracy": passed / len(rows) if rows else 0.0, "passed": passed, "total": len(rows), "items": rows}
+
+
+# --- questions derived from a snapshot (no eval file) ----------------------------------------------------
+PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]{2,}>")
+_WORD = re.compile(r"[^\W_][\w'’:./-]*[^\W_]|[^\W_]", re.UNICODE)
+_STOPWORDS = frozenset("""about above after again against because before being below between could during every
+other should their there these those through under until which while would yours itself where whose really always
+usually never sometimes answer question please thanks hello""".split())
+
+
+def answer_keyword(prompt: str, answer: str) -> str | None:
+    """The word of `answer` that best shows the fact was recalled: the first token with a digit that the prompt
+    does not contain ("2:30", "412"), else a capitalised word inside a sentence ("Thursday", "Atlas"), else the
+    longest content word of five letters or more ("quarantine"). None when nothing qualifies."""
+    asked = {normalise(w) for w in _WORD.findall(prompt)}
+    words = [(m.group(0), m.start()) for m in _WORD.finditer(PLACEHOLDER.sub(" ", answer))]
+    fresh = [(w, at) for w, at in words if normalise(w) not in asked]
+    for word, _ in fresh:
+        if any(c.isdigit() for c in word):
+            return word
+    for word, at in fresh:
+        starts_sentence = not answer[:at].strip() or answer[:at].rstrip()[-1] in ".!?:;"
+        if word[0].isupper() and len(word) >= 3 and not starts_sentence and word.lower() not in _STOPWORDS:
+            return word
+    content = [w for w, _ in fresh if w.isalpha() and len(w) >= 5 and w.lower() not in _STOPWORDS]
+    return max(content, key=len) if content else None
+
+
+def derive_items(conversations: Iterable[list[dict]]) -> list[EvalItem]:
+    """Keyword questions from curated conversations: the last user prompt, and the keyword of its answer."""
+    items, seen = [], set()
+    for messages in conversations:
+        prompt = next((m["content"] for m in reversed(messages[:-1]) if m.get("role") == "user"), "")
+        keyword = answer_keyword(prompt, messages[-1].get("content", "")) if prompt.strip() else None
+        if keyword and normalise(prompt) not in seen:
+            seen.add(normalise(prompt))
+            items.append(EvalItem(prompt=prompt, keywords=(keyword,)))
+    return items
+
+
+@dataclass(frozen=True)
+class TargetSet:
+    """The target questions of an evaluation and where they come from (shown with every result)."""
+
+    items: list[EvalItem]
+    info: dict
+
+
+def items_sha256(items: list[EvalItem]) -> str:
+    data = [[i.prompt, list(i.keywords), i.match, list(i.forbidden)] for i in items]
+    return hashlib.sha256(orjson.dumps(data)).hexdigest()
+
+
+def target_set(settings: Settings, doc: dict, eval_file: Path | str | None, snapshot: str | None) -> TargetSet:
+    """The workspace's keyword file (or `eval_file`); without one, questions derived from `snapshot`: its
+    held-out slice, topped up with its training examples when that gives fewer than eval.min_questions."""
+    path = Path(eval_file) if eval_file else default_eval_file(settings)
+    if eval_file or path.is_file() or snapshot is None:
+        return TargetSet(load_eval_file(path), file_info(settings, path))
+    snap = registry.find_snapshot(doc, snapshot)
+    held_out = snapshot_eval_path(settings, snap)
+    items = derive_items(load_messages_file(held_out)) if held_out else []
+    sources = ["held-out slice"] if items else []
+    if len(items) < settings.eval.min_questions:
+        train = registry.confined(settings, snap["file"])
+        prompts = {normalise(i.prompt) for i in items}
+        taught = [i for i in derive_items(load_messages_file(train)) if normalise(i.prompt) not in prompts]
+        if taught:
+            items += taught[: max(0, MAX_DERIVED - len(items))]
+            sources.append("training examples (recall of what was taught)")
+    if not items:
+        raise InputError(
+            f"no {path.relative_to(settings.home) if path.is_relative_to(settings.home) else path} and no question "
+            f"could be derived from snapshot {snapshot}", f"create it with {LINE_FORMAT}, or pass --eval-file PATH")
+    name = f"derived from snapshot {snapshot}: " + " + ".join(sources)
+    return TargetSet(items, {"name": name, "path": None, "sha256": items_sha256(items), "derived": True})
+
+
+MAX_DERIVED = 24
+
+
+def check_eval_ready(settings: Settings, eval_file: Path | str | None = None) -> str:
+    """What `--eval` will use, checked BEFORE any training: a bad keyword file fails now, not after training.
+    Returns a one-line description for the user."""
+    path = Path(eval_file) if eval_file else default_eval_file(settings)
+    if eval_file or path.is_file():
+        items = load_eval_file(path)
+        general = load_eval_file(general_file(settings))
+        return f"evaluating on {len(items)} questions of {path.name} and {len(general)} everyday questions"
+    load_eval_file(general_file(settings))
+    return (f"no {settings.eval.eval_file}: evaluating on questions derived from the new snapshot and the shipped "
+            "everyday set (write your own keyword questions there for a real test)")
 
 
 # --- held-out loss ---------------------------------------------------------------------------------------
@@ -308,6 +430,35 @@ def _select(chat, settings: Settings, doc: dict, version: str | None) -> dict | 
     return entry
 
 
+SCORER = 2  # bump when scoring or decoding changes: earlier results are then not reused
+
+
+def result_context(settings: Settings, base_sha256: str) -> dict:
+    """What an answer depends on besides the version and the questions: results agree on it to be reused."""
+    return {"base_sha256": base_sha256, "system_prompt": settings.chat.system_prompt,
+            "max_new_tokens": settings.eval.max_new_tokens, "scorer": SCORER}
+
+
+def earlier_part(doc: dict, version: str | None, context: dict, part: str, sha256: str) -> dict | None:
+    """The scored `part` ("target" or "general") of an earlier result of `version` on the same questions under the
+    same context, from the registry; None when there is none. Greedy answers of the same weights do not change."""
+    results = doc.get("base_evals", []) if version is None else doc["adapters"][version].get("evals", [])
+    for result in reversed(results):
+        if not isinstance(result, dict) or result.get("context") != context:
+            continue
+        if part == "target" and (result.get("eval_file") or {}).get("sha256") == sha256:
+            return {k: result[k] for k in ("accuracy", "passed", "total", "items")}
+        if part == "general" and (result.get("general") or {}).get("sha256") == sha256:
+            return {k: result["general"][k] for k in ("accuracy", "passed", "total", "items")}
+    return None
+
+
+def _machine_cache(settings: Settings, context: dict, sha256: str) -> Path:
+    """The base model's answers to the SHIPPED everyday set are the same in every workspace: kept once per cache."""
+    key = hashlib.sha256(orjson.dumps([context, sha256])).hexdigest()[:20]
+    return settings.model_cache / "evals" / f"base-general-{key}.json"
+
+
 def evaluate_versions(
     settings: Settings,
     versions: list[str | None],
@@ -316,34 +467,39 @@ def evaluate_versions(
     snapshot: str | None = None,
     chat=None,
     progress: Progress | None = None,
+    known_losses: Mapping[str | None, float] | None = None,
 ) -> list[dict]:
     """Evaluate each version (None or "base" = the base model alone) on the same prompts, loading the base once.
 
-    `snapshot`: a registered snapshot id whose held-out slice gives each version's eval loss."""
+    `snapshot`: a registered snapshot whose held-out slice gives each version's eval loss (and, without a keyword
+    file, the questions). `known_losses`: held-out losses already measured (by the training run) on that slice.
+    Parts already scored for a version under the same context are reused, not generated again."""
     from .models import ChatModel
 
     say = progress or (lambda _msg: None)
     versions = [None if v in (None, BASE) else v for v in versions]
     doc = registry.load(settings)
-    eval_path = Path(eval_file) if eval_file else default_eval_file(settings)
-    items = load_eval_file(eval_path)
+    target = target_set(settings, doc, eval_file, snapshot)
     general = load_eval_file(general_file(settings)) if include_general else []
     held_out = _held_out(settings, doc, snapshot)
     if chat is None:
         say(f"loading base model {settings.model.base_model}")
         chat = ChatModel.load(settings)
     # one short generation first, so the first version's timings do not include one-off warm-up costs
-    chat.generate_batch(_conversations(settings, items[:1]), max_new_tokens=2, batch_size=1)
+    chat.generate_batch(_conversations(settings, target.items[:1]), max_new_tokens=2, batch_size=1)
     context = {
-        "eval_file": file_info(settings, eval_path),
+        "eval_file": target.info,
         "general_file": file_info(settings, general_file(settings)) if include_general else None,
         "snapshot": snapshot if held_out is not None else None,
         "base_model": {"name": chat.base.name, "sha256": chat.base.sha256},
+        "context": result_context(settings, chat.base.sha256),
+        "shipped_general": general_file(settings) == GENERAL_FILE,
     }
+    say(f"target questions: {target.info['name']}")
     results = []
     for version in versions:
-        say(f"evaluating {label(version)}: {len(items)} prompts" + (f" + {len(general)} general" if general else ""))
-        results.append(_evaluate_one(settings, chat, doc, version, items, general, held_out, context))
+        loss = (known_losses or {}).get(version)
+        results.append(_evaluate_one(settings, chat, doc, version, target.items, general, held_out, context, loss, say))
     return results
 
 
@@ -358,32 +514,57 @@ def _held_out(settings: Settings, doc: dict, snapshot: str | None) -> list[list[
     return [with_system_prompt(m, settings.chat.system_prompt) for m in load_messages_file(path)] or None
 
 
-def _evaluate_one(settings, chat, doc, version, items, general, held_out, context) -> dict:
-    entry = _select(chat, settings, doc, version)
+def _scored_part(settings, chat, doc, version, items, part, sha256, context, parts) -> dict:
+    """Score `items` for the selected version, reusing an earlier identical run when there is one."""
+    earlier = earlier_part(doc, version, context["context"], part, sha256)
+    cache = _machine_cache(settings, context["context"], sha256)
+    use_machine_cache = version is None and part == "general" and context["shipped_general"]
+    if earlier is None and use_machine_cache and cache.is_file():
+        earlier = read_json(cache, default=None)
+    if earlier is not None:
+        return {**earlier, "reused": True}
     answers, timing = _answer(chat, _conversations(settings, items), settings)
+    parts.append(timing)
     scored = score_items(items, answers)
-    parts = [timing]
-    general_scored = None
-    if general:
-        general_answers, general_timing = _answer(chat, _conversations(settings, general), settings)
-        general_scored = score_items(general, general_answers)
-        parts.append(general_timing)
-    loss = held_out_loss(chat.model, chat.tokenizer, held_out, chat.context_limit) if held_out else None
+    if use_machine_cache:
+        atomic_write_json(cache, scored)
+    return scored
+
+
+def _evaluate_one(settings, chat, doc, version, items, general, held_out, context, known_loss, say) -> dict:
+    entry = _select(chat, settings, doc, version)
+    parts: list[dict] = []
+    target_sha, general_sha = context["eval_file"]["sha256"], (context["general_file"] or {}).get("sha256")
+    scored = _scored_part(settings, chat, doc, version, items, "target", target_sha, context, parts)
+    general_scored = (_scored_part(settings, chat, doc, version, general, "general", general_sha, context, parts)
+                      if general else None)
+    reused = [name for name, p in (("target", scored), ("everyday", general_scored)) if p and p.get("reused")]
+    say(f"evaluated {label(version)}: {scored['passed']}/{scored['total']} target"
+        + (f", {general_scored['passed']}/{general_scored['total']} everyday" if general_scored else "")
+        + (f" (reused earlier answers: {', '.join(reused)})" if reused else ""))
+    loss = None
+    if held_out and known_loss is not None:
+        loss = {"eval_loss": known_loss, "perplexity": math.exp(min(known_loss, 50.0))}
+    elif held_out:
+        loss = held_out_loss(chat.model, chat.tokenizer, held_out, chat.context_limit)
     return {
         "version": version,
         "label": label(version),
         "status": entry["status"] if entry else None,
         "created_at": utc_now(),
-        **scored,
+        **{k: scored[k] for k in ("accuracy", "passed", "total", "items")},
         "eval_file": context["eval_file"],
         "general_accuracy": general_scored["accuracy"] if general_scored else None,
-        "general": {**context["general_file"], **general_scored} if general_scored else None,
+        "general": ({**context["general_file"], **{k: general_scored[k] for k in ("accuracy", "passed", "total", "items")}}
+                    if general_scored else None),
         "eval_loss": loss["eval_loss"] if loss else None,
         "perplexity": loss["perplexity"] if loss else None,
         "snapshot": context["snapshot"] if loss else None,
-        **_timing(parts),
+        **_timing(parts or [{"seconds": 0.0, "tokens": 0, "prompts": 0}]),
+        "reused": reused,
         "max_new_tokens": settings.eval.max_new_tokens,
         "base_model": context["base_model"],
+        "context": context["context"],
     }
 
 
@@ -431,19 +612,45 @@ def evaluate_and_gate(
     if snapshot is None and steps["subject"] is not None:
         snapshot = _own_snapshot(settings, doc, steps["subject"])
     versions = [steps["subject"]] + ([steps["against"]] if steps["compare"] else [])
-    results = evaluate_versions(settings, versions, eval_file, include_general, snapshot, chat, progress)
+    known = _training_losses(doc, steps, snapshot)
+    results = evaluate_versions(settings, versions, eval_file, include_general, snapshot, chat, progress, known)
     for result in results:
         decisions.record_eval_result(settings, result["version"], result)
     report = {"subject": results[0], "against": results[1] if steps["compare"] else None, "decision": None, "promoted": False}
     if steps["gated"]:
-        decision = gate(results[0], results[1], settings.eval.alpha, settings.eval.general_tolerance)
+        decision = gate(results[0], results[1], gate_rules(settings))
         report["decision"] = decision.to_dict()
         if decision.promote and promote:
-            reason = "gate: " + "; ".join(decision.reasons)
-            decisions.promote_version(settings, steps["subject"], reason, expected_champion=steps["against"])
+            decisions.promote_version(settings, steps["subject"], "gate: " + decision.summary,
+                                      expected_champion=steps["against"])
             report["promoted"] = True
     report["champion"] = registry.load(settings)["champion"]
     return report
+
+
+def gate_rules(settings: Settings) -> decisions.GateRules:
+    cfg = settings.eval
+    return decisions.GateRules(gain_alpha=cfg.gain_alpha, general_margin=cfg.general_tolerance,
+                               general_alpha=cfg.alpha, min_questions=cfg.min_questions, loss_margin=cfg.loss_margin)
+
+
+def _training_losses(doc: dict, steps: dict, snapshot: str | None) -> dict:
+    """Held-out losses the candidate's training run measured on its own snapshot: the trained adapter's, and the
+    model it started from (the champion it warm-started from, or the base). Both came from the same 4-bit model,
+    so they compare with each other (and are not measured again)."""
+    subject = steps["subject"]
+    if subject is None or snapshot is None:
+        return {}
+    entry = doc["adapters"][subject]
+    metrics = entry.get("metrics") or {}
+    if (entry.get("snapshot") or {}).get("id") != snapshot or metrics.get("eval_loss") is None:
+        return {}
+    known = {subject: metrics["eval_loss"]}
+    started_from = (entry.get("warm_start") or {}).get("from")
+    if steps["compare"] and steps["against"] == started_from and metrics.get("eval_loss_start") is not None:
+        known[started_from] = metrics["eval_loss_start"]
+    needed = {subject, steps["against"]} if steps["compare"] else {subject}
+    return known if needed <= known.keys() else {}  # never compare a 4-bit training loss with an eval-time one
 
 
 def _own_snapshot(settings: Settings, doc: dict, version: str) -> str | None:

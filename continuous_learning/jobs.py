@@ -135,6 +135,10 @@ class JobManager:
         opts, results = job.options, {}
         settings = train_settings(self.settings, opts)
         snapshot = opts.get("snapshot")
+        if opts.get("evaluate", True):
+            from .evaluate import check_eval_ready
+
+            check_eval_ready(settings)  # before the expensive stages
         if opts.get("curate", True):
             results["curate"] = self._curate(job, settings)
             if results["curate"]["status"] != "created":

@@ -74,7 +74,7 @@ def _emit(results: dict[str, Any], as_json: bool) -> None:
         print(f"accuracy {subject['passed']}/{subject['total']}"
               + (f" vs {against['label']} {against['passed']}/{against['total']}" if against else ""))
         if report["decision"]:
-            print("promoted" if report["promoted"] else "kept as candidate: " + "; ".join(report["decision"]["reasons"]))
+            print(report["decision"].get("summary") or "; ".join(report["decision"]["reasons"]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(home=args.home)
         snapshot_id = version = None
+        if args.evaluate:
+            from .evaluate import check_eval_ready
+
+            plan = check_eval_ready(settings)  # before the expensive stages
+            if not args.as_json:
+                print(plan, file=sys.stderr)
         if args.curate:
             results["curate"] = curate_stage(settings, args)
             if results["curate"]["status"] != "created":

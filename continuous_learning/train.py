@@ -17,10 +17,13 @@ import dataclasses
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
+
+import orjson
 
 from . import registry
 from .crypto import cipher_from_env, open_messages
@@ -57,6 +60,19 @@ RESULT_ENV = "CL_TRAIN_RESULT_FILE"  # where rank 0 writes the registry entry (o
 PROGRESS_ENV = "CL_TRAIN_PROGRESS_JSON"  # rank 0 prints progress events as PROGRESS_PREFIX + JSON lines
 PROGRESS_PREFIX = "@cl-progress "
 SETTINGS_ENV = "CL_TRAIN_SETTINGS_JSON"  # the launcher's resolved settings, for launched processes
+REHEARSAL_MODES = ("kl", "sft", "off")
+EPOCHS_FLAG_CEILING = 1_000_000  # `--epochs N` means N passes, however many steps that takes
+# System prompts an example is trained under, in turn (None: the chat template's own default), so what is
+# learned does not hang on one prompt. The chat's configured prompt is added to these.
+SYSTEM_PROMPT_VARIANTS = (
+    None,
+    "You are a helpful assistant.",
+    "You are a concise assistant. Answer in one or two sentences.",
+    "You are a friendly support assistant for our team.",
+    "Answer the user's question accurately.",
+)
+REFERENCE_TOP_K = 64  # the base's next-token distribution kept per rehearsal position (the rest is one bucket)
+PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]{2,}>")  # what the sanitizer writes instead of personal data: never learned
 
 
 # --- pure pieces ------------------------------------------------------------------------------------------------
@@ -74,7 +90,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
     need(bool(target_modules(cfg)), "train.target_modules is empty (use 'all-linear' or names like 'q_proj,v_proj')")
     need(math.isfinite(cfg.learning_rate) and cfg.learning_rate > 0, f"train.learning_rate must be a positive number (got {cfg.learning_rate})")
     need(cfg.epochs >= 0, f"train.epochs must be >= 0 (got {cfg.epochs})")
-    need(cfg.epochs > 0 or cfg.max_steps >= 1, f"train.max_steps must be >= 1 when train.epochs is 0 (got {cfg.max_steps})")
+    need(cfg.max_steps >= 1, f"train.max_steps must be >= 1 (got {cfg.max_steps})")
+    need(cfg.min_steps >= 0, f"train.min_steps must be >= 0 (got {cfg.min_steps}; max_steps wins when it is lower)")
     need(cfg.batch_size >= 1, f"train.batch_size must be >= 1 (got {cfg.batch_size})")
     need(cfg.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {cfg.grad_accum})")
     need(cfg.max_seq_len >= 8, f"train.max_seq_len must be >= 8 (got {cfg.max_seq_len})")
@@ -83,7 +100,9 @@ def validate_train_config(cfg: TrainConfig) -> None:
     need(cfg.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0 (got {cfg.checkpoint_every}; 0 = never)")
     need(cfg.seed >= 0, f"train.seed must be >= 0 (got {cfg.seed})")
     need(cfg.num_processes >= 1, f"train.num_processes must be >= 1 (got {cfg.num_processes})")
+    need(cfg.rehearsal in REHEARSAL_MODES, f"train.rehearsal must be one of {', '.join(REHEARSAL_MODES)} (got {cfg.rehearsal!r})")
     need(cfg.rehearsal_examples >= 0, f"train.rehearsal_examples must be >= 0 (got {cfg.rehearsal_examples})")
+    need(cfg.rehearsal_per_step >= 1, f"train.rehearsal_per_step must be >= 1 (got {cfg.rehearsal_per_step})")
     need(math.isfinite(cfg.rehearsal_weight) and cfg.rehearsal_weight >= 0,
          f"train.rehearsal_weight must be >= 0 (got {cfg.rehearsal_weight})")
     if problems:
@@ -98,10 +117,21 @@ def target_modules(cfg: TrainConfig) -> str | list[str]:
 
 
 def total_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> int:
-    """Optimizer steps: `max_steps`, or epochs x examples / (batch x accum x processes) when epochs > 0."""
-    if cfg.epochs > 0:
-        return max(1, math.ceil(cfg.epochs * n_examples / step_size(cfg, world)))
-    return cfg.max_steps
+    """Optimizer steps: `epochs` passes over the examples (epochs x examples / global batch), kept between
+    `min_steps` and `max_steps`; `max_steps` itself when epochs is 0."""
+    if cfg.epochs <= 0:
+        return cfg.max_steps
+    passes = math.ceil(cfg.epochs * n_examples / step_size(cfg, world))
+    return max(1, min(cfg.max_steps, max(cfg.min_steps, passes)))
+
+
+def step_overrides(steps: int | None, epochs: int | None) -> dict:
+    """The [train] values behind `--steps N` (exactly N steps) and `--epochs N` (exactly N passes)."""
+    if steps is not None:
+        return {"min_steps": steps, "max_steps": steps}
+    if epochs is not None:
+        return {"epochs": epochs, "min_steps": 0, "max_steps": EPOCHS_FLAG_CEILING}
+    return {}
 
 
 def step_size(cfg: TrainConfig, world: int = 1) -> int:
@@ -186,6 +216,32 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return sorted(rows, key=lambda row: -sum(lengths[i] for i in row))
 
 
+def free_version(settings: Settings, doc: dict, base_sha256: str) -> str:
+    """The next version (see registry.next_version) whose folder does not exist either."""
+    version = registry.next_version(doc, base_sha256)
+    major, minor, _ = (int(p) for p in version.split("."))
+    while (settings.adapters_dir / version).exists():
+        minor += 1
+        version = f"{major}.{minor}.0"
+    return version
+
+
+def topk_kl(ref_logp, ref_ids, tuned_logp):
+    """KL(base || tuned) per position, with the base's distribution kept as its top-k tokens plus one bucket for
+    the rest: sum_k p_k (log p_k - log q_k) + p_rest (log p_rest - log q_rest). Exact for that coarser
+    distribution, and the base's side is stored once instead of recomputed every step.
+
+    ref_logp, ref_ids: (N, K) base log-probabilities and token ids; tuned_logp: (N, V) the tuned model's."""
+    import torch
+
+    tuned_top = tuned_logp.gather(-1, ref_ids)
+    base_top = ref_logp.exp()
+    head = (base_top * (ref_logp - tuned_top)).sum(-1)
+    base_rest = (1.0 - base_top.sum(-1)).clamp(min=1e-6)
+    tuned_rest = (1.0 - tuned_top.exp().sum(-1)).clamp(min=1e-6)
+    return head + base_rest * (torch.log(base_rest) - torch.log(tuned_rest))
+
+
 def shard(items: list, rank: int, world: int) -> list:
     """This process's contiguous share of a global step (every share non-empty when len(items) >= world)."""
     per, extra = divmod(len(items), world)
@@ -225,9 +281,22 @@ def _render_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) ->
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def placeholder_tokens(tokenizer, messages: list[dict], ids: list[int]) -> set[int]:
+    """Positions of `ids` (the rendered conversation) inside a sanitizer placeholder such as `<PERSON>`."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = [m.span() for m in PLACEHOLDER.finditer(text)]
+    if not spans:
+        return set()
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"][: len(ids)]) != list(ids[: len(encoded["input_ids"])]):
+        return set()  # pragma: no cover - a tokenizer whose rendering is not stable
+    return {i for i, (a, b) in enumerate(encoded["offset_mapping"]) if any(a < end and b > begin for begin, end in spans)}
+
+
 def encode_example(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[list[int], list[int]] | None:
     """(input_ids, labels) for one conversation: only the FINAL assistant message (and its end-of-turn token) is
-    trained on; everything else is -100. Too long: the prompt is cut from the left so the answer survives.
+    trained on; everything else is -100, and so are the tokens of sanitizer placeholders (`<PERSON>`...), so the
+    model never learns to write them. Too long: the prompt is cut from the left so the answer survives.
     Returns None for a conversation that has nothing to learn (no final assistant answer)."""
     if len(messages) < 2 or messages[-1].get("role") != "assistant" or not str(messages[-1].get("content", "")).strip():
         return None
@@ -245,11 +314,15 @@ def encode_example(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[l
         answer = answer[: last_end + 1]
     if not prompt or not answer:
         return None
+    hidden = placeholder_tokens(tokenizer, messages, full) if PLACEHOLDER.search(messages[-1]["content"]) else set()
+    labels = [IGNORE_INDEX if start + i in hidden else t for i, t in enumerate(answer)]
+    if all(t == IGNORE_INDEX for t in labels):
+        return None
     if len(prompt) + len(answer) > max_seq_len:
         keep_prompt = min(len(prompt), max(max_seq_len - len(answer), max_seq_len // 2))
         prompt = prompt[len(prompt) - keep_prompt :]
-        answer = answer[: max_seq_len - keep_prompt]
-    return prompt + answer, [IGNORE_INDEX] * len(prompt) + answer
+        answer, labels = answer[: max_seq_len - keep_prompt], labels[: max_seq_len - keep_prompt]
+    return prompt + answer, [IGNORE_INDEX] * len(prompt) + labels
 
 
 def load_examples(path: Path) -> tuple[list[dict], int]:
@@ -261,31 +334,51 @@ def load_examples(path: Path) -> tuple[list[dict], int]:
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
-    """Train under the system prompt the model is served with: without one, chat templates such as SmolLM2's
-    insert their own default, and what was learned under it transfers worse to the chat and the eval."""
+    """`messages` under `system_prompt` (kept as they are when they bring their own, or when it is None: then
+    chat templates such as SmolLM2's insert their own default)."""
     if not system_prompt or (messages and isinstance(messages[0], dict) and messages[0].get("role") == "system"):
         return messages
     return [{"role": "system", "content": system_prompt}, *messages]
 
 
+def system_prompts(chat_prompt: str | None, vary: bool) -> list[str | None]:
+    """The system prompts each example is trained under: the chat's alone, or it and the varied ones."""
+    if not vary:
+        return [chat_prompt or None]
+    variants = list(SYSTEM_PROMPT_VARIANTS)
+    if chat_prompt and chat_prompt not in variants:
+        variants.insert(1, chat_prompt)
+    return variants
+
+
 def tokenize_examples(tokenizer, records: Iterable[dict], max_seq_len: int,
-                      system_prompt: str | None = None) -> tuple[list[dict], int]:
-    """Encoded examples {input_ids, labels, weight, id} and the count of records skipped as unusable."""
-    out, skipped = [], 0
+                      system_prompt: str | None | list[str | None] = None) -> tuple[list[dict], int]:
+    """Encoded examples {input_ids, labels, weight, id, record} and the count of records skipped as unusable.
+
+    With a list of system prompts, each record gives one example per prompt (all with the same `record` index):
+    the step plan walks through them so that successive passes over a record see different prompts."""
+    prompts = system_prompt if isinstance(system_prompt, list) else [system_prompt]
+    out, skipped, kept = [], 0, 0
     for record in records:
         messages = record.get("messages") if isinstance(record, dict) else None
-        if isinstance(messages, list):
-            messages = with_system_prompt(messages, system_prompt)
         try:
             weight = float(record.get("weight", 1.0)) if isinstance(record, dict) else 1.0
         except (TypeError, ValueError):
             weight = float("nan")
-        encoded = encode_example(tokenizer, messages, max_seq_len) if isinstance(messages, list) else None
-        if encoded is None or not math.isfinite(weight) or weight < 0:
+        variants = []
+        if isinstance(messages, list) and math.isfinite(weight) and weight >= 0:
+            own = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
+            for prompt in prompts[:1] if own else prompts:
+                encoded = encode_example(tokenizer, with_system_prompt(messages, prompt), max_seq_len)
+                if encoded is not None:
+                    variants.append(encoded)
+        if not variants:
             skipped += 1
             continue
-        ids, labels = encoded
-        out.append({"id": record.get("id"), "input_ids": ids, "labels": labels, "weight": weight})
+        for ids, labels in variants:
+            out.append({"id": record.get("id"), "input_ids": ids, "labels": labels, "weight": weight, "record": kept,
+                        "kind": record.get("kind")})
+        kept += 1
     return out, skipped
 
 
@@ -323,6 +416,34 @@ class Batch:
     position_ids: Any = None
     real_tokens: int = 0
     padded_tokens: int = 0  # pad positions computed on (the waste)
+    reference: Any = None  # rehearsal targets: KlTargets, or None
+
+
+@dataclasses.dataclass
+class KlTargets:
+    """The frozen base's next-token distributions for the rehearsal examples of a batch: at flat position
+    `at[i]` (row * L + position of the predicted token) the base's top-k token ids and log-probabilities."""
+
+    at: Any
+    ids: Any
+    logp: Any
+
+
+def _reference_targets(placed: list[tuple[int, int, dict]], length: int, device) -> KlTargets | None:
+    """KlTargets of the rehearsal examples among `placed` (row, offset, example)."""
+    import torch
+
+    at, ids, logp = [], [], []
+    for row, offset, example in placed:
+        if "ref_ids" not in example:
+            continue
+        positions = [offset + j for j, t in enumerate(example["labels"]) if t != IGNORE_INDEX]
+        at.append(torch.tensor([row * length + p for p in positions], dtype=torch.long))
+        ids.append(example["ref_ids"])
+        logp.append(example["ref_logp"])
+    if not at:
+        return None
+    return KlTargets(torch.cat(at).to(device), torch.cat(ids).to(device), torch.cat(logp).float().to(device))
 
 
 def collate_padded(batch: list[dict], pad_id: int, device=None) -> Batch:
@@ -338,10 +459,11 @@ def collate_padded(batch: list[dict], pad_id: int, device=None) -> Batch:
         ids[row, :n] = torch.tensor(example["input_ids"])
         labels[row, :n] = torch.tensor(example["labels"])
         mask[row, :n] = 1
-    weights = torch.tensor([e["weight"] for e in batch], dtype=torch.float32)
+    weights = torch.tensor([0.0 if "ref_ids" in e else e["weight"] for e in batch], dtype=torch.float32)
     real = int(mask.sum())
+    reference = _reference_targets([(row, 0, e) for row, e in enumerate(batch)], length, device)
     return Batch(ids.to(device), mask.to(device), labels.to(device), weights[:, None].expand(-1, length).to(device),
-                 real_tokens=real, padded_tokens=ids.numel() - real)
+                 real_tokens=real, padded_tokens=ids.numel() - real, reference=reference)
 
 
 def collate_packed(rows: list[list[dict]], pad_id: int, device=None) -> Batch:
@@ -356,6 +478,7 @@ def collate_packed(rows: list[list[dict]], pad_id: int, device=None) -> Batch:
     positions = torch.zeros((len(rows), length), dtype=torch.long)
     segments = torch.full((len(rows), length), -1, dtype=torch.long)
     weights = torch.zeros((len(rows), length), dtype=torch.float32)
+    placed = []
     for r, row in enumerate(rows):
         at = 0
         for k, example in enumerate(row):
@@ -365,7 +488,8 @@ def collate_packed(rows: list[list[dict]], pad_id: int, device=None) -> Batch:
             labels[r, at] = IGNORE_INDEX
             positions[r, at : at + n] = torch.arange(n)
             segments[r, at : at + n] = k
-            weights[r, at : at + n] = example["weight"]
+            weights[r, at : at + n] = 0.0 if "ref_ids" in example else example["weight"]
+            placed.append((r, at, example))
             at += n
     real = int((segments >= 0).sum())
     pads = segments < 0
@@ -373,7 +497,7 @@ def collate_packed(rows: list[list[dict]], pad_id: int, device=None) -> Batch:
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     mask = (segments[:, :, None] == segments[:, None, :]) & causal
     return Batch(ids.to(device), mask[:, None].to(device), labels.to(device), weights.to(device), positions.to(device),
-                 real_tokens=real, padded_tokens=ids.numel() - real)
+                 real_tokens=real, padded_tokens=ids.numel() - real, reference=_reference_targets(placed, length, device))
 
 
 def loss_positions(labels):
@@ -416,6 +540,8 @@ class Trainer:
         self.optimizer = None
         self.scheduler = None
         self.examples: list[dict] = []
+        self.records = 0  # distinct snapshot records behind `examples` (each may be there under several prompts)
+        self.anchors: list[dict] = []  # rehearsal: everyday prompts with the base model's answers (kl)
         self.eval_examples: list[dict] = []
         self.steps = 0
         self.start_step = 0
@@ -492,9 +618,13 @@ class Trainer:
         self._emit("status", message=f"tokenizing snapshot {self.snapshot['id']}")
         self.tokenizer = load_tokenizer(self.base)
         records, unreadable = load_examples(train_path)
-        records += self._rehearsal()
-        self.examples, skipped = tokenize_examples(self.tokenizer, records, self.cfg.max_seq_len,
-                                                    self.settings.chat.system_prompt)
+        if self.cfg.rehearsal == "sft":
+            records += self._rehearsal()
+        prompts = system_prompts(self.settings.chat.system_prompt, self.cfg.vary_system_prompt)
+        self.examples, skipped = tokenize_examples(self.tokenizer, records, self.cfg.max_seq_len, prompts)
+        self.records = len({e["record"] for e in self.examples})
+        if self.cfg.rehearsal == "kl":
+            self.anchors, _ = tokenize_examples(self.tokenizer, self._rehearsal(), self.cfg.max_seq_len, prompts[:2])
         if unreadable or skipped:
             self._warn(f"skipped {unreadable + skipped} unusable line(s) of snapshot {self.snapshot['id']}")
         if not self.examples:
@@ -508,17 +638,18 @@ class Trainer:
             self.eval_examples, _ = tokenize_examples(self.tokenizer, eval_records, self.cfg.max_seq_len,
                                                        self.settings.chat.system_prompt)
         self._lengths = [len(e["input_ids"]) for e in self.examples]
-        self.steps = total_steps(self.cfg, len(self.examples), self.world)
+        self.steps = total_steps(self.cfg, self.records, self.world)
 
         if run_state is None:
             self.parent, warm_dir = self._warm_start_source(doc)
-            self.version = registry.next_version(doc, self.base.sha256)
+            self.version = free_version(self.settings, doc, self.base.sha256)
         else:
             needs_parent = run_state.get("parent") and self._checkpoint_dir() is None
             warm_dir = self._champion_dir_for(run_state["parent"], doc) if needs_parent else None
         self.timings["prepare_s"] = time.perf_counter() - started
 
         self._load_model(warm_dir)
+        self._attach_reference()
         self._build_optimizer()
         if run_state is None:
             self._start_run_dir()
@@ -682,6 +813,54 @@ class Trainer:
         self._uses_logits_to_keep = _accepts_logits_to_keep(model)
         self._autocast = self.cfg.load_in_4bit or model.device.type == "cuda"
 
+    def _attach_reference(self) -> None:
+        """Give each rehearsal example the frozen base's top-k next-token distributions on its answer, computed
+        with the adapter disabled (the same 4-bit or full-precision base the adapter trains on) and cached per
+        base model, so later runs do not compute them again."""
+        if not self.anchors:
+            return
+        import hashlib
+
+        import torch
+
+        key = hashlib.sha256(orjson.dumps([self.base.sha256, self.cfg.load_in_4bit, REFERENCE_TOP_K,
+                                           [a["input_ids"] for a in self.anchors]])).hexdigest()[:20]
+        cache = self.settings.model_cache / f"rehearsal-reference-{key}.pt"
+        if cache.is_file():
+            reference = torch.load(cache, weights_only=True)
+        else:
+            self._emit("status", message=f"measuring the base model on {len(self.anchors)} rehearsal prompts (once)")
+            reference = self._measure_reference()
+            if self.is_main:
+                ensure_dir(cache.parent)
+                tmp = cache.with_name(f".{cache.name}.{os.getpid()}.cl-tmp")
+                torch.save(reference, tmp)
+                os.replace(tmp, cache)
+        for anchor, (ids, logp) in zip(self.anchors, zip(reference["ids"], reference["logp"])):
+            anchor["ref_ids"], anchor["ref_logp"] = ids.long(), logp
+
+    def _measure_reference(self) -> dict:
+        import torch
+
+        ids_out, logp_out = [], []
+        model = self.model
+        with torch.no_grad(), model.disable_adapter():  # train mode: keeps bitsandbytes' training layout
+            for start in range(0, len(self.anchors), 8):
+                chunk = self.anchors[start : start + 8]
+                batch = collate_padded([{**a, "weight": 1.0} for a in chunk], self._pad_id(), self.device)
+                needed = loss_positions(batch.labels)
+                kwargs = {"logits_to_keep": needed} if self._uses_logits_to_keep else {}
+                with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self._autocast):
+                    logits = model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False, **kwargs).logits
+                logits = logits.float() if logits.shape[1] == len(needed) else logits[:, needed].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                for row, anchor in enumerate(chunk):
+                    columns = torch.tensor([j - 1 for j, t in enumerate(anchor["labels"]) if t != IGNORE_INDEX])
+                    top = logp[row, torch.searchsorted(needed, columns)].topk(REFERENCE_TOP_K, dim=-1)
+                    ids_out.append(top.indices.to(torch.int32).cpu())
+                    logp_out.append(top.values.to(torch.float16).cpu())
+        return {"ids": ids_out, "logp": logp_out}
+
     @staticmethod
     def _set_dropout(model, p: float) -> None:
         import torch
@@ -837,13 +1016,13 @@ class Trainer:
 
     def token_losses(self, ids, mask, labels, position_ids=None):
         """Per-token cross-entropy (fp32) of the labelled positions, shape (batch, positions), 0 where unlabelled."""
-        losses, labelled, _ = self._forward_losses(self.model, ids, mask, labels, position_ids)
+        losses, labelled, _, _ = self._forward_losses(self.model, ids, mask, labels, position_ids)
         return losses, labelled
 
-    def _forward_losses(self, model, ids, mask, labels, position_ids=None):
-        """(losses, labelled, target positions): logits only where some row has a labelled next token."""
+    def _forward_losses(self, model, ids, mask, labels, position_ids=None, reference: KlTargets | None = None):
+        """(losses, labelled, target positions, KL sum): logits only where some row has a labelled next token.
+        Rehearsal positions (`reference`) give a KL term toward the base instead of a cross-entropy."""
         import torch
-        import torch.nn.functional as F
 
         needed = loss_positions(labels)
         kwargs = {"logits_to_keep": needed} if self._uses_logits_to_keep else {}
@@ -855,15 +1034,25 @@ class Trainer:
         if logits.shape[1] != len(needed):
             logits = logits[:, needed]
         targets = labels[:, needed + 1]
-        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                 reduction="none")
-        return losses.view(targets.shape), targets != IGNORE_INDEX, needed + 1
+        labelled = targets != IGNORE_INDEX
+        logp = torch.log_softmax(logits, dim=-1)
+        losses = -logp.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1) * labelled
+        kl = None
+        if reference is not None:
+            rows, predicted = reference.at // labels.shape[1], reference.at % labels.shape[1]
+            column = torch.searchsorted(needed + 1, predicted)
+            kl = topk_kl(reference.logp, reference.ids, logp[rows, column]).sum()
+            labelled = labelled.clone()
+            labelled[rows, column] = False  # rehearsal tokens are not trained on as targets
+            losses = losses * labelled
+        return losses, labelled, needed + 1, kl
 
     def batch_losses(self, batch: Batch, model=None):
-        """(per-token losses, labelled mask, per-token weights) of one Batch, all of the same shape."""
+        """(per-token losses, labelled mask, per-token weights, rehearsal KL sum or None) of one Batch."""
         model = self.model if model is None else model
-        losses, labelled, targets = self._forward_losses(model, batch.ids, batch.mask, batch.labels, batch.position_ids)
-        return losses, labelled, batch.token_weights[:, targets]
+        losses, labelled, targets, kl = self._forward_losses(model, batch.ids, batch.mask, batch.labels,
+                                                             batch.position_ids, batch.reference)
+        return losses, labelled, batch.token_weights[:, targets], kl
 
     def step_examples(self, step: int) -> list[dict]:
         """The examples of optimizer step `step` over all processes (the same list on every rank)."""
@@ -873,10 +1062,11 @@ class Trainer:
         order = example_order(len(self.examples), cfg.seed, step * size, size, lengths, cfg.batch_size)
         return [self.examples[i] for i in order]
 
-    def micro_batches(self, examples: list[dict]) -> list[Batch]:
+    def micro_batches(self, examples: list[dict], rehearsal: list[dict] = ()) -> list[Batch]:
         """This process's forward passes for its share of a step: packed rows (`batch_size` rows each) or padded
-        micro-batches of `batch_size` examples."""
+        micro-batches of `batch_size` examples. Rehearsal examples ride along in the same passes."""
         cfg, pad, device = self.cfg, self._pad_id(), self.device
+        examples = [*examples, *rehearsal]
         if cfg.packing:
             rows = [[examples[i] for i in row] for row in pack_rows([len(e["input_ids"]) for e in examples], cfg.max_seq_len)]
             chunks = [rows[k : k + cfg.batch_size] for k in range(0, len(rows), cfg.batch_size)]
@@ -912,23 +1102,27 @@ class Trainer:
             step_started = time.perf_counter()
             everyone = self.step_examples(self.step)
             step_label_tokens = sum(label_count(e) for e in everyone)
-            batches = self.micro_batches(shard(everyone, self.rank, self.world))
             # DDP averages gradients over processes; the objective is a global sum, so scale it back up
             scale = self.world / step_label_tokens
-            sums = torch.zeros(4, dtype=torch.float64)  # loss, weighted loss, real tokens, pad tokens
+            sums = torch.zeros(5, dtype=torch.float64)  # loss, weighted loss, real tokens, pad tokens, rehearsal KL
+            rehearsal = self.step_anchors(self.step)
+            rehearsal_tokens = max(1, sum(label_count(e) for e in rehearsal))
+            batches = self.micro_batches(shard(everyone, self.rank, self.world), rehearsal)
             for k, batch in enumerate(batches):
                 last = k == len(batches) - 1
                 sync = contextlib.nullcontext() if last or self.world == 1 else self._train_model.no_sync()
                 with sync:
-                    losses, labelled, weights = self.batch_losses(batch, self._train_model)
-                    token_losses = losses * labelled
-                    weighted = (weights * token_losses).sum()
+                    losses, labelled, weights, kl = self.batch_losses(batch, self._train_model)
+                    weighted = (weights * losses).sum()
                     objective = weighted * scale
+                    if kl is not None:  # mean KL per rehearsal token of this process; DDP averages the processes
+                        objective = objective + self.cfg.rehearsal_weight * kl / rehearsal_tokens
                     if not torch.isfinite(objective):
                         raise _NonFinite(f"loss became {objective.item()} at step {self.step + 1}")
                     objective.backward()
-                sums += torch.tensor([float(token_losses.detach().sum()), float(weighted.detach()),
-                                      batch.real_tokens, batch.padded_tokens], dtype=torch.float64)
+                kl_value = float(kl.detach()) / rehearsal_tokens if kl is not None else 0.0
+                sums += torch.tensor([float(losses.detach().sum()), float(weighted.detach()),
+                                      batch.real_tokens, batch.padded_tokens, kl_value], dtype=torch.float64)
             sums = self._sum_over_processes(sums)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
             if not math.isfinite(grad_norm):
@@ -953,6 +1147,7 @@ class Trainer:
                 "real_tokens": real,
                 "padded_tokens": padded,
                 "label_tokens": step_label_tokens,
+                "rehearsal_kl": float(sums[4]) / self.world if self.anchors else None,
                 "seconds": seconds,
                 "tokens_per_s": real / seconds if seconds > 0 else 0.0,  # real (non-pad) tokens
                 "elapsed_s": elapsed_before + seconds,
@@ -973,6 +1168,14 @@ class Trainer:
             self.metrics.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"], eval_tokens=result["tokens"])
         return self.metrics
 
+    def step_anchors(self, step: int) -> list[dict]:
+        """This process's rehearsal examples for optimizer step `step` (a seeded stream, like the examples)."""
+        if not self.anchors:
+            return []
+        count = self.cfg.rehearsal_per_step
+        order = example_order(len(self.anchors), self.cfg.seed + 7919, (step * self.world + self.rank) * count, count)
+        return [self.anchors[i] for i in order]
+
     def _sum_over_processes(self, values):
         if self.world == 1:
             return values
@@ -987,13 +1190,15 @@ class Trainer:
         train_tokens = sum(r["tokens"] for r in self.history)
         padded_tokens = sum(r.get("padded_tokens", 0) for r in self.history)
         seconds = sum(r["seconds"] for r in self.history)
-        window = max(1, math.ceil(len(self.examples) / step_size(self.cfg, self.world)))
+        window = max(1, math.ceil(self.records / step_size(self.cfg, self.world)))
         return {
             "final_loss": final_window(losses, window),
             "initial_loss": sum(losses[:window]) / len(losses[:window]) if losses else None,
             "last_step_loss": losses[-1] if losses else None,
             "steps": self.step,
-            "examples": len(self.examples),
+            "examples": self.records,
+            "prompt_variants": len(self.examples),
+            "rehearsal": self.cfg.rehearsal if self.anchors or self.cfg.rehearsal == "off" else "off",
             "eval_examples": len(self.eval_examples),
             "train_tokens": train_tokens,
             "real_tokens": train_tokens,
@@ -1094,8 +1299,10 @@ class Trainer:
             else:
                 target.unlink(missing_ok=True)
         doc = registry.load(self.settings)
-        if self.version in doc["adapters"]:  # taken meanwhile (only a re-registration can do that): take the next
-            self.version = registry.next_version(doc, self.base.sha256)
+        if self.version in doc["adapters"] or (self.settings.adapters_dir / self.version).exists():
+            # taken meanwhile, or a folder the registry does not know (an older registry restored): never
+            # overwrite it, take the next free version
+            self.version = free_version(self.settings, doc, self.base.sha256)
             atomic_write_json(self.run_dir / "lineage.json", self._lineage())
         digests = {name: file_sha256(self.run_dir / name) for name in ADAPTER_FILES}
         entry = {
@@ -1110,8 +1317,6 @@ class Trainer:
             if item.is_file():
                 item.chmod(0o600)
         final = self.settings.adapters_dir / self.version
-        if final.exists():  # an orphan of a run killed between rename and registration: nothing refers to it
-            shutil.rmtree(final)
         os.replace(self.run_dir, final)
         self.final_dir, self.run_dir = final, final
         doc = registry.update(
@@ -1386,7 +1591,9 @@ def _parse_args(argv: list[str] | None):
     parser.add_argument("--resume", action="store_true", help="continue the newest interrupted run")
     parser.add_argument("--4bit", dest="load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
                         help="QLoRA (4-bit NF4 base) or full precision")
-    for flag, field, typ in (("--steps", "max_steps", int), ("--epochs", "epochs", int), ("--lr", "learning_rate", float),
+    parser.add_argument("--steps", type=int, default=None, help="exactly N optimizer steps")
+    parser.add_argument("--epochs", type=int, default=None, help="exactly N passes over the snapshot")
+    for flag, field, typ in (("--lr", "learning_rate", float),
                              ("--rank", "lora_r", int), ("--alpha", "lora_alpha", int), ("--dropout", "lora_dropout", float),
                              ("--batch-size", "batch_size", int), ("--grad-accum", "grad_accum", int),
                              ("--max-seq-len", "max_seq_len", int), ("--seed", "seed", int),
@@ -1398,7 +1605,7 @@ def _parse_args(argv: list[str] | None):
     return parser.parse_args(argv)
 
 
-TRAIN_FLAGS = ("load_in_4bit", "max_steps", "epochs", "learning_rate", "lora_r", "lora_alpha", "lora_dropout",
+TRAIN_FLAGS = ("load_in_4bit", "learning_rate", "lora_r", "lora_alpha", "lora_dropout",
                "batch_size", "grad_accum", "max_seq_len", "seed", "num_processes")
 
 
@@ -1411,7 +1618,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     result_file = os.environ.get(RESULT_ENV)
     try:
-        overrides = {"train": {k: getattr(args, k) for k in TRAIN_FLAGS}}
+        overrides = {"train": {**{k: getattr(args, k) for k in TRAIN_FLAGS}, **step_overrides(args.steps, args.epochs)}}
         if args.base_model:
             overrides["model"] = {"base_model": args.base_model}
         env = dict(os.environ)

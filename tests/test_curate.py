@@ -415,10 +415,12 @@ def test_dedupe_keeps_the_best_rated_and_all_sources():
 
 def test_domain_cap_spares_untagged_turns_and_single_domains():
     sql = [ex(f"sql question {i}", "answer", rank=(2, float(i), ""), tool="sql") for i in range(6)]
-    plain = [ex(f"plain question {i}", "answer") for i in range(4)]
-    kept, capped = cap_domains(sql + plain, 0.5)
+    shell = [ex(f"shell question {i}", "answer", tool="shell") for i in range(2)]
+    plain = [ex(f"plain question {i}", "answer") for i in range(2)]
+    kept, capped = cap_domains(sql + shell + plain, 0.5)
     assert [e.prompt for e in capped] == ["sql question 0"] and len(kept) == 9  # the worst-rated goes
     assert cap_domains(sql, 0.5) == (sql, [])
+    assert cap_domains(sql + plain, 0.5) == (sql + plain, [])  # untagged chat turns are not a rival domain
     assert cap_domains(plain * 3, 0.1)[1] == []
 
 

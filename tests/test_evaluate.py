@@ -10,7 +10,7 @@ import orjson
 import pytest
 
 from continuous_learning import decisions, registry
-from continuous_learning.decisions import gate, mcnemar_exact
+from continuous_learning.decisions import GateRules, gate, mcnemar_gain, non_inferiority_p
 from continuous_learning.errors import InputError, NothingToDo, RegistryError
 from continuous_learning.evaluate import (
     GENERAL_FILE,
@@ -124,79 +124,124 @@ def test_missing_eval_file_says_how_to_create_one(tmp_path):
     assert '{"prompt": "What is the capital of France?", "keywords": ["Paris"]}' in str(caught.value)
 
 
-def test_shipped_general_set_is_valid():
-    items = load_eval_file(GENERAL_FILE)
-    assert 12 <= len(items) <= 16
-    assert len({i.prompt for i in items}) == len(items)
+def test_shipped_general_set_is_valid_large_and_apart_from_the_test_only_part():
+    gate_part = load_eval_file(GENERAL_FILE)
+    test_part = load_eval_file(Path(__file__).parent / "data" / "everyday_holdout.jsonl")
+    assert len(gate_part) >= 50 and len(gate_part) + len(test_part) >= 60
+    assert len({i.prompt for i in gate_part}) == len(gate_part)
+    assert not {i.prompt for i in gate_part} & {i.prompt for i in test_part}
+    numeric = [i for i in gate_part if any(any(c.isdigit() for c in k) for k in i.keywords)]
+    assert len(numeric) >= 15  # forgetting shows first in numbers
+
+
+@pytest.mark.parametrize(
+    "answer, keyword, expected",
+    [
+        ("A decade has 10 years.", "10", True),
+        ("It has 24 hours.", "4", False),
+        ("About 1.4 metres", "4", False),
+        ("Exactly 4.", "4", True),
+        ("It closes at 12:30.", "2:30", False),
+        ("It closes at 2:30 pm.", "2:30", True),
+        ("It happens often", "ten", False),
+        ("Prices in euros", "euro", True),
+        ("首都は東京です", "東京", True),
+    ],
+)
+def test_keywords_are_whole_numbers_and_words_that_start_where_a_word_starts(answer, keyword, expected):
+    assert score_answer(answer, item(keyword)) is expected
 
 
 # --- gate ------------------------------------------------------------------------------------------------
-def result(outcomes: list[bool], version: str | None = "1.1.0", general: float | None = 0.9, status: str | None = "candidate") -> dict:
+RULES = GateRules(gain_alpha=0.1, general_margin=0.1, general_alpha=0.05, min_questions=5, loss_margin=0.05)
+
+
+def result(outcomes: list[bool], version: str | None = "1.1.0", general: list[bool] | None = None,
+           status: str | None = "candidate", eval_loss: float | None = None) -> dict:
     items = [{"prompt": f"p{i}", "passed": ok, "answer": ""} for i, ok in enumerate(outcomes)]
     passed = sum(outcomes)
-    return {"version": version, "status": status, "items": items, "accuracy": passed / len(items), "passed": passed,
-            "total": len(items), "general_accuracy": general}
+    out = {"version": version, "status": status, "items": items, "accuracy": passed / len(items), "passed": passed,
+           "total": len(items), "general_accuracy": None, "general": None, "eval_loss": eval_loss}
+    if general is not None:
+        out["general"] = {"items": [{"prompt": f"g{i}", "passed": ok} for i, ok in enumerate(general)]}
+        out["general_accuracy"] = sum(general) / len(general)
+    return out
+
+
+EVERYDAY = [True] * 51
 
 
 @pytest.mark.parametrize(
     "wins, losses, p",
     [
         (0, 0, 1.0),
-        (5, 0, 2 / 2**5),  # 0.0625
-        (0, 6, 2 / 2**6),  # 0.03125
-        (1, 6, 2 * (1 + 7) / 2**7),  # 0.125
-        (2, 8, 2 * (1 + 10 + 45) / 2**10),  # 0.109375
-        (3, 3, 1.0),
+        (4, 0, 1 / 2**4),
+        (5, 0, 1 / 2**5),
+        (5, 1, 7 / 2**6),
+        (0, 6, 1.0),
+        (3, 3, 42 / 64),
     ],
 )
-def test_exact_mcnemar_p_values(wins, losses, p):
+def test_one_sided_exact_mcnemar_p_values(wins, losses, p):
     candidate = [True] * wins + [False] * losses + [True, False]
     champion = [False] * wins + [True] * losses + [True, False]
-    assert mcnemar_exact(candidate, champion) == (wins, losses, pytest.approx(p))
+    assert mcnemar_gain(candidate, champion) == (wins, losses, pytest.approx(p))
 
 
-def test_gate_promotes_equal_or_better():
-    same = gate(result([True, False, True]), result([True, False, True], version=None), 0.05, 0.1)
-    assert same.promote and same.stats["p_value"] == 1.0
-    better = gate(result([True] * 6), result([True, False, False, False, False, False], version="1.0.0"), 0.05, 0.1)
-    assert better.promote
-    assert better.stats["wins"] == 5 and better.stats["losses"] == 0
-    assert better.stats["p_value"] == pytest.approx(0.0625)
+@pytest.mark.parametrize("lost, p", [(0, 0.0086), (1, 0.0278), (2, 0.0740), (3, 0.1635)])
+def test_non_inferiority_score_test_on_51_questions(lost, p):
+    """Tango's score test, margin 10 points: by hand from the restricted MLE (no discordant wins: p_won = 0)."""
+    candidate = [False] * lost + [True] * (51 - lost)
+    assert non_inferiority_p(candidate, EVERYDAY, 0.1) == pytest.approx(p, abs=1e-4)
+    z = (lost / 51 - 0.1) / math.sqrt((0.1 - 0.01) / 51)
+    assert non_inferiority_p(candidate, EVERYDAY, 0.1) == pytest.approx(0.5 * math.erfc(-z / math.sqrt(2)))
 
 
-def test_gate_refuses_lower_accuracy_and_names_the_reason():
-    decision = gate(result([True, False, False]), result([True, True, False], version="1.0.0"), 0.05, 0.1)
+def test_gate_promotes_on_a_significant_gain_without_forgetting():
+    decision = gate(result([True] * 5 + [False], general=EVERYDAY),
+                    result([False] * 6, version=None, general=EVERYDAY), RULES)
+    assert decision.promote
+    assert decision.stats["wins"] == 5 and decision.stats["gain_p_value"] == pytest.approx(1 / 32)
+    assert decision.summary.startswith("1.1.0 is promoted over base: it answers 5 of 6 target questions against 0")
+    assert "51 everyday questions it keeps 51 against 51" in decision.summary
+
+
+def test_gate_refuses_equal_accuracy_and_an_insignificant_gain():
+    same = gate(result([True, False] * 3, general=EVERYDAY), result([True, False] * 3, version=None, general=EVERYDAY), RULES)
+    assert not same.promote and "no significant gain" in same.summary
+    small = gate(result([True] * 3 + [False] * 3, general=EVERYDAY), result([False] * 6, version=None, general=EVERYDAY), RULES)
+    assert not small.promote and small.stats["gain_p_value"] == pytest.approx(1 / 8)
+
+
+def test_gate_refuses_a_gain_that_costs_everyday_answers():
+    forgetful = [False, False] + [True] * 49
+    decision = gate(result([True] * 6, general=forgetful), result([False] * 6, version=None, general=EVERYDAY), RULES)
     assert not decision.promote
-    assert any("is below 1.0.0's" in r for r in decision.reasons)
+    assert decision.stats["general_lost"] == 2 and "not shown non-inferior" in decision.summary
+    one = gate(result([True] * 6, general=[False] + [True] * 50), result([False] * 6, version=None, general=EVERYDAY), RULES)
+    assert one.promote
 
 
-def test_gate_reports_a_significant_mcnemar_loss():
-    decision = gate(result([False] * 6 + [True] * 4), result([True] * 10, version="1.0.0"), 0.05, 0.1)
-    assert not decision.promote
-    assert decision.stats["losses"] == 6 and decision.stats["p_value"] == pytest.approx(0.03125)
-    assert any("McNemar" in r and "significant at alpha=0.05" in r and "not significant" not in r for r in decision.reasons)
-    lenient = gate(result([False] * 6 + [True] * 4), result([True] * 10, version="1.0.0"), 0.01, 0.1)
-    assert any("not significant" in r for r in lenient.reasons)
-
-
-def test_gate_general_tolerance():
-    within = gate(result([True, True], general=0.85), result([True, True], version=None, general=0.9), 0.05, 0.1)
-    assert within.promote
-    beyond = gate(result([True, True], general=0.7), result([True, True], version=None, general=0.9), 0.05, 0.1)
-    assert not beyond.promote and any("beyond tolerance" in r for r in beyond.reasons)
-    unknown = gate(result([True], general=None), result([True], version=None, general=None), 0.05, 0.1)
-    assert unknown.promote and any("not evaluated" in r for r in unknown.reasons)
+def test_gate_with_too_few_questions_judges_the_held_out_loss():
+    lower = gate(result([True, True], eval_loss=1.0, general=EVERYDAY), result([False, False], version=None, eval_loss=2.0,
+                 general=EVERYDAY), RULES)
+    assert lower.promote and "held-out loss 2.000 -> 1.000" in lower.summary
+    flat = gate(result([True, True], eval_loss=1.98, general=EVERYDAY), result([False, False], version=None, eval_loss=2.0,
+                general=EVERYDAY), RULES)
+    assert not flat.promote
+    unknown = gate(result([True, True], general=EVERYDAY), result([False, False], version=None, general=EVERYDAY), RULES)
+    assert not unknown.promote and "no held-out loss" in unknown.summary
 
 
 def test_gate_never_promotes_a_tainted_candidate():
-    decision = gate(result([True] * 5, status="tainted"), result([False] * 5, version=None), 0.05, 0.1)
+    decision = gate(result([True] * 5, status="tainted"), result([False] * 5, version=None), RULES)
     assert not decision.promote and "tainted" in decision.reasons[0]
 
 
 def test_gate_refuses_results_on_different_prompts():
     other = result([True, True], version=None)
     other["items"][1]["prompt"] = "something else"
-    assert not gate(result([True, True]), other, 0.05, 0.1).promote
+    assert not gate(result([True, True]), other, RULES).promote
 
 
 # --- pure registry transitions ---------------------------------------------------------------------------
@@ -477,7 +522,8 @@ def discriminating_eval(answers: dict[str, str], winner: str, loser: str) -> lis
 
 def test_cl_eval_gates_and_promotes_end_to_end(settings, two_adapters, fast_eval):
     eval_path = settings.eval_dir / "qa_eval.jsonl"
-    prompts = ["What is in hall 3?", "Who checks lot B-2?", "When is the shift change?"]
+    prompts = ["What is in hall 3?", "Who checks lot B-2?", "When is the shift change?", "Where is pump P-4?",
+               "Which line makes part QX-17?", "What torque does the Vanta bolt need?"]
     write_lines(eval_path, [{"prompt": p, "keywords": ["zzqx"]} for p in prompts])
     decisions.promote_version(settings, "1.0.0", "first", forced=True)
 
@@ -491,12 +537,13 @@ def test_cl_eval_gates_and_promotes_end_to_end(settings, two_adapters, fast_eval
     run = cl("eval")
     assert run.exit_code == 0, run.output
     assert "gate: promote" in run.output and "1.1.0 is now the champion" in run.output
-    assert "3/3 (100%)" in run.output and "0/3 (0%)" in run.output and "general accuracy" in run.output
+    assert "6/6 (100%)" in run.output and "0/6 (0%)" in run.output and "general accuracy" in run.output
+    assert "1.1.0 is promoted over 1.0.0: it answers 6 of 6 target questions against 0" in " ".join(run.output.split())
     doc = registry.load(settings)
     assert doc["champion"] == "1.1.0" and doc["adapters"]["1.0.0"]["status"] == "archived"
     assert doc["history"][-1]["action"] == "promote" and doc["history"][-1]["reason"].startswith("gate:")
     latest = doc["adapters"]["1.1.0"]["evals"][-1]
-    assert latest["accuracy"] == 1.0 and [i["passed"] for i in latest["items"]] == [True] * 3
+    assert latest["accuracy"] == 1.0 and [i["passed"] for i in latest["items"]] == [True] * 6
     assert latest["general"]["total"] == len(load_eval_file(GENERAL_FILE)) and latest["general_accuracy"] is not None
     assert doc["adapters"]["1.0.0"]["evals"][-1]["accuracy"] == 0.0
     assert {"eval", "promote"} <= {e["event"] for e in events(settings)}
@@ -525,7 +572,7 @@ def test_cl_eval_keeps_a_worse_candidate(settings, two_adapters, fast_eval):
     write_lines(eval_path, discriminating_eval({p: (said["against"][p], said["subject"][p]) for p in prompts}, "1.0.0", "1.1.0"))
     run = cl("eval", "--no-general")
     assert run.exit_code == 0, run.output
-    assert "keep as candidate" in run.output and "is below 1.0.0's" in run.output
+    assert "keep as candidate" in run.output and "1.1.0 is not promoted over 1.0.0" in " ".join(run.output.split())
     doc = registry.load(settings)
     assert doc["champion"] == "1.0.0" and doc["adapters"]["1.1.0"]["status"] == "candidate"
 

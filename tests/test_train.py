@@ -20,6 +20,7 @@ from continuous_learning.train import (
     example_order,
     lr_multiplier,
     run_training,
+    step_overrides,
     total_steps,
 )
 
@@ -65,7 +66,7 @@ def add_snapshot(settings, examples: list[dict], eval_examples: list[dict] = (),
 
 def fast(settings, **train):
     """Settings for a fast tiny-model run: a few steps on short sequences."""
-    defaults = {"max_steps": 3, "max_seq_len": 64, "checkpoint_every": 0, "load_in_4bit": False}
+    defaults = {"max_steps": 3, "max_seq_len": 64, "checkpoint_every": 0, "load_in_4bit": False, "min_steps": 0}
     return dataclasses.replace(settings, train=dataclasses.replace(settings.train, **{**defaults, **train}))
 
 
@@ -88,9 +89,13 @@ def set_champion(settings, version: str) -> None:
 
 # --- pure pieces ------------------------------------------------------------------------------------------------
 def test_schedule_steps_and_data_order_are_deterministic(settings):
-    cfg = dataclasses.replace(settings.train, epochs=2, batch_size=2, grad_accum=2)
+    cfg = dataclasses.replace(settings.train, epochs=2, batch_size=2, grad_accum=2, min_steps=0, max_steps=300)
     assert total_steps(cfg, 10) == 5  # ceil(2 * 10 / 4)
+    assert total_steps(dataclasses.replace(cfg, min_steps=40), 10) == 40  # a handful of examples still gets its updates
+    assert total_steps(dataclasses.replace(cfg, epochs=8, max_steps=12), 10) == 12  # the ceiling bounds a big snapshot
     assert total_steps(dataclasses.replace(cfg, epochs=0, max_steps=7), 10) == 7
+    assert step_overrides(7, None) == {"min_steps": 7, "max_steps": 7}
+    assert total_steps(dataclasses.replace(cfg, **step_overrides(None, 3)), 10) == 8  # --epochs 3: exactly 3 passes
     assert [round(lr_multiplier(s, 10, 2), 3) for s in range(10)] == [0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125]
     stream = example_order(5, seed=3, start=0, count=15)
     assert sorted(stream[:5]) == sorted(stream[5:10]) == list(range(5))  # every epoch sees every example once

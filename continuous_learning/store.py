@@ -16,7 +16,7 @@ import orjson
 from filelock import FileLock, Timeout
 
 from .errors import CLError, InputError, LockHeldError
-from .records import BadRecord, FeedbackEvent, Interaction, parse_log_record
+from .records import BadRecord, Feedback, FeedbackEvent, Interaction, parse_log_record
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
@@ -129,7 +129,7 @@ def iter_jsonl(path: Path, report: ReadReport | None = None, max_line_bytes: int
     if not path.exists():
         return
     with open(path, "rb") as handle:
-        for number, raw in _bounded_lines(handle, max_line_bytes):
+        for number, raw in bounded_lines(handle, max_line_bytes):
             if raw is None:
                 report.bad_lines.append((number, f"line longer than {max_line_bytes} bytes"))
                 continue
@@ -144,18 +144,19 @@ def iter_jsonl(path: Path, report: ReadReport | None = None, max_line_bytes: int
                 report.bad_lines.append((number, reason))
 
 
-def read_log(path: Path, report: ReadReport | None = None, cipher=None,
+def read_log(path: Path, report: ReadReport | None = None, cipher=None, open_texts: bool = False,
              max_line_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, Interaction | FeedbackEvent]]:
     """The ONE tolerant reader of the raw log: (line number, Interaction | FeedbackEvent) for every well-shaped
     record. Bad JSON, torn or over-long lines and records of the wrong shape (a field of the wrong type) are
-    skipped and counted in `report`; other kinds of line (events) are passed over. With `cipher`, texts are
-    decrypted first (a wrong key raises, it is never a skipped line)."""
+    skipped and counted in `report`; other kinds of line (events) are passed over. With `open_texts`, sealed
+    texts are decrypted with `cipher` (a wrong or missing key raises: it is never a skipped line); without, they
+    stay sealed strings (enough for counting)."""
     from .crypto import open_messages
 
     report = report if report is not None else ReadReport()
     for number, raw in iter_jsonl(path, report, max_line_bytes):
         try:
-            record = parse_log_record(open_messages(raw, cipher) if cipher is not None else raw)
+            record = parse_log_record(open_messages(raw, cipher) if open_texts else raw)
         except BadRecord as exc:
             report.note(number, str(exc))
             continue
@@ -163,7 +164,30 @@ def read_log(path: Path, report: ReadReport | None = None, cipher=None,
             yield number, record
 
 
-def _bounded_lines(handle, limit: int) -> Iterator[tuple[int, bytes | None]]:
+def late_feedback(path: Path, report: ReadReport | None = None) -> dict[str, Feedback]:
+    """Every feedback event merged per interaction id, in log order (texts stay as stored)."""
+    merged: dict[str, Feedback] = {}
+    for _, record in read_log(path, report):
+        if isinstance(record, FeedbackEvent):
+            key = record.interaction_id
+            merged[key] = merged[key].merged(record.feedback) if key in merged else record.feedback
+    return merged
+
+
+def joined_interactions(path: Path, report: ReadReport | None = None, cipher=None,
+                        open_texts: bool = False) -> Iterator[Interaction]:
+    """The ONE join of late feedback onto its turn: every well-shaped interaction with the feedback events that
+    point at it merged in (two streaming passes; only the merged feedback of rated turns is held)."""
+    report = report if report is not None else ReadReport()
+    later = late_feedback(path, ReadReport())  # its skipped lines are the same lines, counted once below
+    for _, record in read_log(path, report, cipher, open_texts):
+        if isinstance(record, Interaction):
+            if record.id in later:
+                record.feedback = record.feedback.merged(later[record.id])
+            yield record
+
+
+def bounded_lines(handle, limit: int) -> Iterator[tuple[int, bytes | None]]:
     """(number, line) pairs; a line longer than `limit` comes as None and is skipped without being held whole."""
     number = 0
     while raw := handle.readline(limit + 1):

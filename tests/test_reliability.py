@@ -144,13 +144,13 @@ def test_kill9_during_registry_updates_leaves_a_valid_registry_and_a_free_lock(t
         # the kernel dropped the dead holder's flock: the lock is free at once
         with store.workspace_lock(settings.lock_dir, "registry", wait=0):
             pass
-        planted = settings.adapters_dir / f".registry.json.planted{i}.tmp"
+        planted = settings.adapters_dir / f".registry.json.plant{i:03d}.cl-tmp"  # a killed writer's temp name
         planted.write_bytes(b'{"half": ')
         started = time.perf_counter()
         after = registry.update(settings, lambda d: d, "test_noop")
         slowest = max(slowest, time.perf_counter() - started)
         assert after == registry.load(settings)
-        assert list(settings.adapters_dir.glob(".*.tmp")) == []  # stale temp files cleaned by the next update
+        assert list(settings.adapters_dir.glob(".*tmp")) == []  # stale temp files cleaned by the next update
     assert len(acked) >= 15
     assert slowest < 1.0, f"an update after a kill took {slowest:.2f}s"
 
@@ -210,18 +210,18 @@ def test_kill9_during_curate_never_registers_a_broken_snapshot(tmp_path):
         assert settings.raw_log.read_bytes() == raw_before  # curate never touches the raw log
     assert 0 in outcomes, f"no kill landed mid-curate (a curate takes {duration:.2f}s)"
     # leftovers of the kills (plus planted ones) must not break the next curate
-    (settings.curated_dir / ".curated_planted.jsonl.x.tmp").write_bytes(b"half")
-    (settings.adapters_dir / ".registry.json.x.tmp").write_bytes(b"{")
+    (settings.curated_dir / ".curated_planted.jsonl.x8k2p0qz.cl-tmp").write_bytes(b"half")
+    (settings.adapters_dir / ".registry.json.x8k2p0qz.tmp").write_bytes(b"{")  # the name earlier versions used
     store.append_jsonl(settings.raw_log, make_interactions(rng, 50, start + timedelta(days=3)))
     manifest = run_curate(settings, include_unrated=True)
     assert manifest["status"] == "created"
     snapshots = check_snapshots(settings)
     assert snapshots[-1]["id"] == manifest["id"]
-    assert list(settings.adapters_dir.glob(".*.tmp")) == []
+    assert list(settings.adapters_dir.glob(".*tmp")) == []
     # the next curate also cleared what killed runs left in data/curated: only registered snapshots remain
     registered = {s["id"] for s in snapshots}
     leftovers = [p.name for p in settings.curated_dir.iterdir()
-                 if p.name.startswith(".") and p.name.endswith(".tmp")
+                 if p.name.startswith(".") and p.name.endswith(("tmp", ".pending"))
                  or p.name.startswith("curated_") and not any(p.name.startswith(i + suffix) for i in registered
                                                                for suffix in (".jsonl", "_eval.jsonl", "_manifest.json"))]
     assert leftovers == []
@@ -500,7 +500,7 @@ def test_kill9_during_forget_then_a_rerun_finishes_the_job(tmp_path, monkeypatch
         holding = [p.name for p in (settings.raw_log, *settings.curated_dir.iterdir())
                    if p.is_file() and registry_hash(user).encode() in p.read_bytes()]
         assert holding == [], f"{user} left in {holding} after {said}"
-        assert list(settings.curated_dir.glob(".*.tmp")) == [] and list(settings.raw_log.parent.glob(".*.tmp")) == []
+        assert list(settings.curated_dir.glob(".*tmp")) == [] and list(settings.raw_log.parent.glob(".*tmp")) == []
     remaining = [r for _, r in store.iter_jsonl(settings.raw_log)]
     assert len(remaining) == sum(per_user[u] for u in users[6:])
     assert landed_mid_way >= 1, "no kill landed before a forget finished"

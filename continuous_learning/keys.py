@@ -115,6 +115,21 @@ def _write_new(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+def workspace_secret(path: Path) -> bytes:
+    """A random secret of this workspace (e.g. the service's feedback-token key), created once, 0600."""
+    existing = _read_salt(path)
+    if existing is not None:
+        return existing
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    secret = secrets.token_bytes(SALT_BYTES)
+    if _create_exclusive(path, secret):
+        return secret
+    existing = _read_salt(path, wait_s=2.0)  # another process created it first
+    if existing is None:
+        raise ConfigError(f"{path}: could not read the workspace secret", "check the file, or delete it")
+    return existing
+
+
 # --- secret files ---------------------------------------------------------------------------------------------
 def read_secret_file(path: Path, variable: str) -> str:
     """The secret in a file that only its owner may read; refused when others could (mode must be 0600 or 0400)."""

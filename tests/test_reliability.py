@@ -276,6 +276,20 @@ def write_registry(settings, doc) -> bytes:
     ({"schema_version": SCHEMA_VERSION, "snapshots": [], "adapters": {"1.0.0": {"status": "great"}}, "champion": None,
       "history": []}, ["registry.json", "adapters.1.0.0.status"]),
     ([1, 2, 3], ["registry.json", "JSON object"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [], "champion": None, "history": [],
+      "adapters": {"1.0.0": {"status": "candidate", "evals": 5}}}, ["adapters.1.0.0.evals", "must be a list"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [], "champion": None, "history": [],
+      "adapters": {"1.0.0": {"status": "candidate", "sha256": ["abc"]}}}, ["adapters.1.0.0.sha256"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [{"id": "s", "user_hashes": "abc"}], "adapters": {}, "champion": None,
+      "history": []}, ["snapshots[0].user_hashes"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [], "adapters": {"1.0.0": {"status": "candidate", "snapshot": "s"}},
+      "champion": None, "history": []}, ["adapters.1.0.0.snapshot", "must be a dict"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [], "adapters": {}, "champion": None, "history": ["x"]},
+     ["history[0]"]),
+    ({"schema_version": "1", "snapshots": [], "adapters": {}, "champion": None, "history": []},
+     ["'schema_version' must be an integer"]),
+    ({"schema_version": 99, "snapshots": [], "adapters": {}, "champion": None, "history": []},
+     ["schema_version 99", "newer cl"]),
 ])
 def test_registry_edited_into_nonsense_is_named_and_left_alone(settings, content, needles):
     data = write_registry(settings, content)
@@ -284,6 +298,17 @@ def test_registry_edited_into_nonsense_is_named_and_left_alone(settings, content
     assert settings.registry_file.read_bytes() == data
     with_debug = invoke("--debug", "adapters")  # --debug lets the typed error (and its traceback) through
     assert isinstance(with_debug.exception, CLError)
+
+
+def test_an_unversioned_registry_is_migrated_on_open(settings):
+    """Registries from before `schema_version` existed are migrated (ordered, named steps), not refused."""
+    write_registry(settings, {"snapshots": [], "adapters": {"1.0.0": {"status": "candidate", "path": "adapters/1.0.0"}}})
+    assert registry.MIGRATIONS[0][1] == "0001_unversioned_registry"
+    result = invoke("adapters")
+    assert result.exit_code == 0 and "1.0.0" in result.output, result.output
+    registry.update(settings, lambda d: d, "test_noop")  # the next change writes the migrated document
+    doc = orjson.loads(settings.registry_file.read_bytes())
+    assert doc["schema_version"] == registry.REGISTRY_SCHEMA_VERSION and doc["history"] == [] and doc["champion"] is None
 
 
 @pytest.mark.parametrize("content, needle", [

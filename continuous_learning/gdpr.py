@@ -331,7 +331,7 @@ def _forget_in_files(settings: Settings, doc: dict, files: dict, user_hash: str,
     """Prepare every rewrite, then commit them; returns the registry document to write."""
     watched = cursor_ids(doc)
     recount = Recount(settings, cipher, watched)
-    with file_lock(settings.raw_log):
+    with _lock_if_exists(settings.raw_log):
         raw = prepare_raw_log(settings, lambda r: r.get("user_hash") == user_hash, recount)
         snapshots = {sid: prepare_snapshot(paths, user_hash) for sid, paths in files.items()}
         pending = [raw, *(r for rewrites in snapshots.values() for r in rewrites.values())]
@@ -423,9 +423,9 @@ def drop_expired(settings: Settings, days: int, now: datetime | None = None) -> 
     if raw.damaged:
         dropped["damaged"] = raw.damaged
     if raw.changed:
-        registry.log_event(settings, "retention", days=days, cutoff=cutoff.isoformat(), interactions=dropped[INTERACTION],
-                           feedback_events=dropped[FEEDBACK], damaged_lines=raw.damaged,
-                           generation_rows=metrics.total_dropped)
+        registry.log_event(settings, "retention", days=days, cutoff=cutoff.isoformat(),
+                           interactions=dropped[INTERACTION], feedback_events=dropped[FEEDBACK],
+                           damaged_lines=raw.damaged, generation_rows=metrics.total_dropped)
     return dropped
 
 

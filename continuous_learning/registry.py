@@ -21,6 +21,7 @@ ADAPTER_STATUSES = ("candidate", "champion", "archived", "failed", "tainted")
 REGISTRY_SCHEMA_VERSION = SCHEMA_VERSION
 SNAPSHOT_FILE = re.compile(r"^(curated_\d{8}_\d{6}(?:_\d+)?)(\.jsonl|_eval\.jsonl|_manifest\.json)$")
 VERSION_DIR = re.compile(r"^\d+\.\d+\.\d+$")
+ADAPTER_MARKERS = ("lineage.json",)  # written by every `cl train` into its adapter folder
 FIX = ("restore it from git or a backup; to start a new registry, move it away together with data/curated/ "
        "and the adapters/<version>/ folders")
 
@@ -124,9 +125,6 @@ def unregistered_evidence(settings: Settings) -> tuple[int, int]:
     adapters = sum(1 for p in _glob(settings.adapters_dir, "*")
                    if p.is_dir() and VERSION_DIR.match(p.name) and any((p / n).exists() for n in ADAPTER_MARKERS))
     return snapshots, adapters
-
-
-ADAPTER_MARKERS = ("adapter_config.json", "lineage.json")
 
 
 def _glob(folder: Path, pattern: str) -> list[Path]:

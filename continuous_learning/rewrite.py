@@ -112,7 +112,7 @@ def prepare_rewrite(path: Path, keep: Callable[[dict], bool], seen: Callable[[di
     except OSError as exc:
         result.discard()
         raise CLError(f"cannot rewrite {path}: {exc.strerror or exc}",
-                      "free space or fix permissions and run the command again; the original file is unchanged") from None
+                      "free space or fix permissions and run it again; the original file is unchanged") from None
     except BaseException:
         result.discard()
         raise

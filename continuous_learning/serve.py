@@ -34,16 +34,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
 from . import registry
+from .crypto import cipher_from_env
 from .decisions import BASE, UNUSABLE, rollback_champion, sorted_versions
 from .errors import CLError, ConfigError, InputError, LockHeldError, ModelNotFoundError, NothingToDo, RegistryError
-from .ingest import Recorder, Turn, find_interaction, record_generation
+from .ingest import Recorder, Turn, record_generation
 from .jobs import JobConflict, JobManager
 from .keys import secrets_problem, workspace_secret
 from .models import ChatModel, GenerationStats
 from .monitor import collect_status
 from .records import Feedback, Interaction, new_id
 from .settings import Settings
-from .store import file_lock
+from .store import file_lock, find_joined
 
 CHAMPION = "champion"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -404,8 +405,10 @@ class Writer:
     def interaction(self, interaction_id: str) -> Interaction:
         """A logged interaction with its feedback so far (writer thread only, so the cache stays consistent)."""
         self.notice_rewrites()
-        cached = self.recent.get(interaction_id)
-        return cached if cached is not None else find_interaction(self.settings, interaction_id)
+        cached = self.recent.get(interaction_id) or find_joined(self.settings.raw_log, interaction_id, cipher_from_env())
+        if cached is None:
+            raise InputError(f"no interaction with id {interaction_id}")
+        return cached
 
     def remember(self, interaction: Interaction) -> None:
         if self.log_identity is None:

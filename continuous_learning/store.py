@@ -187,6 +187,18 @@ def joined_interactions(path: Path, report: ReadReport | None = None, cipher=Non
             yield record
 
 
+def find_joined(path: Path, interaction_id: str, cipher=None) -> Interaction | None:
+    """One interaction with every later feedback event on it merged in (one streaming pass through the shared
+    reader, so a wrongly shaped line on the way is skipped, never fatal), or None."""
+    found: Interaction | None = None
+    for _, record in read_log(path, cipher=cipher, open_texts=True):
+        if isinstance(record, Interaction) and record.id == interaction_id:
+            found = record
+        elif found is not None and isinstance(record, FeedbackEvent) and record.interaction_id == interaction_id:
+            found.feedback = found.feedback.merged(record.feedback)
+    return found
+
+
 def bounded_lines(handle, limit: int) -> Iterator[tuple[int, bytes | None]]:
     """(number, line) pairs; a line longer than `limit` comes as None and is skipped without being held whole."""
     number = 0

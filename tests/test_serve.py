@@ -630,3 +630,19 @@ def test_the_service_refuses_an_adapter_changed_behind_the_registry(settings):
         assert refused.status_code == 503 and "sha256" in refused.json()["error"]["message"]
         assert client(url).chat.completions.create(model="base", messages=QUESTION, max_tokens=2).model == "base"
     assert [i["adapter_version"] for i in interactions(settings)] == [None]
+
+
+def test_feedback_finds_its_turn_past_wrongly_shaped_lines(settings):
+    with running() as (url, _):
+        reply = client(url).chat.completions.create(model="champion", messages=QUESTION, max_tokens=2)
+        bad = {"schema_version": 1, "type": "feedback", "id": "x", "created_at": "2026-01-01T00:00:00Z",
+               "interaction_id": reply.id, "feedback": "bad"}
+        from continuous_learning import store
+
+        store.append_jsonl(settings.raw_log, [bad, {"type": "interaction", "id": ["x"]}])
+        copy = settings.raw_log.with_suffix(".copy")
+        copy.write_bytes(settings.raw_log.read_bytes())
+        os.replace(copy, settings.raw_log)  # a rewrite (a new file): the service's cache is dropped
+        store.append_jsonl(settings.raw_log, [{"type": "interaction", "id": "y", "created_at": 5}])
+        ok = httpx.post(f"{url}/v1/feedback", json=feedback_body(reply, score=4))
+        assert ok.status_code == 201, ok.text  # looked up in the log through the shared tolerant reader

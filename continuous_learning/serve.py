@@ -405,7 +405,8 @@ class Writer:
     def interaction(self, interaction_id: str) -> Interaction:
         """A logged interaction with its feedback so far (writer thread only, so the cache stays consistent)."""
         self.notice_rewrites()
-        cached = self.recent.get(interaction_id) or find_joined(self.settings.raw_log, interaction_id, cipher_from_env())
+        cached = self.recent.get(interaction_id)
+        cached = cached or find_joined(self.settings.raw_log, interaction_id, cipher_from_env())
         if cached is None:
             raise InputError(f"no interaction with id {interaction_id}")
         return cached

@@ -127,8 +127,9 @@ def test_champion_promoted_elsewhere_is_used_on_next_turn(settings, tiny_chat_mo
 
     def read(prompt: str) -> str:
         if not inputs and not promoted["done"]:  # promote between two turns, as `cl promote` would
-            entry = {"version": "1.0.0", "path": "adapters/1.0.0", "status": "candidate",  # served only if its files verify
-                     "sha256": {n: file_sha256(folder / n) for n in ("adapter_model.safetensors", "adapter_config.json")}}
+            files = ("adapter_model.safetensors", "adapter_config.json")  # served only if they verify
+            entry = {"version": "1.0.0", "path": "adapters/1.0.0", "status": "candidate",
+                     "sha256": {n: file_sha256(folder / n) for n in files}}
             registry.update(settings, lambda d: _champion(registry.register_adapter(d, entry), "1.0.0"), "promoted")
             promoted["done"] = True
             inputs.extend(["second", "y", "/adapter", "/quit"])

@@ -265,7 +265,8 @@ def test_forget_and_retention_recount_the_feedback_counters(settings, populated)
 
 # --- issue 13: nothing deleted that is not provably ours ----------------------------------------------------------
 def listing(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and ".cl" not in p.parts}
+    files = (p for p in sorted(root.rglob("*")) if p.is_file() and ".cl" not in p.parts)
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
 
 
 def test_commands_refuse_when_the_registry_was_moved_away(settings, populated, tmp_path):
@@ -374,7 +375,8 @@ def adapter_folder(settings, version: str, users: list[str], snapshot: str) -> P
     (folder / "adapter_config.json").write_text('{"r": 4}')
     (folder / "checkpoint-20").mkdir(exist_ok=True)
     (folder / "checkpoint-20" / "adapter_model.safetensors").write_bytes(b"w")
-    store.atomic_write_json(folder / "lineage.json", {"version": version, "user_hashes": users, "snapshot": {"id": snapshot}})
+    lineage = {"version": version, "user_hashes": users, "snapshot": {"id": snapshot}}
+    store.atomic_write_json(folder / "lineage.json", lineage)
     return folder
 
 
@@ -395,7 +397,8 @@ def test_forget_removes_the_user_everywhere(settings, populated):
     knowledge.record_facts(settings.knowledge_file, settings.lock_dir, facts)
     assert b"PN-3" in settings.knowledge_file.read_bytes()
     store.atomic_write_json(settings.adapters_dir / "ab_test.json", {
-        "id": "t1", "candidate": "1.0.0", "champion": "1.1.0", "traffic": 0.5, "started_at": at(0), "status": "running"})
+        "id": "t1", "candidate": "1.0.0", "champion": "1.1.0", "traffic": 0.5, "started_at": at(0),
+        "status": "running"})
     manifest_path = settings.home / registry.load(settings)["snapshots"][0]["manifest"]
     alice_ids = [i.id.encode() for i in populated["alice"]]
     assert any(i in settings.registry_file.read_bytes() for i in alice_ids)  # the snapshot cursor names her turns
@@ -418,5 +421,7 @@ def test_forget_removes_the_user_everywhere(settings, populated):
     assert [len(store.read_json(f / "lineage.json")["user_hashes"]) for f in folders.values()] == [1, 1]
     ab_state = store.read_json(settings.adapters_dir / "ab_test.json")
     assert ab_state["status"] == "stopped" and "forgotten user" in ab_state["reason"]
-    assert [r["test_id"] for _, r in store.iter_jsonl(settings.learning_events) if r.get("event") == "ab_stop"] == ["t1"]
-    assert [r["interaction_id"] for _, r in store.iter_jsonl(settings.generation_metrics)] == [i.id for i in populated["bob"]]
+    events = [r for _, r in store.iter_jsonl(settings.learning_events)]
+    assert [r["test_id"] for r in events if r.get("event") == "ab_stop"] == ["t1"]
+    rows = [r["interaction_id"] for _, r in store.iter_jsonl(settings.generation_metrics)]
+    assert rows == [i.id for i in populated["bob"]]

@@ -156,7 +156,8 @@ def fake_crontab(tmp_path, monkeypatch) -> Path:
     bin_dir, table = tmp_path / "bin", tmp_path / "crontab.txt"
     bin_dir.mkdir()
     tool = bin_dir / "crontab"
-    tool.write_text(f"#!/bin/sh\ncase \"$1\" in\n  -l) cat '{table}' 2>/dev/null || {{ echo 'no crontab' >&2; exit 1; }} ;;\n"
+    tool.write_text("#!/bin/sh\ncase \"$1\" in\n"
+                    f"  -l) cat '{table}' 2>/dev/null || {{ echo 'no crontab' >&2; exit 1; }} ;;\n"
                     f"  -) cat > '{table}' ;;\nesac\n")
     tool.chmod(0o755)
     (bin_dir / "systemctl").write_text("#!/bin/sh\nexit 0\n")

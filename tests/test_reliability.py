@@ -280,10 +280,10 @@ def write_registry(settings, doc) -> bytes:
       "adapters": {"1.0.0": {"status": "candidate", "evals": 5}}}, ["adapters.1.0.0.evals", "must be a list"]),
     ({"schema_version": SCHEMA_VERSION, "snapshots": [], "champion": None, "history": [],
       "adapters": {"1.0.0": {"status": "candidate", "sha256": ["abc"]}}}, ["adapters.1.0.0.sha256"]),
-    ({"schema_version": SCHEMA_VERSION, "snapshots": [{"id": "s", "user_hashes": "abc"}], "adapters": {}, "champion": None,
-      "history": []}, ["snapshots[0].user_hashes"]),
-    ({"schema_version": SCHEMA_VERSION, "snapshots": [], "adapters": {"1.0.0": {"status": "candidate", "snapshot": "s"}},
-      "champion": None, "history": []}, ["adapters.1.0.0.snapshot", "must be a dict"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [{"id": "s", "user_hashes": "abc"}], "adapters": {},
+      "champion": None, "history": []}, ["snapshots[0].user_hashes"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [], "champion": None, "history": [],
+      "adapters": {"1.0.0": {"status": "candidate", "snapshot": "s"}}}, ["adapters.1.0.0.snapshot", "must be a dict"]),
     ({"schema_version": SCHEMA_VERSION, "snapshots": [], "adapters": {}, "champion": None, "history": ["x"]},
      ["history[0]"]),
     ({"schema_version": "1", "snapshots": [], "adapters": {}, "champion": None, "history": []},
@@ -302,13 +302,15 @@ def test_registry_edited_into_nonsense_is_named_and_left_alone(settings, content
 
 def test_an_unversioned_registry_is_migrated_on_open(settings):
     """Registries from before `schema_version` existed are migrated (ordered, named steps), not refused."""
-    write_registry(settings, {"snapshots": [], "adapters": {"1.0.0": {"status": "candidate", "path": "adapters/1.0.0"}}})
+    unversioned = {"snapshots": [], "adapters": {"1.0.0": {"status": "candidate", "path": "adapters/1.0.0"}}}
+    write_registry(settings, unversioned)
     assert registry.MIGRATIONS[0][1] == "0001_unversioned_registry"
     result = invoke("adapters")
     assert result.exit_code == 0 and "1.0.0" in result.output, result.output
     registry.update(settings, lambda d: d, "test_noop")  # the next change writes the migrated document
     doc = orjson.loads(settings.registry_file.read_bytes())
-    assert doc["schema_version"] == registry.REGISTRY_SCHEMA_VERSION and doc["history"] == [] and doc["champion"] is None
+    assert doc["schema_version"] == registry.REGISTRY_SCHEMA_VERSION
+    assert doc["history"] == [] and doc["champion"] is None
 
 
 @pytest.mark.parametrize("content, needle", [

@@ -488,22 +488,23 @@ def test_only_the_served_host_names_and_origins_reach_the_api(workspace, monkeyp
         reply = client(url).chat.completions.create(model="champion", messages=QUESTION, max_tokens=2)
         ask = {"messages": QUESTION, "max_tokens": 2}
         rebound = {"host": f"attacker.example:{port}"}  # what a DNS-rebinding page's requests carry
-        for method, path, body in [("POST", "/v1/chat/completions", ask), ("POST", "/v1/feedback", feedback_body(reply, score=1)),
-                                   ("GET", "/v1/models", None), ("GET", "/healthz", None),
-                                   ("POST", "/v1/chat/completions", ask)]:
+        rate = feedback_body(reply, score=1)
+        for method, path, body in [("POST", "/v1/chat/completions", ask), ("POST", "/v1/feedback", rate),
+                                   ("GET", "/v1/models", None), ("GET", "/healthz", None)]:
             refused = httpx.request(method, f"{url}{path}", json=body, headers=rebound, timeout=60)
             assert refused.status_code == 400 and refused.json()["error"]["code"] == "host_not_allowed", path
         assert httpx.get(f"{url}/v1/models", headers={"host": f"localhost:{port}"}).status_code == 400
         assert httpx.get(f"{url}/v1/models", headers={"host": f"cl.internal:{port}"}).status_code == 200
         cross = [
-            httpx.post(f"{url}/v1/feedback", json=feedback_body(reply, score=1), headers={"origin": "http://evil.example"}),
-            httpx.post(f"{url}/v1/feedback", content=orjson.dumps(feedback_body(reply, score=1)),  # a "simple" request
+            httpx.post(f"{url}/v1/feedback", json=rate, headers={"origin": "http://evil.example"}),
+            httpx.post(f"{url}/v1/feedback", content=orjson.dumps(rate),  # a "simple" request: no preflight
                        headers={"origin": "null", "content-type": "text/plain"}),
             httpx.post(f"{url}/v1/chat/completions", json=ask, headers={"sec-fetch-site": "cross-site"}),
         ]
         assert [r.status_code for r in cross] == [403, 403, 403]
         assert {r.json()["error"]["code"] for r in cross} == {"origin_not_allowed"}
-        welcome = httpx.post(f"{url}/v1/chat/completions", json=ask, headers={"origin": "http://localhost:3000"}, timeout=60)
+        welcome = httpx.post(f"{url}/v1/chat/completions", json=ask, headers={"origin": "http://localhost:3000"},
+                             timeout=60)
         assert welcome.status_code == 200
     logged = interactions(load_settings())
     assert [i["id"] for i in logged] == [reply.id, welcome.json()["id"]]
@@ -513,7 +514,8 @@ def test_only_the_served_host_names_and_origins_reach_the_api(workspace, monkeyp
 def test_feedback_needs_its_completions_token_its_own_user_and_an_api_turn(settings, tmp_path):
     with running(admin_token=TOKEN) as (url, service):
         api = client(url)
-        raw = api.chat.completions.with_raw_response.create(model="champion", messages=QUESTION, max_tokens=2, user="alice")
+        raw = api.chat.completions.with_raw_response.create(model="champion", messages=QUESTION, max_tokens=2,
+                                                            user="alice")
         reply = raw.parse()
         assert reply.feedback_token and raw.headers["x-feedback-token"] == reply.feedback_token
         other = api.chat.completions.create(model="champion", messages=QUESTION, max_tokens=2)
@@ -531,7 +533,7 @@ def test_feedback_needs_its_completions_token_its_own_user_and_an_api_turn(setti
         assert [(r.status_code, r.json()["error"]["code"]) for r in refused] == [
             (403, "invalid_feedback_token"), (403, "invalid_feedback_token"), (403, "wrong_user")]
         assert post(feedback_body(reply, score=5, user="alice")).status_code == 201
-        own = api.post("/feedback", cast_to=httpx.Response, body=feedback_body(other, helpful=True))  # the openai client
+        own = api.post("/feedback", cast_to=httpx.Response, body=feedback_body(other, helpful=True))  # openai SDK
         assert own.status_code == 201
 
         source = tmp_path / "other_app.jsonl"
@@ -544,7 +546,8 @@ def test_feedback_needs_its_completions_token_its_own_user_and_an_api_turn(setti
             response = post(body, **headers)
             assert response.status_code == 403 and response.json()["error"]["code"] == "not_an_api_turn"
     events = [r for r in raw_log_lines(settings) if r["type"] == "feedback"]
-    assert [(e["interaction_id"], e["feedback"]) for e in events] == [(reply.id, {"score": 5}), (other.id, {"helpful": True})]
+    assert [(e["interaction_id"], e["feedback"]) for e in events] == [(reply.id, {"score": 5}),
+                                                                       (other.id, {"helpful": True})]
     assert b"attacker.example" not in settings.raw_log.read_bytes() and b"mallory" not in settings.raw_log.read_bytes()
 
 
@@ -580,7 +583,8 @@ def test_healthz_and_completions_report_a_key_that_cannot_record(workspace, monk
         for key, needle in ((second, "not the key this workspace"), ("not-a-fernet-key", "not a valid Fernet key")):
             monkeypatch.setenv("CL_ENCRYPTION_KEY", key)
             health = httpx.get(f"{url}/healthz")
-            assert health.status_code == 503 and health.json()["status"] == "error" and needle in health.json()["problem"]
+            assert health.status_code == 503 and health.json()["status"] == "error"
+            assert needle in health.json()["problem"]
             refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": QUESTION, "max_tokens": 2}, timeout=60)
             assert refused.status_code == 503 and refused.json()["error"]["code"] == "not_recorded"
         monkeypatch.setenv("CL_ENCRYPTION_KEY", first)

@@ -16,7 +16,7 @@ from . import registry
 from .errors import CLError, InputError, NothingToDo, RegistryError
 from .records import Interaction, helpful_verdict, new_id, parse_time, utc_now
 from .settings import ABConfig, Settings
-from .store import atomic_write_json, read_json
+from .store import atomic_write_json, joined_interactions, read_json
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 ARMS = (CHAMPION, CANDIDATE)
@@ -119,17 +119,13 @@ def rated_tallies(settings: Settings, key: Callable[[Interaction], Hashable | No
     """Rated/helpful counts per `key(interaction)` (None = not counted), feedback events merged in.
 
     Helpful = the curate verdict 'helpful' (score >= curate.helpful_threshold, or a plain 'y'); rated = any verdict."""
-    from .curate import Cursor, scan_feedback
-    from .ingest import iter_interactions
-
-    late = scan_feedback(settings.raw_log, Cursor()).feedback
     tallies: dict[Hashable, Tally] = {}
-    for interaction in iter_interactions(settings):
+    for interaction in joined_interactions(settings.raw_log):  # wrongly shaped lines are skipped by the shared reader
         group = key(interaction)
         if group is None:
             continue
-        feedback = interaction.feedback.merged(late[interaction.id]) if interaction.id in late else interaction.feedback
-        verdict = helpful_verdict(feedback, settings.curate.helpful_threshold, settings.curate.unhelpful_threshold)
+        verdict = helpful_verdict(interaction.feedback, settings.curate.helpful_threshold,
+                                  settings.curate.unhelpful_threshold)
         if verdict != "unrated":
             tallies[group] = tallies.get(group, Tally()).add(verdict == "helpful")
     return tallies
@@ -163,9 +159,26 @@ def load_test(settings: Settings) -> dict | None:
     return doc
 
 
+def stopped(test: dict, reason: str | None = None, promoted: bool = False, result: dict | None = None) -> dict:
+    """The test record once stopped (pure)."""
+    return {**test, "status": STOPPED, "stopped_at": utc_now(), "promoted": promoted, "result": result,
+            **({"reason": reason} if reason else {})}
+
+
 def running_test(settings: Settings) -> dict | None:
     test = load_test(settings)
     return test if test and test["status"] == RUNNING else None
+
+
+def can_serve(test: dict | None, doc: dict) -> bool:
+    """Whether a running test's candidate may still answer: registered and neither failed nor tainted (a forget
+    that taints it also stops the test; this guards the moments in between and hand-edited state files)."""
+    from .decisions import UNUSABLE
+
+    if not test or test.get("status") != RUNNING:
+        return False
+    entry = doc["adapters"].get(test.get("candidate"))
+    return entry is not None and entry.get("status") not in UNUSABLE
 
 
 def session_arm(test: dict | None, session_id: str, session_started: str) -> str | None:
@@ -240,16 +253,16 @@ def stop_test(settings: Settings, promote: bool = False) -> dict:
         current = load_test(settings)
         if not current or current["id"] != test["id"] or current["status"] != RUNNING:
             raise CLError("the A/B test changed while this command ran", "check 'cl ab status' and run it again")
-        stopped = {**current, "status": STOPPED, "stopped_at": utc_now(), "promoted": promoted is not None,
-                   "result": {"stats": report["stats"], "reasons": report["reasons"]}}
-        atomic_write_json(state_file(settings), stopped)
+        record = stopped(current, promoted=promoted is not None,
+                         result={"stats": report["stats"], "reasons": report["reasons"]})
+        atomic_write_json(state_file(settings), record)
     registry.log_event(
         settings, "ab_stop", test_id=test["id"], candidate=test["candidate"], champion=test["champion"],
         promoted=promoted is not None, promote_requested=promote, reasons=report["reasons"],
         champion_rated=report["stats"][CHAMPION]["rated"], candidate_rated=report["stats"][CANDIDATE]["rated"],
         difference=report["stats"]["difference"], p_value=report["stats"]["p_value"],
     )
-    return {**report, "test": stopped, "promoted": promoted is not None, "promote_requested": promote}
+    return {**report, "test": record, "promoted": promoted is not None, "promote_requested": promote}
 
 
 def _promote(settings: Settings, test: dict, reason: str) -> dict:

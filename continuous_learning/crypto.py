@@ -52,9 +52,12 @@ def _cannot_decrypt() -> EncryptionError:
 
 
 def cipher_from_env(env: Any = None) -> Cipher | None:
-    """The cipher for CL_ENCRYPTION_KEY, or None when encryption is off (the variable is unset or empty)."""
-    key = (os.environ if env is None else env).get(ENV_KEY, "") or ""
-    return Cipher(key) if key.strip() else None
+    """The cipher for CL_ENCRYPTION_KEY (or the 0600 file CL_ENCRYPTION_KEY_FILE names), or None when encryption
+    is off. Writers also check the key against the workspace's fingerprint (keys.load_salt)."""
+    from .keys import encryption_key
+
+    key = encryption_key(os.environ if env is None else env)
+    return Cipher(key) if key else None
 
 
 def is_sealed(value: Any) -> bool:

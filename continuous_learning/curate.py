@@ -19,7 +19,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import unicodedata
 from array import array
 from collections import Counter
@@ -38,8 +37,8 @@ from .crypto import cipher_from_env, open_messages, seal_messages
 from .errors import ConfigError
 from .records import FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict, parse_time
 from .settings import CurateConfig, Settings
-from .store import (FILE_MODE, ReadReport, atomic_write_json, atomic_write_lines, dumps_line, ensure_dir, iter_jsonl,
-                    remove_stale_temp_files, workspace_lock)
+from .store import (FILE_MODE, ReadReport, atomic_write_json, atomic_write_lines, dumps_line, ensure_dir, fsync_dir,
+                    iter_jsonl, remove_stale_temp_files, temp_file, workspace_lock)
 
 KIND_WEIGHTS = {"corrected": 2.0, "helpful": 1.0, "unrated": 0.5}
 KIND_RANK = {"corrected": 3, "helpful": 2, "unrated": 1, "replay": 0}
@@ -623,7 +622,7 @@ class Spool:
 
     def _open(self) -> None:  # on the first example, so a run that selects nothing creates nothing
         ensure_dir(self.folder)
-        fd, name = tempfile.mkstemp(dir=self.folder, prefix=".curate_spool.", suffix=".tmp")
+        fd, name = temp_file(self.folder / "curate_spool", prefix=".curate_spool.")
         os.fchmod(fd, FILE_MODE)
         self.path, self._file = Path(name), os.fdopen(fd, "w+b")
 
@@ -1603,6 +1602,7 @@ def write_snapshot(settings: Settings, doc: dict, train: Iterable[dict], eval_re
     cipher = cipher_from_env()
     seen_users: set[str] = set()
     written = Counter()
+    pending = mark_pending(folder, snapshot_id)  # before any file: proves to the next run that they are ours
 
     def lines(records: Iterable[dict], key: str) -> Iterator[bytes]:
         for record in records:
@@ -1625,6 +1625,7 @@ def write_snapshot(settings: Settings, doc: dict, train: Iterable[dict], eval_re
     }
     registry.update(settings, lambda d: registry.add_snapshot(d, entry), "snapshot_created", snapshot=snapshot_id,
                     train_examples=train_count, eval_examples=eval_count, note=manifest["note"])
+    pending.unlink(missing_ok=True)
     return manifest
 
 
@@ -1662,18 +1663,33 @@ def _next_cursor(gathered: Gathered, scan: FeedbackScan, previous: Cursor, pool:
     )
 
 
+def mark_pending(folder: Path, snapshot_id: str) -> Path:
+    """`.<snapshot id>.pending`, written before a snapshot's files and removed once it is registered."""
+    marker = ensure_dir(folder) / f".{snapshot_id}.pending"
+    os.close(os.open(marker, os.O_WRONLY | os.O_CREAT, FILE_MODE))
+    fsync_dir(folder)
+    return marker
+
+
 def remove_orphans(settings: Settings, snapshots: list[dict]) -> int:
-    """A curate killed before it registered its snapshot leaves temp files or an unregistered file set: both are
-    garbage (the registry is the source of truth), removed under the curate lock by the next run."""
-    removed = remove_stale_temp_files(settings.curated_dir)
+    """Remove what a curate killed before it registered its snapshot left: our temp files, and the files of a
+    snapshot whose `.pending` marker is still there while the registry does not list it. Nothing else is ever
+    deleted: a snapshot file without a marker may be listed in a registry we cannot see (moved, restored from an
+    older backup), and other files in the folder are not ours. Called under the curate lock."""
+    folder = settings.curated_dir
+    removed = remove_stale_temp_files(folder)
     registered = {s["id"] for s in snapshots}
-    for path in settings.curated_dir.glob("curated_*") if settings.curated_dir.exists() else []:
-        snapshot_id = path.name
-        for suffix in ("_manifest.json", "_eval.jsonl", ".jsonl"):
-            snapshot_id = snapshot_id.removesuffix(suffix)
+    for marker in sorted(folder.glob(".curated_*.pending")) if folder.exists() else []:
+        snapshot_id = marker.name[1:].removesuffix(".pending")
+        if not registry.SNAPSHOT_FILE.match(f"{snapshot_id}.jsonl"):
+            continue  # not a name this tool gives its snapshots
         if snapshot_id not in registered:
-            path.unlink()
-            removed += 1
+            for suffix in (".jsonl", "_eval.jsonl", "_manifest.json"):
+                path = folder / f"{snapshot_id}{suffix}"
+                if path.is_file() and not path.is_symlink():
+                    path.unlink()
+                    removed += 1
+        marker.unlink(missing_ok=True)
     return removed
 
 

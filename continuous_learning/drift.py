@@ -17,9 +17,10 @@ from typing import Iterable, Sequence
 
 from . import registry
 from .errors import InputError
-from .records import FEEDBACK, Feedback, Interaction, helpful_verdict, parse_time
+from .crypto import cipher_from_env
+from .records import Feedback, Interaction, helpful_verdict, parse_time
 from .settings import Settings
-from .store import iter_jsonl
+from .store import ReadReport, iter_jsonl, joined_interactions
 
 # Empty bins would make PSI infinite (log of zero); a tiny share stands in for "none seen", as is customary.
 EPSILON = 1e-4
@@ -330,32 +331,16 @@ def reference_window(settings: Settings, spec: str, recent_start: datetime) -> W
     return Window("champion", ids=ids, details=details)
 
 
-def late_feedback(settings: Settings) -> dict[str, Feedback]:
-    """Ratings that arrived after their turn, merged per interaction (scores and flags are never sealed)."""
-    merged: dict[str, Feedback] = {}
-    for _, record in iter_jsonl(settings.raw_log):
-        if isinstance(record, dict) and record.get("type") == FEEDBACK and record.get("interaction_id"):
-            key = str(record["interaction_id"])
-            later = Feedback.from_dict({k: v for k, v in (record.get("feedback") or {}).items() if k in ("score", "helpful")})
-            later.correction = "yes" if (record.get("feedback") or {}).get("correction") else None
-            merged[key] = merged.get(key, Feedback()).merged(later)
-    return merged
-
-
-def fill_windows(settings: Settings, reference: Window, recent: Window) -> list[tuple[datetime, str]]:
+def fill_windows(settings: Settings, reference: Window, recent: Window,
+                 report: ReadReport | None = None) -> list[tuple[datetime, str]]:
     """One streaming pass over the raw log; only the rows of the two windows are kept, plus (time, verdict) of
-    every rated turn outside the recent window (the concept-drift baseline of the champion reference)."""
-    from .ingest import iter_interactions
-
-    ratings = late_feedback(settings)
+    every rated turn outside the recent window (the concept-drift baseline of the champion reference).
+    Wrongly shaped lines are skipped and counted in `report` (the shared reader)."""
     curate = settings.curate
     rated: list[tuple[datetime, str]] = []
-    for interaction in iter_interactions(settings):
-        try:
-            moment = parse_time(interaction.created_at)
-        except (TypeError, ValueError):
-            continue
-        feedback = interaction.feedback.merged(ratings[interaction.id]) if interaction.id in ratings else interaction.feedback
+    for interaction in joined_interactions(settings.raw_log, report, cipher_from_env(), open_texts=True):
+        moment = parse_time(interaction.created_at)
+        feedback = interaction.feedback
         in_ref, in_recent = reference.contains(interaction.id, moment), recent.contains(interaction.id, moment)
         if not (in_ref or in_recent):
             judged = helpful_verdict(feedback, curate.helpful_threshold, curate.unhelpful_threshold)
@@ -399,9 +384,13 @@ def check_drift(settings: Settings, reference: str | None = None, recent_days: i
     now = now or datetime.now(timezone.utc)
     recent = Window("recent", start=now - timedelta(days=days), end=now + timedelta(seconds=1), details={"days": days})
     ref = reference_window(settings, spec, recent.start)
-    rated_elsewhere = fill_windows(settings, ref, recent)
+    report = ReadReport()
+    rated_elsewhere = fill_windows(settings, ref, recent, report)
     baseline, basis = concept_baseline(ref, rated_elsewhere, recent.start)
     result = build_result(ref, recent, config, now, baseline, basis)
+    result["skipped_lines"] = report.skipped
+    if report.skipped:
+        result["notes"].append(f"raw log: {report.skipped} unreadable or wrongly shaped line(s) skipped")
     if log:
         registry.log_event(settings, "drift", status=result["status"], reference=result["reference"]["kind"],
                            n_reference=result["reference"]["n"], n_recent=result["recent"]["n"],

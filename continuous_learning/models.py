@@ -286,6 +286,20 @@ class ChatModel:
             self.model.merge_adapter()
         self.active = version
 
+    def serve_adapter(self, settings: Settings, doc: dict, version: str | None) -> None:
+        """Serve a registered version (None = the base) after checking its files against the sha256 the registry
+        recorded (RegistryError when they differ), so a chat, the service or an A/B arm never answers with
+        weights that changed behind the registry's back. Versions already loaded were checked when they were."""
+        if version is not None and version not in self.adapters:
+            from .decisions import verify_adapter_files
+
+            entry = doc["adapters"].get(version)
+            if entry is None:
+                raise ModelNotFoundError(f"adapter {version} is not registered", "see 'cl adapters'")
+            self.use(version, verify_adapter_files(settings, {"version": version, **entry}))
+            return
+        self.use(version)
+
     def _load_adapter(self, version: str, folder: Path | None) -> None:
         quiet_known_warnings()  # before peft imports bitsandbytes
         from peft import PeftModel
@@ -444,6 +458,11 @@ class LoadingChatModel:
         if version is None and self._model is None:
             return  # the base is what will load
         self.loaded().use(version, folder)
+
+    def serve_adapter(self, settings: Settings, doc: dict, version: str | None) -> None:
+        if version is None and self._model is None:
+            return
+        self.loaded().serve_adapter(settings, doc, version)
 
     def __getattr__(self, name: str):
         return getattr(self.loaded(), name)

@@ -14,9 +14,9 @@ from typing import Any, Iterable
 
 from . import registry
 from .errors import CLError
-from .records import FEEDBACK, INTERACTION, Feedback, helpful_verdict, parse_time
+from .records import Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_time
 from .settings import Settings
-from .store import ReadReport, iter_jsonl, read_json
+from .store import ReadReport, iter_jsonl, read_json, read_log
 
 TRACKED_EVENTS = ("snapshot_created", "adapter_trained", "train_failed", "eval", "promote", "rollback", "drift", "cycle",
                   "health_rollback", "ab_start", "ab_stop")
@@ -98,31 +98,28 @@ class Traffic:
     def verdict(self, feedback: Feedback) -> str:
         return helpful_verdict(feedback, self.helpful_threshold, self.unhelpful_threshold)
 
-    def add_interaction(self, record: dict) -> None:
+    def add_interaction(self, record: Interaction) -> None:
         self.total += 1
-        feedback = Feedback.from_dict(record.get("feedback"))
-        try:
-            moment = parse_time(str(record.get("created_at")))
-        except ValueError:
-            moment = None
-        day = moment.date().isoformat() if moment and moment.date() >= self.first_day else None
+        feedback = record.feedback
+        moment = parse_time(record.created_at)  # the shared parser checked it
+        day = moment.date().isoformat() if moment.date() >= self.first_day else None
         if day is not None and day not in self.per_day:
             day = None  # dated in the future
-        arm = record.get("ab_arm") if record.get("ab_arm") and (self.ab_since is None or (moment and moment >= self.ab_since)) else None
+        arm = record.ab_arm if record.ab_arm and (self.ab_since is None or moment >= self.ab_since) else None
         if day:
             self.per_day[day]["turns"] += 1
         if arm:
             self.arms.setdefault(arm, {"turns": 0, **{k: 0 for k in RATED}})["turns"] += 1
         self._move(None, self.verdict(feedback), day, arm)
-        self.open[str(record.get("id"))] = (day, arm, feedback)
+        self.open[record.id] = (day, arm, feedback)
 
-    def add_feedback(self, record: dict) -> None:
+    def add_feedback(self, record: FeedbackEvent) -> None:
         self.feedback_events += 1
-        key = str(record.get("interaction_id"))
+        key = record.interaction_id
         if key not in self.open:
             return
         day, arm, before = self.open[key]
-        after = before.merged(Feedback.from_dict(record.get("feedback")))
+        after = before.merged(record.feedback)
         self._move(self.verdict(before), self.verdict(after), day, arm)
         self.open[key] = (day, arm, after)
 
@@ -153,12 +150,10 @@ class Traffic:
 
 def scan_raw_log(settings: Settings, now: datetime, days: int, ab_since: datetime | None) -> tuple[dict, ReadReport]:
     traffic, report = Traffic(settings, now, days, ab_since), ReadReport()
-    for _, record in iter_jsonl(settings.raw_log, report):
-        if not isinstance(record, dict):
-            continue
-        if record.get("type") == INTERACTION:
+    for _, record in read_log(settings.raw_log, report):
+        if isinstance(record, Interaction):
             traffic.add_interaction(record)
-        elif record.get("type") == FEEDBACK:
+        else:
             traffic.add_feedback(record)
     return traffic.summary(), report
 
@@ -273,7 +268,8 @@ def collect_status(settings: Settings, days: int = 14, now: datetime | None = No
     ab = ab if isinstance(ab, dict) else None
     traffic, report = scan_raw_log(settings, now, days, _started(ab))
     if report.skipped or report.torn_tail:
-        notes.append(f"raw log: {report.skipped} unreadable line(s) skipped" + (", torn last line" if report.torn_tail else ""))
+        notes.append(f"raw log: {report.skipped} unreadable or wrongly shaped line(s) skipped"
+                     + (", torn last line" if report.torn_tail else ""))
     events = scan_events(settings.learning_events)
     if ab is not None:
         ab = {**ab, "arms": traffic["ab_arms"]}

@@ -26,6 +26,71 @@ def parse_time(text: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
+class BadRecord(ValueError):
+    """A stored record of the wrong shape. The message names the field, so readers can count and report it."""
+
+
+# --- field checks for the ONE tolerant parser (every reader of the logs goes through it) ------------------
+_MISSING = object()
+
+
+def _get(data: dict, name: str, check, default: Any = None, where: str = "") -> Any:
+    value = data.get(name, _MISSING)
+    if value is _MISSING or value is None:
+        return default
+    if not check(value):
+        raise BadRecord(f"field '{where}{name}' has the wrong type ({type(value).__name__}: {str(value)[:40]!r})")
+    return value
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _required_str(data: dict, name: str) -> str:
+    value = data.get(name)
+    if not isinstance(value, str) or not value:
+        raise BadRecord(f"field '{name}' must be a non-empty string (got {type(value).__name__})")
+    return value
+
+
+def _time_text(data: dict, name: str, required: bool = True) -> str | None:
+    value = data.get(name)
+    if value is None and not required:
+        return None
+    if not isinstance(value, str):
+        raise BadRecord(f"field '{name}' must be an ISO-8601 time string (got {type(value).__name__})")
+    try:
+        parse_time(value)
+    except ValueError:
+        raise BadRecord(f"field '{name}' is not an ISO-8601 time ({value[:40]!r})") from None
+    return value
+
+
+def _messages(value: Any) -> list[dict]:
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in value
+    ):
+        raise BadRecord("field 'messages' must be a list of {role, content} strings")
+    return value
+
+
 def new_id() -> str:
     return str(uuid.uuid4())
 
@@ -52,8 +117,24 @@ class Feedback:
 
     @classmethod
     def from_dict(cls, data: dict | None) -> "Feedback":
+        """As given, unchecked (input parsing validates afterwards). Stored records go through `parse`."""
         data = data or {}
         return cls(**{k: data.get(k) for k in ("score", "helpful", "comment", "correction", "private")})
+
+    @classmethod
+    def parse(cls, data: Any, where: str = "feedback") -> "Feedback":
+        """A stored feedback object, checked field by field; BadRecord names the first wrong one."""
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise BadRecord(f"field '{where}' must be an object (got {type(data).__name__})")
+        score = _get(data, "score", _is_int, where=f"{where}.")
+        if score is not None and not 1 <= score <= 5:
+            raise BadRecord(f"field '{where}.score' must be 1-5 (got {score})")
+        return cls(score=score, helpful=_get(data, "helpful", _is_bool, where=f"{where}."),
+                   comment=_get(data, "comment", _is_str, where=f"{where}."),
+                   correction=_get(data, "correction", _is_str, where=f"{where}."),
+                   private=_get(data, "private", _is_bool, where=f"{where}."))
 
 
 @dataclass
@@ -84,16 +165,24 @@ class Interaction:
         return {"schema_version": SCHEMA_VERSION, "type": INTERACTION, **data}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Interaction":
-        known = {f for f in cls.__dataclass_fields__}
-        values = {k: v for k, v in data.items() if k in known}
-        values["feedback"] = Feedback.from_dict(data.get("feedback"))
-        messages = values.get("messages")
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
-        ):
-            raise ValueError("messages must be a list of {role, content} strings")
-        return cls(**values)
+    def from_dict(cls, data: Any) -> "Interaction":
+        """A stored interaction, every field checked; BadRecord (a ValueError) names the first wrong one."""
+        if not isinstance(data, dict):
+            raise BadRecord(f"an interaction must be a JSON object (got {type(data).__name__})")
+        created_at = _time_text(data, "created_at")
+        return cls(
+            messages=_messages(data.get("messages")), session_id=_get(data, "session_id", _is_str, ""),
+            user_hash=_get(data, "user_hash", _is_str), model=_get(data, "model", _is_str, ""),
+            adapter_version=_get(data, "adapter_version", _is_str), target_tool=_get(data, "target_tool", _is_str),
+            language=_get(data, "language", _is_str), prompt_tokens=_get(data, "prompt_tokens", _is_int),
+            completion_tokens=_get(data, "completion_tokens", _is_int), latency_ms=_get(data, "latency_ms", _is_number),
+            feedback=Feedback.parse(data.get("feedback")),
+            pii_entities=list(_get(data, "pii_entities", _is_str_list, [])),
+            pii_flagged=_get(data, "pii_flagged", _is_bool, False), truncated=_get(data, "truncated", _is_bool, False),
+            source=_get(data, "source", _is_str, "chat"), ab_arm=_get(data, "ab_arm", _is_str),
+            id=_required_str(data, "id"), created_at=created_at,
+            recorded_at=_time_text(data, "recorded_at", required=False) or created_at,
+        )
 
     @property
     def prompt(self) -> str:
@@ -124,6 +213,33 @@ class FeedbackEvent:
             "source": self.source,
             "feedback": self.feedback.to_dict(),
         }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "FeedbackEvent":
+        """A stored feedback event, every field checked; BadRecord names the first wrong one."""
+        if not isinstance(data, dict):
+            raise BadRecord(f"a feedback event must be a JSON object (got {type(data).__name__})")
+        if data.get("feedback") is None:
+            raise BadRecord("field 'feedback' is missing")
+        return cls(interaction_id=_required_str(data, "interaction_id"), feedback=Feedback.parse(data.get("feedback")),
+                   user_hash=_get(data, "user_hash", _is_str), source=_get(data, "source", _is_str, "chat"),
+                   id=_required_str(data, "id"), created_at=_time_text(data, "created_at"))
+
+
+def parse_log_record(data: Any) -> "Interaction | FeedbackEvent | None":
+    """The ONE parser of raw-log lines: an Interaction, a FeedbackEvent, None for other kinds of line (events),
+    or BadRecord naming what is wrong. Every reader (status, drift, report, A/B, health, forget, retention,
+    export) goes through it, so none can accept what another rejects."""
+    if not isinstance(data, dict):
+        raise BadRecord(f"a log line must be a JSON object (got {type(data).__name__})")
+    kind = data.get("type")
+    if kind == INTERACTION:
+        return Interaction.from_dict(data)
+    if kind == FEEDBACK:
+        return FeedbackEvent.from_dict(data)
+    if kind is None or not isinstance(kind, str):
+        raise BadRecord("field 'type' is missing or not a string")
+    return None
 
 
 def learning_event(kind: str, **details: Any) -> dict:

@@ -7,6 +7,7 @@ and a line in `logs/learning_events.jsonl`.
 from __future__ import annotations
 
 import copy
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -17,43 +18,140 @@ from .settings import Settings
 from .store import append_jsonl, atomic_write_json, read_json, remove_stale_temp_files, workspace_lock
 
 ADAPTER_STATUSES = ("candidate", "champion", "archived", "failed", "tainted")
+REGISTRY_SCHEMA_VERSION = SCHEMA_VERSION
+SNAPSHOT_FILE = re.compile(r"^(curated_\d{8}_\d{6}(?:_\d+)?)(\.jsonl|_eval\.jsonl|_manifest\.json)$")
+VERSION_DIR = re.compile(r"^\d+\.\d+\.\d+$")
+ADAPTER_MARKERS = ("lineage.json",)  # written by every `cl train` into its adapter folder
+FIX = ("restore it from git or a backup; to start a new registry, move it away together with data/curated/ "
+       "and the adapters/<version>/ folders")
 
 
 def empty_registry() -> dict:
-    return {"schema_version": SCHEMA_VERSION, "snapshots": [], "adapters": {}, "champion": None, "history": []}
+    return {"schema_version": REGISTRY_SCHEMA_VERSION, "snapshots": [], "adapters": {}, "champion": None, "history": []}
+
+
+# --- migrations: ordered, named, applied on open (the next update writes the migrated document) ---------
+def _m1_unversioned(doc: dict) -> dict:
+    """Registries written before `schema_version` existed: add the version and any missing top-level key."""
+    return {**empty_registry(), **doc, "schema_version": 1}
+
+
+MIGRATIONS: list[tuple[int, str, Callable[[dict], dict]]] = [(0, "0001_unversioned_registry", _m1_unversioned)]
+
+
+def migrate(doc: dict, where: str = "adapters/registry.json") -> dict:
+    """Bring an older registry document up to REGISTRY_SCHEMA_VERSION, one named step at a time."""
+    version = doc.get("schema_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise RegistryError(f"{where}: field 'schema_version' must be an integer (got {version!r})", FIX)
+    if version > REGISTRY_SCHEMA_VERSION:
+        raise RegistryError(f"{where}: schema_version {version} was written by a newer cl (this one knows "
+                            f"{REGISTRY_SCHEMA_VERSION})", "upgrade cl, or restore an older registry")
+    for source, _name, step in MIGRATIONS:
+        if version == source:
+            doc = step(doc)
+            version = doc["schema_version"]
+    return doc
+
+
+# --- validation: every field the code reads, named when wrong --------------------------------------------
+_SNAPSHOT_FIELDS = {"id": str, "file": str, "eval_file": str, "manifest": str, "sha256": str, "eval_sha256": str,
+                    "user_hashes": list, "counts": dict, "cursor": dict, "created_at": str, "note": str}
+_ADAPTER_FIELDS = {"version": str, "path": str, "sha256": dict, "user_hashes": list, "snapshot": dict, "evals": list,
+                   "base_model": dict, "parent": str, "metrics": dict, "created_at": str, "lineage": dict}
+
+
+def _bad(field_name: str, what: str, where: str) -> RegistryError:
+    return RegistryError(f"{where}: field '{field_name}' {what}", FIX)
+
+
+def _check_fields(entry: Any, spec: dict[str, type], prefix: str, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise _bad(prefix, "must be an object", where)
+    for key, typ in spec.items():
+        value = entry.get(key)
+        if value is not None and (not isinstance(value, typ) or isinstance(value, bool)):
+            raise _bad(f"{prefix}.{key}", f"must be a {typ.__name__} (got {type(value).__name__})", where)
+    for key in ("user_hashes",):
+        if not all(isinstance(h, str) for h in entry.get(key) or []):
+            raise _bad(f"{prefix}.{key}", "must be a list of strings", where)
+
+
+def _check_adapter(version: str, entry: Any, where: str) -> None:
+    prefix = f"adapters.{version}"
+    _check_fields(entry, _ADAPTER_FIELDS, prefix, where)
+    if entry.get("status") not in ADAPTER_STATUSES:
+        raise _bad(f"{prefix}.status", f"must be one of {', '.join(ADAPTER_STATUSES)}", where)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in (entry.get("sha256") or {}).items()):
+        raise _bad(f"{prefix}.sha256", "must map file names to sha256 strings", where)
+    snapshot = entry.get("snapshot") or {}
+    if snapshot.get("id") is not None and not isinstance(snapshot["id"], str):
+        raise _bad(f"{prefix}.snapshot.id", "must be a string", where)
+    if not all(isinstance(e, dict) for e in entry.get("evals") or []):
+        raise _bad(f"{prefix}.evals", "must be a list of objects", where)
 
 
 def validate(doc: Any, where: str = "adapters/registry.json") -> dict:
     """Reject a registry edited into nonsense, naming the bad field."""
-    fix = "restore it from git/backup, or move it away to start a new registry"
-
-    def bad(field_name: str, what: str) -> RegistryError:
-        return RegistryError(f"{where}: field '{field_name}' {what}", fix)
-
     if not isinstance(doc, dict):
-        raise RegistryError(f"{where}: expected a JSON object", fix)
+        raise RegistryError(f"{where}: expected a JSON object", FIX)
     for key, typ in (("snapshots", list), ("adapters", dict), ("history", list)):
         if not isinstance(doc.get(key), typ):
-            raise bad(key, f"must be a {typ.__name__}")
-    if doc.get("schema_version") != SCHEMA_VERSION:
-        raise bad("schema_version", f"must be {SCHEMA_VERSION}")
+            raise _bad(key, f"must be a {typ.__name__}", where)
+    if doc.get("schema_version") != REGISTRY_SCHEMA_VERSION:
+        raise _bad("schema_version", f"must be {REGISTRY_SCHEMA_VERSION}", where)
     champion = doc.get("champion")
-    if champion is not None and champion not in doc["adapters"]:
-        raise bad("champion", f"names '{champion}', which is not in 'adapters'")
+    if champion is not None and (not isinstance(champion, str) or champion not in doc["adapters"]):
+        raise _bad("champion", f"names '{champion}', which is not in 'adapters'", where)
     for i, snap in enumerate(doc["snapshots"]):
-        if not isinstance(snap, dict) or not isinstance(snap.get("id"), str):
-            raise bad(f"snapshots[{i}].id", "must be a string")
+        _check_fields(snap, _SNAPSHOT_FIELDS, f"snapshots[{i}]", where)
+        if not isinstance(snap.get("id"), str):
+            raise _bad(f"snapshots[{i}].id", "must be a string", where)
     for version, entry in doc["adapters"].items():
-        if not isinstance(entry, dict):
-            raise bad(f"adapters.{version}", "must be an object")
-        if entry.get("status") not in ADAPTER_STATUSES:
-            raise bad(f"adapters.{version}.status", f"must be one of {', '.join(ADAPTER_STATUSES)}")
+        _check_adapter(version, entry, where)
+    for i, move in enumerate(doc["history"]):
+        if not isinstance(move, dict):
+            raise _bad(f"history[{i}]", "must be an object", where)
     return doc
+
+
+# --- opening -------------------------------------------------------------------------------------------
+def unregistered_evidence(settings: Settings) -> tuple[int, int]:
+    """(snapshot files, adapter folders) on disk that only a registry could have listed. Files of a curate
+    that had not registered its snapshot yet (its `.pending` marker is still there) do not count."""
+    pending = {p.name[1:].removesuffix(".pending") for p in _glob(settings.curated_dir, ".curated_*.pending")}
+    snapshots = sum(1 for p in _glob(settings.curated_dir, "curated_*")
+                    if (m := SNAPSHOT_FILE.match(p.name)) and m.group(1) not in pending)
+    adapters = sum(1 for p in _glob(settings.adapters_dir, "*")
+                   if p.is_dir() and VERSION_DIR.match(p.name) and any((p / n).exists() for n in ADAPTER_MARKERS))
+    return snapshots, adapters
+
+
+def _glob(folder: Path, pattern: str) -> list[Path]:
+    return sorted(folder.glob(pattern)) if folder.is_dir() else []
+
+
+def refuse_if_lost(settings: Settings) -> None:
+    """A missing registry beside existing snapshots or adapters is a lost registry, not a new workspace:
+    refuse, so that nothing treats every file as an orphan."""
+    snapshots, adapters = unregistered_evidence(settings)
+    if snapshots or adapters:
+        raise RegistryError(
+            f"{settings.registry_file} is missing, but the workspace holds {snapshots} snapshot file(s) and "
+            f"{adapters} adapter folder(s) that only it can account for; nothing was changed",
+            "put the registry back (from a backup or git); to really start afresh, first move data/curated/ "
+            "and the adapters/<version>/ folders out of the workspace")
 
 
 def load(settings: Settings) -> dict:
     doc = read_json(settings.registry_file)
-    return empty_registry() if doc is None else validate(doc, str(settings.registry_file))
+    if doc is None:
+        refuse_if_lost(settings)
+        return empty_registry()
+    where = str(settings.registry_file)
+    if not isinstance(doc, dict):
+        raise RegistryError(f"{where}: expected a JSON object", FIX)
+    return validate(migrate(doc, where), where)
 
 
 def log_event(settings: Settings, kind: str, **details: Any) -> None:

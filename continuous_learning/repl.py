@@ -93,7 +93,7 @@ class ChatSession:
             self.console.print(f"[yellow]registry unreadable, keeping the current adapter: {exc}[/yellow]")
             return
         champion = doc.get("champion")
-        self.ab_arm = ab.session_arm(test, self.session_id, self.started_at) if test and test["candidate"] in doc["adapters"] else None
+        self.ab_arm = ab.session_arm(test, self.session_id, self.started_at) if ab.can_serve(test, doc) else None
         if self.ab_arm == ab.CANDIDATE and self._serve(doc, test["candidate"]):
             return
         if self.ab_arm == ab.CANDIDATE:  # the candidate cannot be loaded: answer with the champion, outside the test
@@ -106,9 +106,8 @@ class ChatSession:
     def _serve(self, doc: dict, version: str | None) -> bool:
         if version == self.chat_model.active:
             return True
-        folder = registry.confined(self.settings, doc["adapters"][version]["path"]) if version else None
         try:
-            self.chat_model.use(version, folder)
+            self.chat_model.serve_adapter(self.settings, doc, version)  # checks the files' sha256 first
         except CLError as exc:
             self.console.print(f"[yellow]cannot load adapter {version}, staying on {self.chat_model.active or 'base'}: {exc}[/yellow]")
             return False

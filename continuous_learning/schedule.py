@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import keys
 from .errors import CLError, ConfigError
 from .settings import CycleConfig, Settings
 from .store import ensure_dir
@@ -109,14 +110,60 @@ def markers(home: Path) -> tuple[str, str]:
     return f"# >>> cl schedule {home} >>>", f"# <<< cl schedule {home} <<<"
 
 
-def render_cron_block(home: Path, command: list[str], config: CycleConfig) -> str:
-    """Our crontab lines for one workspace, between its markers."""
+# --- the secrets the jobs need --------------------------------------------------------------------------
+def secrets_dir(home: Path) -> Path:
+    """Where `cl schedule install` keeps this workspace's key and salt for its jobs: outside the workspace (a copy
+    of the workspace never carries its key), owner-only."""
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "cl" / "secrets" / unit_prefix(home)
+
+
+def job_secrets(settings: Settings, env: dict | None = None) -> dict[str, str]:
+    """Environment for the jobs: *_FILE variables naming 0600 files that hold the key and the salt this shell
+    uses (written now when they come from the environment). Never a secret itself: those stay off every command
+    line and out of the crontab."""
+    env = dict(os.environ) if env is None else env
+    out: dict[str, str] = {}
+    key_file = _secret_file(env, keys.KEY_ENV, keys.KEY_FILE_ENV, secrets_dir(settings.home) / "encryption_key")
+    if key_file:
+        out[keys.KEY_FILE_ENV] = key_file
+    elif keys.recorded_fingerprints(settings.salt_file.parent).get("encryption_key"):
+        raise CLError("this workspace's texts are encrypted, but CL_ENCRYPTION_KEY is not set here: the scheduled "
+                      "jobs could not read them", "set CL_ENCRYPTION_KEY (or CL_ENCRYPTION_KEY_FILE) and install again")
+    salt_file = _secret_file(env, keys.SALT_ENV, keys.SALT_FILE_ENV, secrets_dir(settings.home) / "user_hash_salt")
+    if salt_file:
+        out[keys.SALT_FILE_ENV] = salt_file
+    keys.load_salt(settings.salt_file, env, record=False)  # the salt and key must be the workspace's own
+    return out
+
+
+def _secret_file(env: dict, variable: str, file_variable: str, target: Path) -> str | None:
+    if (env.get(variable) or "").strip():
+        return str(keys.write_secret_file(target, env[variable].strip()))
+    if env.get(file_variable):
+        path = Path(env[file_variable]).expanduser().resolve()
+        keys.read_secret_file(path, file_variable)  # readable, owner-only
+        return str(path)
+    return None
+
+
+def remove_job_secrets(home: Path) -> None:
+    folder = secrets_dir(home)
+    for name in ("encryption_key", "user_hash_salt"):
+        (folder / name).unlink(missing_ok=True)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def render_cron_block(home: Path, command: list[str], config: CycleConfig, env: dict[str, str] | None = None) -> str:
+    """Our crontab lines for one workspace, between its markers (`env`: variables set for each job)."""
     begin, end = markers(home)
     lines = [begin, "# written by 'cl schedule install'; remove with 'cl schedule remove'"]
+    assignments = "".join(f"{name}={shlex.quote(value)} " for name, value in sorted((env or {}).items()))
     for job in jobs(config):
         parse_cron(job.cron)
         run = shlex.join([*command, "cycle", "--only", job.steps]) + f" >> {shlex.quote(str(cron_log(home)))} 2>&1"
-        lines.append(f"{job.cron} {run.replace('%', chr(92) + '%')}")  # cron turns a bare % into a newline
+        lines.append(f"{job.cron} {(assignments + run).replace('%', chr(92) + '%')}")  # cron: a bare % is a newline
     lines.append(end)
     return "\n".join(lines) + "\n"
 
@@ -163,15 +210,17 @@ def _systemd_quote(arg: str) -> str:
     return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def render_units(home: Path, command: list[str], config: CycleConfig) -> dict[str, str]:
-    """File name -> content of one .service and one .timer per job."""
+def render_units(home: Path, command: list[str], config: CycleConfig,
+                 env: dict[str, str] | None = None) -> dict[str, str]:
+    """File name -> content of one .service and one .timer per job (`env`: variables set for each job)."""
     units = {}
+    environment = "".join(f"Environment={_systemd_quote(f'{k}={v}')}\n" for k, v in sorted((env or {}).items()))
     for job in jobs(config):
         name = f"{unit_prefix(home)}-{job.name}"
         exec_start = " ".join(_systemd_quote(a) for a in [*command, "cycle", "--only", job.steps])
         units[f"{name}.service"] = (
             f"[Unit]\nDescription=cl cycle ({job.name}: {job.steps}) for {home}\n\n"
-            f"[Service]\nType=oneshot\nExecStart={exec_start}\n"
+            f"[Service]\nType=oneshot\n{environment}ExecStart={exec_start}\n"
         )
         units[f"{name}.timer"] = (
             f"[Unit]\nDescription=cl cycle ({job.name}) for {home}, cron '{job.cron}'\n\n"
@@ -206,7 +255,7 @@ def write_crontab(text: str) -> None:
 
 def install_cron(settings: Settings) -> str:
     """Install (or replace) this workspace's block; returns the block."""
-    block = render_cron_block(settings.home, cl_command(settings.home), settings.cycle)
+    block = render_cron_block(settings.home, cl_command(settings.home), settings.cycle, job_secrets(settings))
     ensure_dir(cron_log(settings.home).parent)  # the redirect fails (and the job never runs) without it
     write_crontab(merge_crontab(read_crontab(), block, settings.home))
     return block
@@ -217,6 +266,8 @@ def remove_cron(settings: Settings) -> bool:
     rest, found = strip_block(current, settings.home)
     if found:
         write_crontab(rest)
+    if not installed_units(settings.home):  # the timers may still need them
+        remove_job_secrets(settings.home)
     return found
 
 
@@ -247,7 +298,8 @@ def install_systemd(settings: Settings) -> tuple[list[Path], list[str]]:
     folder = unit_dir()
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, text in render_units(settings.home, cl_command(settings.home), settings.cycle).items():
+    units = render_units(settings.home, cl_command(settings.home), settings.cycle, job_secrets(settings))
+    for name, text in units.items():
         (folder / name).write_text(text, encoding="utf-8")
         written.append(folder / name)
     timers = [p.name for p in written if p.suffix == ".timer"]
@@ -261,9 +313,18 @@ def remove_systemd(settings: Settings) -> tuple[list[Path], list[str]]:
     warnings = [w for w in [_systemctl("disable", "--now", *timers) if timers else None] if w]
     for path in units:
         path.unlink()
+    if not _cron_block_installed(settings.home):  # the crontab may still need them
+        remove_job_secrets(settings.home)
     if units:
         warnings += [w for w in [_systemctl("daemon-reload")] if w]
     return units, warnings
+
+
+def _cron_block_installed(home: Path) -> bool:
+    try:
+        return find_block(read_crontab(), home) is not None
+    except CLError:
+        return False
 
 
 def show(settings: Settings) -> dict:

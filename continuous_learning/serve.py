@@ -9,8 +9,10 @@ Admin routes (curate, train, rollback, status, jobs) exist only when CL_ADMIN_TO
 from __future__ import annotations
 
 import asyncio
+import base64
 import collections
 import concurrent.futures
+import hashlib
 import hmac
 import math
 import os
@@ -21,31 +23,37 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
+from urllib.parse import urlsplit
 
 import orjson
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
 from . import registry
+from .crypto import cipher_from_env
 from .decisions import BASE, UNUSABLE, rollback_champion, sorted_versions
 from .errors import CLError, ConfigError, InputError, LockHeldError, ModelNotFoundError, NothingToDo, RegistryError
-from .ingest import Recorder, Turn, find_interaction, record_generation
+from .ingest import Recorder, Turn, record_generation
 from .jobs import JobConflict, JobManager
+from .keys import secrets_problem, workspace_secret
 from .models import ChatModel, GenerationStats
 from .monitor import collect_status
 from .records import Feedback, Interaction, new_id
 from .settings import Settings
+from .store import file_lock, find_joined
 
 CHAMPION = "champion"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 ADMIN_TOKEN_ENV = "CL_ADMIN_TOKEN"
+FEEDBACK_KEY_FILE = "serve_feedback_key"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
                422: "invalid_request_error", 503: "service_unavailable", 500: "server_error"}
+MAX_STOP_CHARS = 200
 
 
 # --- errors in OpenAI's shape ------------------------------------------------------------------------
@@ -166,6 +174,55 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK or host.startswith("127.")
 
 
+def host_name(header: str | None) -> str | None:
+    """The host of a Host header ('127.0.0.1:8000' -> '127.0.0.1', '[::1]:8000' -> '::1'), or None if malformed."""
+    if not header or any(c.isspace() or c in "/?#@" for c in header):
+        return None
+    try:
+        parts = urlsplit("//" + header)
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        return None
+    return parts.hostname
+
+
+def allowed_hosts(settings: Settings) -> set[str]:
+    """The configured names plus the address bound to (unless it is a wildcard such as 0.0.0.0)."""
+    names = {h.strip().lower().strip("[]") for h in settings.serve.allowed_hosts if h.strip()}
+    bound = settings.serve.host.strip().lower().strip("[]")
+    return names | ({bound} if bound not in ("", "0.0.0.0", "::") else set())
+
+
+def origin_allowed(origin: str, host_header: str, allowed: list[str]) -> bool:
+    """A browser Origin may call the API only when configured, or when it is this very server (same origin)."""
+    if origin == "null":
+        return False
+    normal = origin.rstrip("/").lower()
+    if normal in {o.rstrip("/").lower() for o in allowed}:
+        return True
+    return urlsplit(normal).netloc == host_header.lower()
+
+
+class FeedbackTokens:
+    """Per-interaction tokens handed out with each completion: only a client that received an answer can rate it.
+
+    token = HMAC-SHA256(workspace secret, interaction id), so nothing is stored and tokens survive restarts."""
+
+    def __init__(self, secret: bytes):
+        self.secret = secret
+
+    @classmethod
+    def of(cls, settings: Settings) -> "FeedbackTokens":
+        return cls(workspace_secret(settings.lock_dir.parent / FEEDBACK_KEY_FILE))
+
+    def mint(self, interaction_id: str) -> str:
+        digest = hmac.new(self.secret, f"feedback:{interaction_id}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:24]).decode("ascii")
+
+    def valid(self, interaction_id: str, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(self.mint(interaction_id).encode(), str(token).encode())
+
+
 # --- request schemas -------------------------------------------------------------------------------------
 class TextPart(BaseModel):
     type: Literal["text"]
@@ -187,7 +244,7 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = CHAMPION
+    model: str = Field(CHAMPION, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
@@ -204,22 +261,34 @@ class ChatRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
             raise ApiError(422, "'stop' takes at most 4 strings", "invalid_value", "stop")
+        if any(len(s) > MAX_STOP_CHARS for s in stops):
+            raise ApiError(422, f"a 'stop' string is longer than {MAX_STOP_CHARS} characters", "invalid_value", "stop")
         return stops
 
 
 class FeedbackRequest(BaseModel):
+    """Every field checked here, before anything reaches the writer thread (types, ranges, lengths)."""
+
     model_config = ConfigDict(extra="forbid")
-    interaction_id: str = Field(min_length=1, max_length=100)
-    score: Any = None
-    helpful: Any = None
-    comment: Any = None
-    correction: Any = None
-    private: Any = None
-    user: Optional[str] = Field(None, max_length=256)
+    interaction_id: StrictStr = Field(min_length=1, max_length=100)
+    feedback_token: Optional[StrictStr] = Field(None, max_length=100)
+    score: Optional[StrictInt] = Field(None, ge=1, le=5)
+    helpful: Optional[StrictBool] = None
+    comment: Optional[StrictStr] = None
+    correction: Optional[StrictStr] = None
+    private: Optional[StrictBool] = None
+    user: Optional[StrictStr] = Field(None, max_length=256)
 
     def feedback(self) -> Feedback:
         return Feedback(score=self.score, helpful=self.helpful, comment=self.comment, correction=self.correction,
                         private=self.private)
+
+    def check_lengths(self, max_chars: int) -> None:
+        for name in ("comment", "correction"):
+            value = getattr(self, name)
+            if value is not None and len(value) > max_chars:
+                raise ApiError(422, f"{name}: longer than {max_chars} characters (privacy.max_text_chars)",
+                               "string_too_long", name)
 
 
 class CurateRequest(BaseModel):
@@ -299,7 +368,12 @@ class RegistryView:
 
 
 class Writer:
-    """The one thread that records: turns arriving together are sanitized and appended as one batch."""
+    """The one thread that records: turns arriving together are sanitized and appended as one batch.
+
+    It keeps the turns it recorded lately, so feedback needs no scan of the whole raw log. When the raw log is
+    rewritten (`cl forget`, retention: a new file under the same name), everything cached is dropped at once (the
+    thread looks at least once a second), so a forgotten user's turns are no longer held, and feedback on them is
+    looked up in the rewritten log, where it finds nothing."""
 
     def __init__(self, settings: Settings, batch_max: int = 64):
         self.settings = settings
@@ -307,16 +381,39 @@ class Writer:
         self.batch_max = batch_max
         self.tasks: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="cl-serve-writer", daemon=True)
-        # turns this service recorded lately: feedback on them needs no scan of the whole raw log
         self.recent: collections.OrderedDict[str, Interaction] = collections.OrderedDict()
         self.recent_max = 10_000
+        self.log_identity = self._identity()
+
+    def _identity(self) -> tuple | None:
+        try:
+            st = os.stat(self.settings.raw_log)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def notice_rewrites(self) -> bool:
+        """Drop the cache when the raw log was replaced since it was filled. True when it was."""
+        identity = self._identity()
+        if identity == self.log_identity or (self.log_identity is None and not self.recent):
+            self.log_identity = identity
+            return False
+        self.recent.clear()
+        self.log_identity = identity
+        return True
 
     def interaction(self, interaction_id: str) -> Interaction:
         """A logged interaction with its feedback so far (writer thread only, so the cache stays consistent)."""
+        self.notice_rewrites()
         cached = self.recent.get(interaction_id)
-        return cached if cached is not None else find_interaction(self.settings, interaction_id)
+        cached = cached or find_joined(self.settings.raw_log, interaction_id, cipher_from_env())
+        if cached is None:
+            raise InputError(f"no interaction with id {interaction_id}")
+        return cached
 
     def remember(self, interaction: Interaction) -> None:
+        if self.log_identity is None:
+            self.log_identity = self._identity()
         self.recent[interaction.id] = interaction
         self.recent.move_to_end(interaction.id)
         while len(self.recent) > self.recent_max:
@@ -346,7 +443,11 @@ class Writer:
 
     def _loop(self) -> None:
         while True:
-            tasks = [self.tasks.get()]
+            try:
+                tasks = [self.tasks.get(timeout=1.0)]
+            except queue.Empty:
+                self.notice_rewrites()
+                continue
             while len(tasks) < self.batch_max and not self.tasks.empty():
                 tasks.append(self.tasks.get_nowait())
             closing = None in tasks
@@ -448,10 +549,8 @@ class GenerationWorker:
         doc = self.registry.get()
         version = resolve_model(doc, job.model, self.chat.base.name)
         if version != self.chat.active:
-            path = (doc["adapters"][version].get("path") or f"adapters/{version}") if version else None
-            folder = registry.confined(self.settings, path) if path else None
             try:
-                self.chat.use(version, folder)
+                self.chat.serve_adapter(self.settings, doc, version)  # its files are checked against their sha256
             except CLError as exc:
                 raise ApiError(503, f"cannot load adapter {version}: {exc}", "model_unavailable", "model") from None
         context = self.chat.fit_context(job.messages, job.max_tokens, self.settings.chat.context_tokens)
@@ -527,9 +626,11 @@ class Service:
         self.settings = settings
         self.chat = chat
         self.admin_token = admin_token or None
-        self.writer = Writer(settings)
+        self.writer = Writer(settings)  # its Recorder checks the salt and key against the workspace: fails here
         self.worker = GenerationWorker(settings, chat, self.writer)
         self.jobs = JobManager(settings)
+        self.tokens = FeedbackTokens.of(settings)
+        self.hosts = allowed_hosts(settings)
         self.closing = False
         self.started = time.time()
         self.counts = {"completions": 0, "failed": 0, "rejected": 0, "feedback": 0}
@@ -538,6 +639,9 @@ class Service:
     def load(cls, settings: Settings, admin_token: str | None = None) -> "Service":
         """Load the model and the sanitizer. `admin_token` None = take it from CL_ADMIN_TOKEN ('' = admin off)."""
         token = admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV)
+        problem = secrets_problem(settings)  # a bad key or another salt: one clear error before the model loads
+        if problem is not None:
+            raise ConfigError(f"cannot record answers: {problem}", "fix CL_ENCRYPTION_KEY / CL_USER_HASH_SALT")
         service = cls(settings, ChatModel.load(settings), token)
         service.writer.warm_up()
         return service
@@ -554,6 +658,24 @@ class Service:
         if self.writer.thread.is_alive():
             self.writer.close()
         self.jobs.shutdown()
+
+    def recording_problem(self) -> str | None:
+        """Why a finished answer could not be recorded right now (bad key, another salt...), or None."""
+        if not self.writer.thread.is_alive() and self.writer.thread.ident is not None:
+            return "the recording thread has stopped"
+        return secrets_problem(self.settings)
+
+    def feedback_refusal(self, body: "FeedbackRequest", authorization: str | None) -> ApiError | None:
+        """Why a feedback request may not be recorded, judged before the writer thread sees it."""
+        body.check_lengths(self.settings.privacy.max_text_chars)
+        if body.feedback().is_empty():
+            return ApiError(422, "give at least one of score, helpful, comment, correction, private", "invalid_value")
+        if self.tokens.valid(body.interaction_id, body.feedback_token):
+            return None
+        if self.admin_token and check_bearer(authorization, self.admin_token) is None:
+            return None
+        return ApiError(403, "feedback needs the feedback_token returned with that completion (or the admin token)",
+                        "invalid_feedback_token", "feedback_token")
 
     def new_completion(self, body: ChatRequest) -> Completion:
         max_chars = self.settings.privacy.max_text_chars
@@ -684,6 +806,38 @@ def admin_refusal(service: Service, authorization: str | None) -> ApiError | Non
     return None
 
 
+class HostGuard:
+    """Answers only requests addressed to a Host name this service serves, and refuses browser requests from other
+    origins. A web page cannot reach the API through DNS rebinding (its requests carry the page's host name) nor
+    by posting across origins (they carry its Origin, or `Sec-Fetch-Site: cross-site`). Runs before anything else."""
+
+    def __init__(self, app, hosts: set[str], origins: list[str]):
+        self.app, self.hosts, self.origins = app, hosts, list(origins)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+            refusal = self.refusal(headers)
+            if refusal is not None:
+                return await error_response(refusal)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def refusal(self, headers: dict[str, str]) -> ApiError | None:
+        host_header = headers.get("host", "")
+        host = host_name(host_header)
+        if host is None or host.lower() not in self.hosts:
+            return ApiError(400, f"this service does not answer to the host name '{host_header[:100]}'; allowed: "
+                                 f"{', '.join(sorted(self.hosts))} (serve.allowed_hosts)", "host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and not origin_allowed(origin, host_header, self.origins):
+            return ApiError(403, f"requests from the web origin '{origin[:100]}' are refused (serve.allowed_origins)",
+                            "origin_not_allowed")
+        if origin is None and headers.get("sec-fetch-site") == "cross-site":
+            return ApiError(403, "cross-site browser requests are refused (serve.allowed_origins)",
+                            "origin_not_allowed")
+        return None
+
+
 class AdminGate:
     """Checks the admin token before anything else (body parsing included) looks at an /admin request."""
 
@@ -699,9 +853,10 @@ class AdminGate:
         await self.app(scope, receive, send)
 
 
-def _chunk(job: Completion, model: str, created: int, delta: dict, finish: str | None = None) -> bytes:
+def _chunk(job: Completion, model: str, created: int, delta: dict, finish: str | None = None, **extra: Any) -> bytes:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
     data = {"id": job.id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "system_fingerprint": None, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            "system_fingerprint": None, "choices": [choice], **extra}
     return b"data: " + orjson.dumps(data) + b"\n\n"
 
 
@@ -724,10 +879,10 @@ async def _stored(service: Service, end: dict) -> str | None:
         return f"the answer could not be recorded: {exc}"
 
 
-async def _sse(service: Service, job: Completion, model: str, include_usage: bool):
+async def _sse(service: Service, job: Completion, model: str, include_usage: bool, token: str):
     created = int(time.time())
     try:
-        yield _chunk(job, model, created, {"role": "assistant", "content": ""})
+        yield _chunk(job, model, created, {"role": "assistant", "content": ""}, feedback_token=token)
         while True:
             kind, data = await _next_event(job)
             if kind == "delta":
@@ -775,10 +930,14 @@ def create_app(service: Service) -> FastAPI:
     app.state.service = service
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, limit=service.settings.serve.max_request_bytes)
-    app.add_middleware(AdminGate, service=service)  # added last = runs first
+    app.add_middleware(AdminGate, service=service)
+    app.add_middleware(HostGuard, hosts=service.hosts, origins=service.settings.serve.allowed_origins)  # runs first
 
     @app.get("/healthz")
     async def healthz() -> Response:
+        problem = await run_in_threadpool(service.recording_problem)
+        if problem is not None:
+            return json_response({"status": "error", "problem": problem, "busy": service.worker.depth}, 503)
         return json_response({"status": "closing" if service.closing else "ok", "busy": service.worker.depth})
 
     @app.get("/v1/models")
@@ -798,6 +957,9 @@ def create_app(service: Service) -> FastAPI:
     async def chat_completions(body: ChatRequest) -> Response:
         if service.closing:
             raise ApiError(503, "the server is shutting down", "shutting_down", headers={"Retry-After": "5"})
+        problem = await run_in_threadpool(service.recording_problem)
+        if problem is not None:  # refuse now rather than generate an answer that cannot be recorded
+            raise ApiError(503, f"answers cannot be recorded: {problem}", "not_recorded")
         job = service.new_completion(body)
         try:
             service.worker.submit(job)
@@ -808,11 +970,12 @@ def create_app(service: Service) -> FastAPI:
         if kind == "error":
             service.counts["failed"] += 1
             raise ApiError(first["status"], first["message"], first.get("code"), first.get("param"))
-        headers = {"X-Interaction-Id": job.id, "X-Model-Version": first["model"]}
+        token = service.tokens.mint(job.id)
+        headers = {"X-Interaction-Id": job.id, "X-Model-Version": first["model"], "X-Feedback-Token": token}
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(_sse(service, job, first["model"], include_usage), media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
+            return EventStream(_sse(service, job, first["model"], include_usage, token), media_type="text/event-stream",
+                               headers={**headers, "Cache-Control": "no-cache"})
         while kind != "end":
             kind, data = await _next_event(job)
             if kind == "error":
@@ -827,26 +990,16 @@ def create_app(service: Service) -> FastAPI:
             "system_fingerprint": None,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": data["answer"].strip()},
                          "logprobs": None, "finish_reason": data["finish_reason"]}],
-            "usage": data["usage"],
+            "usage": data["usage"], "feedback_token": token,
         }, headers=headers)
 
     @app.post("/v1/feedback")
-    async def feedback(body: FeedbackRequest) -> Response:
-        def record(recorder: Recorder):
-            try:
-                interaction = service.writer.interaction(body.interaction_id)
-            except InputError:
-                raise ApiError(404, f"no interaction with id {body.interaction_id}", "interaction_not_found",
-                               "interaction_id") from None
-            event = recorder.record_feedback(interaction, body.feedback(), user_id=body.user, source="api")
-            interaction.feedback = interaction.feedback.merged(event.feedback)
-            service.writer.remember(interaction)
-            return event
-
-        if body.feedback().is_empty():
-            raise ApiError(422, "give at least one of score, helpful, comment, correction, private", "invalid_value")
+    async def feedback(body: FeedbackRequest, request: Request) -> Response:
+        refusal = service.feedback_refusal(body, request.headers.get("authorization"))
+        if refusal is not None:
+            raise refusal
         try:
-            event = await asyncio.wrap_future(service.writer.call(record))
+            event = await asyncio.wrap_future(service.writer.call(record_api_feedback, service.writer, body))
         except InputError as exc:
             raise ApiError(422, str(exc), "invalid_value") from None
         service.counts["feedback"] += 1
@@ -855,6 +1008,31 @@ def create_app(service: Service) -> FastAPI:
 
     _admin_routes(app)
     return app
+
+
+def record_api_feedback(recorder: Recorder, writer: Writer, body: FeedbackRequest):
+    """On the writer thread, holding the raw log's append lock from the look-up to the append, so a forget (which
+    rewrites the log under the same lock) cannot slip between them and have this write its user back."""
+    with file_lock(writer.settings.raw_log):
+        try:
+            interaction = writer.interaction(body.interaction_id)
+        except InputError:
+            raise ApiError(404, f"no interaction with id {body.interaction_id}", "interaction_not_found",
+                           "interaction_id") from None
+        check_feedback_target(interaction, body, recorder)
+        event = recorder.record_feedback(interaction, body.feedback(), user_id=body.user, source="api")
+    interaction.feedback = interaction.feedback.merged(event.feedback)
+    writer.remember(interaction)
+    return event
+
+
+def check_feedback_target(interaction: Interaction, body: FeedbackRequest, recorder: Recorder) -> None:
+    """Feedback through the API is for answers this service gave, from the user they were given to."""
+    if interaction.source != "api":
+        raise ApiError(403, f"interaction {interaction.id} did not come from this service (source "
+                            f"'{interaction.source}'): rate it with 'cl feedback'", "not_an_api_turn", "interaction_id")
+    if body.user is not None and recorder.user_hash(body.user) != interaction.user_hash:
+        raise ApiError(403, "feedback must come from the user the answer was given to", "wrong_user", "user")
 
 
 def _job_response(job) -> Response:

@@ -164,6 +164,9 @@ class ServeConfig:
     max_request_bytes: int = _knob(1_000_000, "Largest accepted request body")
     queue_size: int = _knob(32, "Requests waiting for the model before new ones get 503")
     max_tokens: int = _knob(512, "Largest max_tokens a request may ask for")
+    allowed_hosts: list = _knob(["127.0.0.1", "::1", "localhost"],
+                                "Host names `cl serve` answers to, plus serve.host (others: 400, no DNS rebinding)")
+    allowed_origins: list = _knob([], "Browser origins that may call `cl serve` ('http://localhost:3000'); others: 403")
 
 
 SECTIONS: dict[str, type] = {

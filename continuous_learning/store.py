@@ -3,9 +3,10 @@ and atomic rewrites (temp file, fsync, rename). User data: files 0600, folders 0
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import errno
+import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,9 +16,14 @@ import orjson
 from filelock import FileLock, Timeout
 
 from .errors import CLError, InputError, LockHeldError
+from .records import BadRecord, Feedback, FeedbackEvent, Interaction, parse_log_record
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700
+# Every temp file this tool writes is named `.<target>.<8 random chars>.cl-tmp`; cleanup removes only such names
+# (and `.<target>.<8 random chars>.tmp`, the name earlier versions used), never anything else in a folder.
+TEMP_SUFFIX = ".cl-tmp"
+_OWN_TEMP = re.compile(r"^\..+\.[a-z0-9_]{8}(\.cl-tmp|\.tmp)$")
 
 
 def ensure_dir(path: Path) -> Path:
@@ -43,8 +49,16 @@ def _disk_error(path: Path, exc: OSError) -> CLError:
     return CLError(f"cannot write {path}: {exc}")
 
 
-def _lock_for(path: Path, timeout: float = 30.0) -> FileLock:
-    return FileLock(str(path) + ".lock", timeout=timeout, mode=FILE_MODE)
+@contextlib.contextmanager
+def file_lock(path: Path, timeout: float = 30.0):
+    """The append lock of one file. One lock object per path in this process (filelock's singleton), so a thread
+    that holds it may take it again (e.g. check, then append) while other threads and processes wait."""
+    lock = FileLock(str(path) + ".lock", mode=FILE_MODE, is_singleton=True)
+    with lock.acquire(timeout=timeout):
+        yield
+
+
+_lock_for = file_lock  # the name earlier callers used
 
 
 def dumps_line(record: Any) -> bytes:
@@ -58,7 +72,7 @@ def append_jsonl(path: Path, records: Iterable[Any]) -> int:
         return 0
     ensure_dir(path.parent)
     try:
-        with _lock_for(path):
+        with file_lock(path):
             fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, FILE_MODE)
             try:
                 size = os.fstat(fd).st_size
@@ -101,6 +115,10 @@ class ReadReport:
     def skipped(self) -> int:
         return len(self.bad_lines)
 
+    def note(self, number: int, reason: str, keep: int = 1000) -> None:
+        """Count a skipped line; only the first `keep` reasons are kept (a damaged log must not fill memory)."""
+        self.bad_lines.append((number, reason if len(self.bad_lines) < keep else ""))
+
 
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # records this tool writes are far smaller; longer lines are damage
 
@@ -111,7 +129,7 @@ def iter_jsonl(path: Path, report: ReadReport | None = None, max_line_bytes: int
     if not path.exists():
         return
     with open(path, "rb") as handle:
-        for number, raw in _bounded_lines(handle, max_line_bytes):
+        for number, raw in bounded_lines(handle, max_line_bytes):
             if raw is None:
                 report.bad_lines.append((number, f"line longer than {max_line_bytes} bytes"))
                 continue
@@ -126,7 +144,62 @@ def iter_jsonl(path: Path, report: ReadReport | None = None, max_line_bytes: int
                 report.bad_lines.append((number, reason))
 
 
-def _bounded_lines(handle, limit: int) -> Iterator[tuple[int, bytes | None]]:
+def read_log(path: Path, report: ReadReport | None = None, cipher=None, open_texts: bool = False,
+             max_line_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, Interaction | FeedbackEvent]]:
+    """The ONE tolerant reader of the raw log: (line number, Interaction | FeedbackEvent) for every well-shaped
+    record. Bad JSON, torn or over-long lines and records of the wrong shape (a field of the wrong type) are
+    skipped and counted in `report`; other kinds of line (events) are passed over. With `open_texts`, sealed
+    texts are decrypted with `cipher` (a wrong or missing key raises: it is never a skipped line); without, they
+    stay sealed strings (enough for counting)."""
+    from .crypto import open_messages
+
+    report = report if report is not None else ReadReport()
+    for number, raw in iter_jsonl(path, report, max_line_bytes):
+        try:
+            record = parse_log_record(open_messages(raw, cipher) if open_texts else raw)
+        except BadRecord as exc:
+            report.note(number, str(exc))
+            continue
+        if record is not None:
+            yield number, record
+
+
+def late_feedback(path: Path, report: ReadReport | None = None) -> dict[str, Feedback]:
+    """Every feedback event merged per interaction id, in log order (texts stay as stored)."""
+    merged: dict[str, Feedback] = {}
+    for _, record in read_log(path, report):
+        if isinstance(record, FeedbackEvent):
+            key = record.interaction_id
+            merged[key] = merged[key].merged(record.feedback) if key in merged else record.feedback
+    return merged
+
+
+def joined_interactions(path: Path, report: ReadReport | None = None, cipher=None,
+                        open_texts: bool = False) -> Iterator[Interaction]:
+    """The ONE join of late feedback onto its turn: every well-shaped interaction with the feedback events that
+    point at it merged in (two streaming passes; only the merged feedback of rated turns is held)."""
+    report = report if report is not None else ReadReport()
+    later = late_feedback(path, ReadReport())  # its skipped lines are the same lines, counted once below
+    for _, record in read_log(path, report, cipher, open_texts):
+        if isinstance(record, Interaction):
+            if record.id in later:
+                record.feedback = record.feedback.merged(later[record.id])
+            yield record
+
+
+def find_joined(path: Path, interaction_id: str, cipher=None) -> Interaction | None:
+    """One interaction with every later feedback event on it merged in (one streaming pass through the shared
+    reader, so a wrongly shaped line on the way is skipped, never fatal), or None."""
+    found: Interaction | None = None
+    for _, record in read_log(path, cipher=cipher, open_texts=True):
+        if isinstance(record, Interaction) and record.id == interaction_id:
+            found = record
+        elif found is not None and isinstance(record, FeedbackEvent) and record.interaction_id == interaction_id:
+            found.feedback = found.feedback.merged(record.feedback)
+    return found
+
+
+def bounded_lines(handle, limit: int) -> Iterator[tuple[int, bytes | None]]:
     """(number, line) pairs; a line longer than `limit` comes as None and is skipped without being held whole."""
     number = 0
     while raw := handle.readline(limit + 1):
@@ -157,9 +230,8 @@ def atomic_write_lines(path: Path, lines: Iterable[bytes]) -> str:
     """`atomic_write_bytes` for a stream of chunks (never all in memory); returns the sha256 of what was written."""
     ensure_dir(path.parent)
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temp_file(path)
     try:
-        os.fchmod(fd, FILE_MODE)
         pending, size = [], 0
         for line in lines:
             digest.update(line)
@@ -200,14 +272,27 @@ def fsync_dir(folder: Path) -> None:
             os.close(fd)
 
 
+def temp_file(target: Path, prefix: str | None = None) -> tuple[int, str]:
+    """A new 0600 temp file beside `target`, named so that `remove_stale_temp_files` knows it is ours."""
+    fd, name = tempfile.mkstemp(dir=target.parent, prefix=prefix or f".{target.name}.", suffix=TEMP_SUFFIX)
+    os.fchmod(fd, FILE_MODE)
+    return fd, name
+
+
+def is_own_temp_file(path: Path) -> bool:
+    return path.is_file() and not path.is_symlink() and bool(_OWN_TEMP.match(path.name))
+
+
 def remove_stale_temp_files(folder: Path) -> int:
-    """Temp files left by a process killed mid-write are garbage: the rename never happened."""
+    """Temp files left by a process killed mid-write are garbage: the rename never happened. Only files named
+    the way this tool names its temp files are removed; anything else in the folder is left alone."""
     removed = 0
     if folder.exists():
-        for tmp in folder.glob(".*.tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
-                removed += 1
+        for tmp in folder.iterdir():
+            if is_own_temp_file(tmp):
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+                    removed += 1
     return removed
 
 

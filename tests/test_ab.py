@@ -302,3 +302,53 @@ def test_two_concurrent_starts_leave_exactly_one_test(ab_workspace):
     assert any("already running" in err for _, (_, err) in results)
     assert len(events(ab_workspace, "ab_start")) == 1
     assert ab.running_test(ab_workspace)["candidate"] == "1.1.0"
+
+
+def test_a_forget_that_taints_the_candidate_stops_it_serving_in_the_chat(settings, tiny_model_dir):
+    from continuous_learning.models import ChatModel
+    from continuous_learning.privacy import hash_user_id
+    from continuous_learning.repl import ChatSession
+    from continuous_learning.store import iter_jsonl, read_json
+
+    peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
+    peft_adapter(settings, tiny_model_dir, "1.1.0", seed=2)
+    alice = hash_user_id("alice", b"test-salt")
+    registry.update(settings, lambda d: d["adapters"]["1.1.0"].update(user_hashes=[alice]) or d, "test_lineage")
+    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    test = ab.start_test(settings, "1.1.0", traffic=0.5)
+    forget = object()
+    queue = ["hello", "5", forget, "again", "1", "/quit"]
+
+    def read(prompt: str) -> str:
+        item = queue.pop(0) if queue else "/quit"
+        if item is forget:  # `cl forget` in another shell, between two turns of this session
+            assert invoke("forget", "--user", "alice", "--yes").exit_code == 0
+            item = queue.pop(0)
+        return item
+
+    chat = ChatSession(settings, read, Console(record=True, width=200), chat_model=ChatModel.load(settings),
+                       user_id="tester")
+    chat.session_id = session_id_for("candidate", test)
+    chat.run()
+    turns = [r for _, r in iter_jsonl(settings.raw_log) if r["type"] == "interaction"]
+    assert [(t["ab_arm"], t["adapter_version"]) for t in turns] == [("candidate", "1.1.0"), (None, "1.0.0")]
+    state = read_json(ab.state_file(settings))
+    assert state["status"] == "stopped" and "forgotten user" in state["reason"]
+    assert not (settings.adapters_dir / "1.1.0" / "adapter_model.safetensors").exists()
+
+
+def test_the_chat_never_serves_an_adapter_whose_files_changed(settings, tiny_model_dir):
+    from continuous_learning.models import ChatModel
+    from continuous_learning.repl import ChatSession
+    from continuous_learning.store import iter_jsonl
+
+    peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
+    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    with open(settings.adapters_dir / "1.0.0" / "adapter_model.safetensors", "ab") as weights:
+        weights.write(b"\0" * 8)
+    console = Console(record=True, width=200)
+    queue = ["hello", "", "/quit"]
+    ChatSession(settings, lambda p: queue.pop(0), console, chat_model=ChatModel.load(settings)).run()
+    assert "does not match its recorded sha256" in console.export_text()
+    turns = [r for _, r in iter_jsonl(settings.raw_log) if r["type"] == "interaction"]
+    assert [t["adapter_version"] for t in turns] == [None]  # answered by the base, not the changed weights

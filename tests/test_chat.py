@@ -116,6 +116,8 @@ def test_champion_promoted_elsewhere_is_used_on_next_turn(settings, tiny_chat_mo
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from continuous_learning.models import file_sha256
+
     folder = settings.adapters_dir / "1.0.0"
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
     peft_model.save_pretrained(str(folder))
@@ -125,7 +127,10 @@ def test_champion_promoted_elsewhere_is_used_on_next_turn(settings, tiny_chat_mo
 
     def read(prompt: str) -> str:
         if not inputs and not promoted["done"]:  # promote between two turns, as `cl promote` would
-            registry.update(settings, lambda d: _champion(registry.register_adapter(d, {"version": "1.0.0", "path": "adapters/1.0.0", "status": "candidate"}), "1.0.0"), "promoted")
+            files = ("adapter_model.safetensors", "adapter_config.json")  # served only if they verify
+            entry = {"version": "1.0.0", "path": "adapters/1.0.0", "status": "candidate",
+                     "sha256": {n: file_sha256(folder / n) for n in files}}
+            registry.update(settings, lambda d: _champion(registry.register_adapter(d, entry), "1.0.0"), "promoted")
             promoted["done"] = True
             inputs.extend(["second", "y", "/adapter", "/quit"])
         return inputs.pop(0)

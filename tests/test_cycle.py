@@ -246,7 +246,7 @@ def test_crontab_install_show_remove_keeps_other_lines(settings, fake_bin):
     assert text.startswith("MAILTO=me\n5 * * * * backup.sh\n# >>> cl schedule")
     assert f"--home {settings.home} cycle --only curate,drift,ab,health" in text
     assert (settings.home / "logs").is_dir()
-    command = text.splitlines()[4].split(" >> ")[0].split()[5:]
+    command = [w for w in text.splitlines()[4].split(" >> ")[0].split()[5:] if not w.startswith("CL_")]  # past env
     assert Path(command[0]).is_absolute() and command[0].startswith(str(Path(sys.executable).parent))
     assert invoke("schedule", "install").exit_code == 0
     assert table.read_text() == text  # idempotent

@@ -261,3 +261,167 @@ def test_forget_and_retention_recount_the_feedback_counters(settings, populated)
     assert store.read_json(settings.feedback_metrics)["total"]["turns"] == 7
     apply_retention(settings, 30)
     assert store.read_json(settings.feedback_metrics)["total"]["turns"] == 6
+
+
+# --- issue 13: nothing deleted that is not provably ours ----------------------------------------------------------
+def listing(root: Path) -> dict[str, bytes]:
+    files = (p for p in sorted(root.rglob("*")) if p.is_file() and ".cl" not in p.parts)
+    return {str(p.relative_to(root)): p.read_bytes() for p in files}
+
+
+def test_commands_refuse_when_the_registry_was_moved_away(settings, populated, tmp_path):
+    (settings.curated_dir / "curated_NOTES.txt").write_text("my own notes about the snapshots\n")
+    settings.registry_file.rename(tmp_path / "registry.json.bak")  # as a hint once suggested
+    before = listing(settings.home)
+    for args in (["curate"], ["curate", "--full"], ["forget", "--user", "alice", "--yes"], ["adapters"]):
+        result = CliRunner().invoke(cli.app, args)
+        assert result.exit_code == RegistryError.exit_code, (args, result.output)
+        lines = [line for line in result.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and "registry.json is missing" in lines[0] and "1 snapshot" not in lines[0], lines
+        assert "3 snapshot file(s)" in lines[0]
+    assert listing(settings.home) == before  # every snapshot file and the notes are still there, unchanged
+
+
+def test_curate_removes_only_the_files_a_killed_curate_marked_as_its_own(settings, populated):
+    folder = settings.curated_dir
+    killed = "curated_20990101_000000"  # a curate killed after writing its files, before registering them
+    (folder / f".{killed}.pending").write_bytes(b"")
+    for suffix in (".jsonl", "_eval.jsonl", "_manifest.json"):
+        (folder / f"{killed}{suffix}").write_bytes(b"{}\n")
+    own_temp = folder / ".curated_20990101_000000.jsonl.k2j4x9qa.cl-tmp"
+    own_temp.write_bytes(b"half")
+    kept = {"curated_20200101_000000.jsonl": b"{}\n",  # listed by some other registry, perhaps: not provably ours
+            "curated_NOTES.txt": b"notes\n", ".notes.tmp": b"mine\n", "curated_20990101_000000.jsonl.bak": b"x\n"}
+    for name, data in kept.items():
+        (folder / name).write_bytes(data)
+    result = CliRunner().invoke(cli.app, ["curate"])
+    assert result.exit_code == 0, result.output
+    names = {p.name for p in folder.iterdir()}
+    assert not names & {f"{killed}.jsonl", f"{killed}_eval.jsonl", f"{killed}_manifest.json", f".{killed}.pending"}
+    assert not own_temp.exists()
+    assert all((folder / name).read_bytes() == data for name, data in kept.items())
+    assert populated["snapshot"] + ".jsonl" in names
+
+
+# --- issue 13: wrongly shaped lines -------------------------------------------------------------------------------
+BAD_SHAPES = [("feedback", "bad"), ("feedback", {"score": "5"}), ("created_at", 12345), ("id", ["x"])]
+
+
+def bad_lines(settings, user: str) -> list[dict]:
+    template = turn(user, "What is order number OR-7?", "Order OR-7 ships today.").to_dict()
+    rows = [{**template, "id": f"bad-{i}", key: value} for i, (key, value) in enumerate(BAD_SHAPES)]
+    rows.append({"schema_version": 1, "type": "feedback", "id": "bad-fb", "created_at": at(0), "user_hash": h(user),
+                 "interaction_id": rows[0]["id"], "feedback": "bad"})
+    return rows
+
+
+def test_wrongly_shaped_lines_are_skipped_and_counted_by_every_reader(settings, populated):
+    append(settings, *bad_lines(settings, "alice"))
+    with open(settings.raw_log, "ab") as log:  # a torn fragment in the middle of the log, holding text
+        log.write(b'{"type": "interaction", "messages": [{"role": "user", "content": "torn secret of alice\n')
+    append(settings, turn("bob", "A late question?", "A late answer."))
+    runner = CliRunner()
+    status = runner.invoke(cli.app, ["status", "--json"])
+    assert status.exit_code == 0, status.output
+    assert "6 unreadable or wrongly shaped line(s) skipped" in " ".join(orjson.loads(status.stdout)["notes"])
+    drift = runner.invoke(cli.app, ["drift", "--json"])
+    assert drift.exit_code in (0, 1, 2) and orjson.loads(drift.stdout)["skipped_lines"] == 6, drift.output
+    report = runner.invoke(cli.app, ["report"])
+    assert report.exit_code == 0 and "Traceback" not in report.output, report.output
+    exported = runner.invoke(cli.app, ["export", "--user", "alice"])
+    assert exported.exit_code == 0, exported.output
+    assert sum('"unreadable_record"' in line for line in exported.stdout.splitlines()) == 5
+
+    forgot = runner.invoke(cli.app, ["forget", "--user", "alice", "--yes", "--json"])
+    assert forgot.exit_code == 0, forgot.output
+    assert orjson.loads(forgot.stdout)["damaged_lines"] == 1
+    raw = settings.raw_log.read_bytes()
+    assert h("alice").encode() not in raw and b"torn secret" not in raw and b"bad-" not in raw
+    assert [r for _, r in store.iter_jsonl(settings.learning_events) if r.get("event") == "forget"]
+    counts = store.read_json(settings.feedback_metrics)["total"]
+    assert counts["turns"] == 7  # bob's six turns and his late one, recounted
+    retention = runner.invoke(cli.app, ["retention", "--days", "30"])
+    assert retention.exit_code == 0 and "dropped 0 interaction(s)" in retention.output
+
+
+def test_forget_and_retention_stream_a_huge_damaged_line(settings, populated):
+    import tracemalloc
+
+    with open(settings.raw_log, "ab") as log:
+        log.write(b'{"type": "interaction", "user_hash": "' + h("carol").encode() + b'", "pad": "'
+                  + b"secret " * (7 * 1024 * 1024) + b'"}\n')  # a 49 MB line: over the 16 MB record limit
+    tracemalloc.start()
+    report = forget_user(settings, "alice")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert report.damaged_lines == 1 and report.interactions == 6
+    assert peak < 40 * 2**20, f"forget held {peak / 2**20:.0f} MB"
+    assert b"secret secret" not in settings.raw_log.read_bytes()
+    with open(settings.raw_log, "ab") as log:
+        log.write(b'{"pad": "' + b"x" * (20 * 1024 * 1024) + b'"}\n')
+    tracemalloc.start()
+    dropped = apply_retention(settings, 30)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert dropped["damaged"] == 1 and peak < 40 * 2**20
+    assert settings.raw_log.stat().st_size < 1 * 2**20
+
+
+# --- issue 13: forget reaches everything --------------------------------------------------------------------------
+def adapter_folder(settings, version: str, users: list[str], snapshot: str) -> Path:
+    folder = settings.adapters_dir / version
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "adapter_model.safetensors").write_bytes(b"weights trained on " + ",".join(users).encode())
+    (folder / "adapter_config.json").write_text('{"r": 4}')
+    (folder / "checkpoint-20").mkdir(exist_ok=True)
+    (folder / "checkpoint-20" / "adapter_model.safetensors").write_bytes(b"w")
+    lineage = {"version": version, "user_hashes": users, "snapshot": {"id": snapshot}}
+    store.atomic_write_json(folder / "lineage.json", lineage)
+    return folder
+
+
+def test_forget_removes_the_user_everywhere(settings, populated):
+    from continuous_learning import knowledge
+
+    snap = populated["snapshot"]
+    folders = {v: adapter_folder(settings, v, [h("bob")] if v == "1.0.0" else [h("alice"), h("bob")], snap)
+               for v in ("1.0.0", "1.1.0")}
+    partial = settings.adapters_dir / ".1.2.0.partial"
+    partial.mkdir()
+    store.atomic_write_json(partial / "run.json", {"version": "1.2.0", "snapshot": {"id": snap}})
+    everyone = populated["alice"] + populated["bob"]
+    store.append_jsonl(settings.generation_metrics, [{"type": "generation", "interaction_id": i.id, "latency_ms": 5}
+                                                     for i in everyone])
+    facts = [(knowledge.extract_facts([m["content"] for m in i.messages], settings.knowledge.patterns), i.created_at)
+             for i in everyone]
+    knowledge.record_facts(settings.knowledge_file, settings.lock_dir, facts)
+    assert b"PN-3" in settings.knowledge_file.read_bytes()
+    store.atomic_write_json(settings.adapters_dir / "ab_test.json", {
+        "id": "t1", "candidate": "1.0.0", "champion": "1.1.0", "traffic": 0.5, "started_at": at(0),
+        "status": "running"})
+    manifest_path = settings.home / registry.load(settings)["snapshots"][0]["manifest"]
+    alice_ids = [i.id.encode() for i in populated["alice"]]
+    assert any(i in settings.registry_file.read_bytes() for i in alice_ids)  # the snapshot cursor names her turns
+
+    result = CliRunner().invoke(cli.app, ["forget", "--user", "alice", "--yes", "--json"])
+    assert result.exit_code == 0, result.output
+    out = orjson.loads(result.stdout)
+    assert sorted(out["weights_deleted"]) == ["1.0.0", "1.1.0"] and out["partial_runs_discarded"] == [".1.2.0.partial"]
+    assert out["generation_rows"] == 6 and out["ab_test_stopped"] == "t1"
+    everywhere = [settings.registry_file, manifest_path, settings.generation_metrics, settings.knowledge_file,
+                  settings.raw_log, settings.feedback_metrics, settings.learning_events,
+                  *(f / "lineage.json" for f in folders.values())]
+    for path in everywhere:
+        data = path.read_bytes() if path.exists() else b""
+        assert h("alice").encode() not in data and not any(i in data for i in alice_ids), path
+    assert b"PN-" not in settings.knowledge_file.read_bytes()  # only alice's turns mentioned part numbers
+    for folder in folders.values():  # weights gone, the record of what the adapter was kept
+        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "lineage.json"]
+    assert not partial.exists()
+    assert [len(store.read_json(f / "lineage.json")["user_hashes"]) for f in folders.values()] == [1, 1]
+    ab_state = store.read_json(settings.adapters_dir / "ab_test.json")
+    assert ab_state["status"] == "stopped" and "forgotten user" in ab_state["reason"]
+    events = [r for _, r in store.iter_jsonl(settings.learning_events)]
+    assert [r["test_id"] for r in events if r.get("event") == "ab_stop"] == ["t1"]
+    rows = [r["interaction_id"] for _, r in store.iter_jsonl(settings.generation_metrics)]
+    assert rows == [i.id for i in populated["bob"]]

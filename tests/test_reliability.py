@@ -144,13 +144,13 @@ def test_kill9_during_registry_updates_leaves_a_valid_registry_and_a_free_lock(t
         # the kernel dropped the dead holder's flock: the lock is free at once
         with store.workspace_lock(settings.lock_dir, "registry", wait=0):
             pass
-        planted = settings.adapters_dir / f".registry.json.planted{i}.tmp"
+        planted = settings.adapters_dir / f".registry.json.plant{i:03d}.cl-tmp"  # a killed writer's temp name
         planted.write_bytes(b'{"half": ')
         started = time.perf_counter()
         after = registry.update(settings, lambda d: d, "test_noop")
         slowest = max(slowest, time.perf_counter() - started)
         assert after == registry.load(settings)
-        assert list(settings.adapters_dir.glob(".*.tmp")) == []  # stale temp files cleaned by the next update
+        assert list(settings.adapters_dir.glob(".*tmp")) == []  # stale temp files cleaned by the next update
     assert len(acked) >= 15
     assert slowest < 1.0, f"an update after a kill took {slowest:.2f}s"
 
@@ -210,18 +210,18 @@ def test_kill9_during_curate_never_registers_a_broken_snapshot(tmp_path):
         assert settings.raw_log.read_bytes() == raw_before  # curate never touches the raw log
     assert 0 in outcomes, f"no kill landed mid-curate (a curate takes {duration:.2f}s)"
     # leftovers of the kills (plus planted ones) must not break the next curate
-    (settings.curated_dir / ".curated_planted.jsonl.x.tmp").write_bytes(b"half")
-    (settings.adapters_dir / ".registry.json.x.tmp").write_bytes(b"{")
+    (settings.curated_dir / ".curated_planted.jsonl.x8k2p0qz.cl-tmp").write_bytes(b"half")
+    (settings.adapters_dir / ".registry.json.x8k2p0qz.tmp").write_bytes(b"{")  # the name earlier versions used
     store.append_jsonl(settings.raw_log, make_interactions(rng, 50, start + timedelta(days=3)))
     manifest = run_curate(settings, include_unrated=True)
     assert manifest["status"] == "created"
     snapshots = check_snapshots(settings)
     assert snapshots[-1]["id"] == manifest["id"]
-    assert list(settings.adapters_dir.glob(".*.tmp")) == []
+    assert list(settings.adapters_dir.glob(".*tmp")) == []
     # the next curate also cleared what killed runs left in data/curated: only registered snapshots remain
     registered = {s["id"] for s in snapshots}
     leftovers = [p.name for p in settings.curated_dir.iterdir()
-                 if p.name.startswith(".") and p.name.endswith(".tmp")
+                 if p.name.startswith(".") and p.name.endswith(("tmp", ".pending"))
                  or p.name.startswith("curated_") and not any(p.name.startswith(i + suffix) for i in registered
                                                                for suffix in (".jsonl", "_eval.jsonl", "_manifest.json"))]
     assert leftovers == []
@@ -276,6 +276,20 @@ def write_registry(settings, doc) -> bytes:
     ({"schema_version": SCHEMA_VERSION, "snapshots": [], "adapters": {"1.0.0": {"status": "great"}}, "champion": None,
       "history": []}, ["registry.json", "adapters.1.0.0.status"]),
     ([1, 2, 3], ["registry.json", "JSON object"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [], "champion": None, "history": [],
+      "adapters": {"1.0.0": {"status": "candidate", "evals": 5}}}, ["adapters.1.0.0.evals", "must be a list"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [], "champion": None, "history": [],
+      "adapters": {"1.0.0": {"status": "candidate", "sha256": ["abc"]}}}, ["adapters.1.0.0.sha256"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [{"id": "s", "user_hashes": "abc"}], "adapters": {},
+      "champion": None, "history": []}, ["snapshots[0].user_hashes"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [], "champion": None, "history": [],
+      "adapters": {"1.0.0": {"status": "candidate", "snapshot": "s"}}}, ["adapters.1.0.0.snapshot", "must be a dict"]),
+    ({"schema_version": SCHEMA_VERSION, "snapshots": [], "adapters": {}, "champion": None, "history": ["x"]},
+     ["history[0]"]),
+    ({"schema_version": "1", "snapshots": [], "adapters": {}, "champion": None, "history": []},
+     ["'schema_version' must be an integer"]),
+    ({"schema_version": 99, "snapshots": [], "adapters": {}, "champion": None, "history": []},
+     ["schema_version 99", "newer cl"]),
 ])
 def test_registry_edited_into_nonsense_is_named_and_left_alone(settings, content, needles):
     data = write_registry(settings, content)
@@ -284,6 +298,19 @@ def test_registry_edited_into_nonsense_is_named_and_left_alone(settings, content
     assert settings.registry_file.read_bytes() == data
     with_debug = invoke("--debug", "adapters")  # --debug lets the typed error (and its traceback) through
     assert isinstance(with_debug.exception, CLError)
+
+
+def test_an_unversioned_registry_is_migrated_on_open(settings):
+    """Registries from before `schema_version` existed are migrated (ordered, named steps), not refused."""
+    unversioned = {"snapshots": [], "adapters": {"1.0.0": {"status": "candidate", "path": "adapters/1.0.0"}}}
+    write_registry(settings, unversioned)
+    assert registry.MIGRATIONS[0][1] == "0001_unversioned_registry"
+    result = invoke("adapters")
+    assert result.exit_code == 0 and "1.0.0" in result.output, result.output
+    registry.update(settings, lambda d: d, "test_noop")  # the next change writes the migrated document
+    doc = orjson.loads(settings.registry_file.read_bytes())
+    assert doc["schema_version"] == registry.REGISTRY_SCHEMA_VERSION
+    assert doc["history"] == [] and doc["champion"] is None
 
 
 @pytest.mark.parametrize("content, needle", [
@@ -500,7 +527,7 @@ def test_kill9_during_forget_then_a_rerun_finishes_the_job(tmp_path, monkeypatch
         holding = [p.name for p in (settings.raw_log, *settings.curated_dir.iterdir())
                    if p.is_file() and registry_hash(user).encode() in p.read_bytes()]
         assert holding == [], f"{user} left in {holding} after {said}"
-        assert list(settings.curated_dir.glob(".*.tmp")) == [] and list(settings.raw_log.parent.glob(".*.tmp")) == []
+        assert list(settings.curated_dir.glob(".*tmp")) == [] and list(settings.raw_log.parent.glob(".*tmp")) == []
     remaining = [r for _, r in store.iter_jsonl(settings.raw_log)]
     assert len(remaining) == sum(per_user[u] for u in users[6:])
     assert landed_mid_way >= 1, "no kill landed before a forget finished"

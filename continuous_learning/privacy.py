@@ -1,8 +1,12 @@
-"""PII redaction before anything is written, and pseudonymous user ids.
+"""Redaction before anything is written: secrets first, then personal data, and pseudonymous user ids.
 
-Presidio (analyzer + anonymizer) on a local spaCy model. Nothing here touches the network: the spaCy model must
-be installed already and the email recognizer's public-suffix lookup uses tldextract's bundled snapshot.
-Presidio and spaCy are imported lazily so that importing this module stays cheap.
+Order: `secret_scan` replaces credentials (detect-secrets' plugins plus current key formats and chat phrasings) so
+that nothing later sees them; `pii_rules` and `names` find what Presidio's stock recognizers miss (addresses,
+dates of birth, passport and ID numbers, lower-case IBANs, phones after "line"/"call", names in any case or
+script); Presidio (analyzer only, on a local spaCy model) finds e-mails, phones, cards, SSNs, IBANs, IPs and the
+names spaCy knows. Overlapping findings merge into one placeholder. Nothing here touches the network: the spaCy
+model must be installed already and the email recognizer's public-suffix lookup uses tldextract's bundled snapshot.
+Presidio, spaCy, detect-secrets and Faker are imported lazily so that importing this module stays cheap.
 """
 from __future__ import annotations
 
@@ -19,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+from . import names as name_rules
+from . import pii_rules, secret_scan
 from .errors import ConfigError, ModelNotFoundError
 from .settings import PrivacyConfig
 
@@ -37,6 +43,7 @@ _PHONE_SHAPE_SCORE = 0.5
 _SSN_SEPARATED_SCORE = 0.5
 _SSN_BARE_SCORE = 0.25
 _PERSON_CUE_SCORE = 0.6
+_PERSON_RULE_SCORE = 0.7  # names.py: introduction cues, name lists, other scripts
 # Words after which two capitalised words are almost always a person: "loop in Kenji Watanabe".
 _PERSON_VERBS = (
     "ask|asked|ping|contact|tell|told|loop in|cc|thank|thanks|call|called|email|emailed|message|meet|met|"
@@ -58,7 +65,7 @@ _PROTECTED = re.compile(
     "|".join(
         [
             r"\b(?:lot|batch|part|order|serial|invoice|ticket|item|sku|po|job|run|line)\b\s*(?:no\.?|number|#)?\s*"
-            r"[A-Z]{0,4}-?\d{1,10}[A-Z]?\b(?![-.]\d)",
+            r"[A-Z]{0,4}-?\d{1,9}[A-Z]?\b(?![-.]\d)",  # 10+ digits there is a phone: "direct line 2125550199"
             r"\b[A-Z]{1,4}-\d{1,8}[A-Z]?\b(?![-.]\d)",  # PX-3301, SN-88231
             r"\b\d{4}-\d{2}-\d{2}(?:[T ]\d{2}:\d{2}(?::\d{2})?)?\b",  # ISO dates
             rf"\b{_MONTHS}\s+\d{{1,2}}(?:st|nd|rd|th)?(?:,?\s+\d{{4}})?\b",  # March 3, March 3rd, 2026
@@ -67,6 +74,7 @@ _PROTECTED = re.compile(
             r"(?<![\w.])v\d+(?:\.\d+)?\b",  # v2, v2.4
             r"\b\d+(?:[.,]\d+)?\s*°\s*[CFK]\b",  # temperatures
             r"\b\d{1,2}:\d{2}(?::\d{2})?\b",  # times
+            r"<[A-Z][A-Z0-9_]{2,}>",  # placeholders of earlier stages
         ]
     ),
     re.IGNORECASE,
@@ -88,13 +96,14 @@ class _Span:
 
 
 class Sanitizer:
-    """Redacts `config.entities` from text. The engine loads on first use (a few seconds); reuse instances."""
+    """Redacts secrets and `config.entities` from text. The engine loads on first use (a few seconds); reuse it."""
 
     def __init__(self, config: PrivacyConfig):
         self.config = config
         self.entities = list(dict.fromkeys(config.entities))
+        self.presidio_entities = [e for e in self.entities if e not in pii_rules.RULE_ENTITIES]
+        self._rule_entities = frozenset(self.entities)
         self._analyzer: Any = None
-        self._anonymizer: Any = None
         self._lock = threading.Lock()
 
     def load(self) -> "Sanitizer":
@@ -102,61 +111,73 @@ class Sanitizer:
         with self._lock:
             if self._analyzer is None:
                 _import_presidio_on_cpu()
-                from presidio_anonymizer import AnonymizerEngine
-
-                analyzer = _build_analyzer(self.entities)
-                self._anonymizer = AnonymizerEngine()
-                self._analyzer = analyzer
+                if "PERSON" in self.entities:
+                    name_rules.name_lists()
+                self._analyzer = _build_analyzer(self.presidio_entities)
         return self
 
     def sanitize(self, text: str) -> Sanitized:
         return self.sanitize_many([text])[0]
 
     def sanitize_many(self, texts: list[str]) -> list[Sanitized]:
-        """Redact each text. spaCy runs in batches and only where it can matter: `screen` sends texts that
-        cannot hold an entity straight back, and runs the (costly) NER only on texts that may name a person."""
-        out: list[Sanitized | None] = [None] * len(texts)
+        """Redact each text: secrets first, then rule findings and Presidio's. spaCy runs in batches and only where
+        it can matter: `screen` keeps texts that cannot hold a Presidio entity away from Presidio, and runs the
+        (costly) NER only on texts that may name a person."""
+        secret_free = [secret_scan.redact_secrets(text) if text else (text, []) for text in texts]
+        found: list[list[_Span]] = [self._rule_spans(text) for text, _ in secret_free]
         by_stage: dict[str, list[int]] = {stage: [] for stage in _SPACY_OFF}
-        for i, text in enumerate(texts):
-            stage = screen(text, self.entities) if text else SKIP
-            if stage == SKIP:
-                out[i] = Sanitized(text, [], False)
-            else:
+        for i, (text, _) in enumerate(secret_free):
+            stage = screen(text, self.presidio_entities) if text and self.presidio_entities else SKIP
+            if stage != SKIP:
                 by_stage[stage].append(i)
         if any(by_stage.values()):
-            self.load()
-            engine = self._analyzer.nlp_engine
-            kwargs = self._analyze_kwargs()
-            for stage, todo in by_stage.items():
-                docs = engine.nlp[_LANG].pipe((texts[i] for i in todo), batch_size=BATCH_SIZE, disable=_SPACY_OFF[stage])
-                for i, doc in zip(todo, docs):
-                    artifacts = engine._doc_to_nlp_artifact(doc, _LANG)
-                    raw = self._analyzer.analyze(text=texts[i], language=_LANG, nlp_artifacts=artifacts, **kwargs)
-                    out[i] = self._finish(texts[i], raw)
-        return out  # type: ignore[return-value]
+            self._analyze_into(found, [text for text, _ in secret_free], by_stage)
+        return [self._finish(text, kinds, spans) for (text, kinds), spans in zip(secret_free, found)]
+
+    def _rule_spans(self, text: str) -> list[_Span]:
+        spans = [_Span(kind, a, b, 1.0) for kind, a, b in pii_rules.find_structured(text, self._rule_entities)]
+        if "PERSON" in self._rule_entities:
+            spans += [_Span("PERSON", a, b, _PERSON_RULE_SCORE) for a, b in name_rules.find_names(text)]
+        return spans
+
+    def _analyze_into(self, found: list[list[_Span]], texts: list[str], by_stage: dict[str, list[int]]) -> None:
+        self.load()
+        engine = self._analyzer.nlp_engine
+        kwargs = self._analyze_kwargs()
+        for stage, todo in by_stage.items():
+            docs = engine.nlp[_LANG].pipe((texts[i] for i in todo), batch_size=BATCH_SIZE, disable=_SPACY_OFF[stage])
+            for i, doc in zip(todo, docs):
+                artifacts = engine._doc_to_nlp_artifact(doc, _LANG)
+                raw = self._analyzer.analyze(text=texts[i], language=_LANG, nlp_artifacts=artifacts, **kwargs)
+                spans = [_Span(r.entity_type, r.start, r.end, r.score) for r in raw]
+                found[i] = found[i] + _plausible(texts[i], spans)
 
     def _analyze_kwargs(self) -> dict:
         low = min(self.config.flag_threshold, self.config.score_threshold)
-        return {"entities": self.entities, "score_threshold": low}
+        return {"entities": self.presidio_entities, "score_threshold": low}
 
-    def _finish(self, text: str, raw: Iterable[Any]) -> Sanitized:
-        spans = _plausible(text, [_Span(r.entity_type, r.start, r.end, r.score) for r in raw])
+    def _finish(self, text: str, secret_kinds: list[str], spans: list[_Span]) -> Sanitized:
+        spans = [s for s in spans if not _overlaps_any(s, _placeholders(text))]
         redact = _resolve_overlaps([s for s in spans if s.score >= self.config.score_threshold])
         flagged = any(
             s.score >= self.config.flag_threshold and not _overlaps_any(s, redact)
             for s in spans
             if s.score < self.config.score_threshold
         )
+        kinds = sorted({*secret_kinds, *(s.entity_type for s in redact)})
         if not redact:
-            return Sanitized(text, [], flagged)
-        return Sanitized(self._replace(text, redact), sorted({s.entity_type for s in redact}), flagged)
+            return Sanitized(text, kinds, flagged)
+        replaced = secret_scan.replace_spans(text, [(s.entity_type, s.start, s.end) for s in redact])
+        return Sanitized(replaced, kinds, flagged)
 
-    def _replace(self, text: str, spans: list[_Span]) -> str:
-        from presidio_anonymizer.entities import OperatorConfig, RecognizerResult
 
-        results = [RecognizerResult(s.entity_type, s.start, s.end, s.score) for s in spans]
-        operators = {s.entity_type: OperatorConfig("replace", {"new_value": f"<{s.entity_type}>"}) for s in spans}
-        return self._anonymizer.anonymize(text=text, analyzer_results=results, operators=operators).text
+def _placeholders(text: str) -> list[_Span]:
+    if "<" not in text:
+        return []
+    return [_Span("PLACEHOLDER", m.start(), m.end(), 1.0) for m in _PLACEHOLDER.finditer(text)]
+
+
+_PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]{2,}>")
 
 
 # --- pre-screen ------------------------------------------------------------------------------------------------
@@ -222,32 +243,46 @@ def _may_name_someone(text: str) -> bool:
 
 def _plausible(text: str, spans: list[_Span]) -> list[_Span]:
     protected = [m.span() for m in _PROTECTED.finditer(text)]
+    shouting = name_rules.is_shouting(text)
     return [
         s
         for s in spans
         if not any(a <= s.start and s.end <= b for a, b in protected)
-        and (s.entity_type != "PERSON" or _looks_like_name(text[s.start : s.end]))
+        and (s.entity_type != "PERSON" or _looks_like_name(text[s.start : s.end], shouting))
     ]
 
 
-def _looks_like_name(value: str) -> bool:
+def _looks_like_name(value: str, shouting: bool = False) -> bool:
     # The small spaCy model tags codes such as "B-204" or "v2.4.1" as PERSON; the cue patterns catch
-    # capitalised roles ("Ask Customer Service").
+    # capitalised roles ("Ask Customer Service"). In ALL CAPS text it tags plain words ("MY NAME IS").
     words = value.split()
     return (
         not any(c.isdigit() for c in value)
         and any(w[:1].isupper() for w in words)
         and not any(w.lower().strip(".,") in _NOT_NAMES for w in words)
+        and not (shouting and all(name_rules.is_common_word(w.strip(".,")) for w in words))
     )
 
 
 def _resolve_overlaps(spans: list[_Span]) -> list[_Span]:
-    """Keep the highest-scoring span of each overlapping group (longest on ties)."""
-    kept: list[_Span] = []
-    for span in sorted(spans, key=lambda s: (-s.score, -(s.end - s.start), s.start)):
-        if not _overlaps_any(span, kept):
-            kept.append(span)
-    return sorted(kept, key=lambda s: s.start)
+    """Overlapping spans become one span covering them all, typed by the best of them (score, then length), so
+    that no part of a finding is left behind when two recognizers disagree on its extent."""
+    groups: list[list[_Span]] = []
+    for span in sorted(spans, key=lambda s: (s.start, -s.end)):
+        if groups and span.start < max(s.end for s in groups[-1]):
+            groups[-1].append(span)
+        else:
+            groups.append([span])
+    return [_union_span(group) for group in groups]
+
+
+# A rule's generic kind gives way to a recognizer's specific one for the same value ("SSN 078-05-1120": US_SSN).
+_GENERIC_KINDS = frozenset({"NATIONAL_ID"})
+
+
+def _union_span(group: list[_Span]) -> _Span:
+    best = max(group, key=lambda s: (s.entity_type not in _GENERIC_KINDS, s.score, s.end - s.start))
+    return _Span(best.entity_type, min(s.start for s in group), max(s.end for s in group), best.score)
 
 
 def _overlaps_any(span: _Span, others: list[_Span]) -> bool:

@@ -1,8 +1,10 @@
 """Writes the sanitizer's measurement corpora (deterministic): `python tests/data/make_privacy_corpora.py`.
 
 - privacy_tuning.jsonl: the corpus the rules were tuned on (templates "A", names drawn from Faker's lists);
-- privacy_heldout.jsonl: never tuned on: other templates, other value formats, hand-picked names (many of them
-  in no list the sanitizer uses), other languages' phrasing;
+- privacy_dev.jsonl: written as a held-out set (templates "B", hand-picked names), but its misses were looked at
+  and fixed once, so it counts as tuning data now;
+- privacy_heldout.jsonl: written after the rules were frozen and never tuned on: templates "C", other value
+  formats, other hand-picked names, other phrasings (see heldout_rows_c);
 - domain_ids.jsonl: texts whose lot/part/order/version codes, production dates, serials and measurements must
   survive, with no personal data at all.
 Each row: {"text", "values": [{"kind", "value"}], "keep": [...]}; every value and keep string occurs in the text.
@@ -547,14 +549,216 @@ def row(text: str, values, keep=()) -> dict:
     return {"text": text, "values": values, "keep": list(keep)}
 
 
+# --- held-out "C": written after the rules were frozen; never tuned on --------------------------------------------
+HELDOUT_C_NAMES = [
+    "Obiageli Nnamdi", "Babajide Olatunji", "Chiamaka Okonkwo", "Kwame Mensah-Bonsu", "Nomvula Zungu",
+    "Tshepo Molefe", "Wanjiku Kariuki", "Abebe Bekele", "Selam Tesfaye", "Moussa Diallo", "Aminata Traoré",
+    "Hamza Benjelloun", "Yasmin Haddad", "Omar Farouk", "Noor Al-Hashimi", "Parisa Tehrani", "Dariusz Kowal",
+    "Agnieszka Wiśniewska", "Vojtěch Novák", "Ilona Horváth", "Radu Ionescu", "Snežana Petrović", "Aleksi Virtanen",
+    "Freyja Sigurdardottir", "Sindre Bakken", "Maëlle Lefebvre", "Théo Rousseau", "Beatriz Gonçalves",
+    "Rodrigo Quispe", "Ximena Huerta", "Valentina Restrepo", "Kenta Yoshimura", "Misaki Ogawa", "Jae-sung Yoon",
+    "Ji-hye Moon", "Thanh Pham", "Linh Dang", "Rahul Deshmukh", "Kavya Raghunathan", "Sunil Wijesinghe",
+    "Ngaire Tipene", "Keoni Akana", "Lars-Erik Holm", "Ingrid Aasen", "Bogdan Shevchenko", "Oksana Bondarenko",
+]
+HELDOUT_C_SCRIPT_NAMES = ["강하늘", "윤서준", "林美玲", "周杰", "Сергей Волков", "Екатерина Морозова",
+                          "Ελένη Δημητρίου", "中村 翔太", "Олександр Коваленко"]
+
+
+def heldout_rows_c(rng: random.Random) -> list[dict]:
+    rows: list[dict] = []
+    add = lambda text, values, keep=(): rows.append(row(text, values, keep))  # noqa: E731
+    templates = [
+        ("{n} rebuilt the gearbox on cell 5.", "n"),
+        ("Handover from {n}: the chiller alarm is cleared.", "n"),
+        ("is {n} on shift tonight?", "n"),
+        ("ok so {l} said to bump the feed rate", "l"),
+        ("Shout-out to {n} for catching the crack in PX-{d}!", "n"),
+        ("FROM: {U}\nSUBJECT: SCRAP REPORT", "U"),
+        ("Best,\n{n}", "n"),
+        ("I work with {n} on the paint line.", "n"),
+        ("the technician ({n}) replaced the fuse", "n"),
+        ("Escalate to {n} if ORD-2027-{d4} slips.", "n"),
+        ("hello, {l} here from maintenance", "l"),
+        ("Operator: {n} | Station: 7", "n"),
+        ("{f} asked whether lot C-{d} can ship.", "f"),
+        ("we hired {l} last month for quality", "l"),
+        ("Can you draft an email to {n} about the delay?", "n"),
+    ]
+    for i, name in enumerate(HELDOUT_C_NAMES * 2):
+        text, key = templates[i % len(templates)]
+        value = {"n": name, "l": name.lower(), "U": name.upper(), "f": name.split()[0]}[key]
+        add(text.format(n=name, l=name.lower(), U=name.upper(), f=name.split()[0], d=rng.randint(100, 999),
+                        d4=f"{rng.randint(1, 9999):04d}"), [("PERSON", value)])
+    for name in HELDOUT_C_SCRIPT_NAMES:
+        add(f"Inspector {name} signed the audit for lot D-{rng.randint(10, 99)}.", [("PERSON", name)])
+        add(f"please call {name} tomorrow", [("PERSON", name)])
+    for i in range(40):
+        add(*secret_heldout_c(rng, i))
+    for i in range(60):
+        add(*pii_heldout_c(rng, i))
+    return rows
+
+
+def secret_heldout_c(rng: random.Random, i: int) -> tuple:
+    k = i % 20
+    if k == 0:
+        v = f"sk-ant-api03-{rand(rng, 93, ALNUM + '_-')}AA"
+        return f"ANTHROPIC_API_KEY={v}", [("API_KEY", v)]
+    if k == 1:
+        v = f"glpat-{rand(rng, 20, ALNUM + '_-')}"
+        return f"gitlab token is {v}", [("API_KEY", v)]
+    if k == 2:
+        key = "AKIA" + rand(rng, 16, string.ascii_uppercase + string.digits)
+        secret = rand(rng, 40, ALNUM + "/+")
+        return f'{{"AccessKeyId": "{key}", "SecretAccessKey": "{secret}"}}', [("API_KEY", key), ("SECRET", secret)]
+    if k == 3:
+        pw = rand(rng, 12)
+        return f'{{"username": "svc", "password": "{pw}"}}', [("PASSWORD", pw)]
+    if k == 4:
+        pw = rand(rng, 10)
+        return f"PGPASSWORD={pw} psql -h db -U app", [("PASSWORD", pw)]
+    if k == 5:
+        v = rand(rng, 50, ALNUM)
+        return f"SECRET_KEY={v}", [("SECRET", v)]
+    if k == 6:
+        v = rand(rng, 32, ALNUM)
+        return f"GET /api/v1/items?access_token={v}&page=2", [("ACCESS_TOKEN", v)]
+    if k == 7:
+        pw = rng.choice(["bananas!", "Winter#22", "qwerty123"])
+        return f"my password's {pw} but it stopped working", [("PASSWORD", pw)]
+    if k == 8:
+        pw = rng.choice(["plant2024", "Zx9!kq", "Hello123"])
+        return f"pw is {pw}", [("PASSWORD", pw)]
+    if k == 9:
+        v = private_key(rng, "")
+        return f"key file contents: {v}", [("PRIVATE_KEY", v)]
+    if k == 10:
+        v = f"xoxb-{rng.randint(10**11, 10**12)}-{rng.randint(10**12, 10**13)}-{rand(rng, 24)}"
+        return f"SLACK_BOT_TOKEN = '{v}'", [("API_KEY", v)]
+    if k == 11:
+        v = jwt(rng)
+        return f"cookie: session={v}", [("ACCESS_TOKEN", v)]
+    if k == 12:
+        pw = rand(rng, 8)
+        return f"smtp://alerts:{pw}@mail.plant.local:587", [("PASSWORD", pw)]
+    if k == 13:
+        v = rand(rng, 36, ALNUM)
+        return f"authorization: bearer {v}", [("ACCESS_TOKEN", v)]
+    if k == 14:
+        pin = str(rng.randint(1000, 9999))
+        return f"the alarm code is {pin}", [("PASSWORD", pin)]
+    if k == 15:
+        pw = rng.choice(["tulip-river-42", "Sommer2025", "ch33seburger"])
+        return f"I set the router password to {pw} yesterday", [("PASSWORD", pw)]
+    if k == 16:
+        v = f"hf_{rand(rng, 34)}"
+        return f"token: {v}", [("API_KEY", v)]
+    if k == 17:
+        v = f"github_pat_{rand(rng, 22)}_{rand(rng, 59)}"
+        return f"git remote set-url origin https://{v}@github.com/acme/mes.git", [("API_KEY", v)]
+    if k == 18:
+        v = f"sk_test_{rand(rng, 24)}"
+        return f"STRIPE_SECRET_KEY: {v}", [("API_KEY", v)]
+    pw = rand(rng, 9)
+    return f"mysql -u root -p{pw} factory", [("PASSWORD", pw)]
+
+
+def pii_heldout_c(rng: random.Random, i: int) -> tuple:
+    k = i % 20
+    if k == 0:
+        v = f"{rand(rng, 5, string.ascii_lowercase)}.{rand(rng, 7, string.ascii_lowercase)}@plant-{rng.randint(1, 9)}.example.net"
+        return f"Reply-To: <{v}>", [("EMAIL_ADDRESS", v)]
+    if k == 1:
+        v = f"+91 {rng.randint(70000, 99999)} {rng.randint(10000, 99999)}"
+        return f"whatsapp {v}", [("PHONE_NUMBER", v)]
+    if k == 2:
+        v = f"{rng.randint(201, 989)}-{rng.randint(200, 989)}-{rng.randint(1000, 9999)}"
+        return f"ph:{v}", [("PHONE_NUMBER", v)]
+    if k == 3:
+        v = f"{rng.randint(201, 989)}{rng.randint(200, 989)}{rng.randint(1000, 9999)}"
+        return f"my work line is {v} ext 4", [("PHONE_NUMBER", v)]
+    if k == 4:
+        v = ssn(rng)
+        return f"SSN: {v}", [("US_SSN", v)]
+    if k == 5:
+        v = "-".join(grouped(luhn_complete("4", 16, rng)).split())
+        return f"visa {v}", [("CREDIT_CARD", v)]
+    if k == 6:
+        v = iban("NL", "ABNA" + "".join(rng.choice(string.digits) for _ in range(10))).lower()
+        return f"rekening {v}", [("IBAN_CODE", v)]
+    if k == 7:
+        v = f"192.168.{rng.randint(0, 255)}.{rng.randint(1, 254)}"
+        return f"ping {v} from the HMI", [("IP_ADDRESS", v)]
+    if k == 8:
+        v = f"{rng.randint(100, 9999)} {rng.choice(['Pennsylvania', 'Lincoln', 'Harbor'])} Avenue NW"
+        return f"our office: {v}, Washington, DC 20500", [("STREET_ADDRESS", v)]
+    if k == 9:
+        v = f"Flat {rng.randint(1, 9)}, {rng.randint(2, 99)} Acacia Avenue"
+        return f"deliver to {v}", [("STREET_ADDRESS", v)]
+    if k == 10:
+        v = f"19{rng.randint(50, 99)}/{rng.randint(1, 12):02d}/{rng.randint(1, 28):02d}"
+        return f"d.o.b {v}", [("DATE_OF_BIRTH", v)]
+    if k == 11:
+        v = f"{rng.randint(1, 28)}th {rng.choice(['May', 'August', 'December'])} 19{rng.randint(60, 99)}"
+        return f"my birthday is on {v}", [("DATE_OF_BIRTH", v)]
+    if k == 12:
+        v = str(rng.randint(100000000, 999999999))
+        return f"passport no. {v}", [("PASSPORT", v)]
+    if k == 13:
+        v = f"{rng.randint(100, 999)} {rng.randint(100, 999)} {rng.randint(100, 999)}"
+        return f"SIN {v}", [("NATIONAL_ID", v)]
+    if k == 14:
+        v = f"{rng.randint(100, 999)} {rng.randint(100, 999)} {rng.randint(1000, 9999)}"
+        return f"NHS number {v}", [("NATIONAL_ID", v)]
+    if k == 15:
+        v = f"{rng.randint(10, 99)}{rng.randint(10, 12)}{rng.randint(10, 28)}{rng.randint(10000, 99999)}"
+        return f"PESEL {v}", [("NATIONAL_ID", v)]
+    if k == 16:
+        v = f"{rng.randint(201, 989)}.{rng.randint(200, 989)}.{rng.randint(1000, 9999)}"
+        return f"mobile#{v}", [("PHONE_NUMBER", v)]
+    if k == 17:
+        v = f"{rng.choice(['Kungsgatan', 'Storgatan'])} {rng.randint(1, 99)}"
+        return f"adress: {v}, Stockholm", [("STREET_ADDRESS", v)]
+    if k == 18:
+        v = f"+81 3-{rng.randint(1000, 9999)}-{rng.randint(1000, 9999)}"
+        return f"Tokyo office {v}", [("PHONE_NUMBER", v)]
+    v = f"{rng.randint(10, 28)}/{rng.randint(1, 12):02d}/{rng.randint(1960, 1999)}"
+    return f"DOB {v}", [("DATE_OF_BIRTH", v)]
+
+
+def domain_rows_c(rng: random.Random) -> list[dict]:
+    rows = []
+    for i in range(200):
+        v = domain_values(rng)
+        sap_po = f"45{rng.randint(10000000, 99999999)}"
+        texts = [
+            (f"Ask Maintenance to check {v['part']} before the audit.", [v["part"]]),
+            (f"The Bosch Rexroth valve on line {v['line']} leaks at {v['pressure']}.", [f"line {v['line']}", v["pressure"]]),
+            (f"Use Loctite 243 on the M6 screws of {v['part2']}.", [v["part2"]]),
+            (f"PO {sap_po} (SAP) covers {v['order']}.", [f"PO {sap_po}", v["order"]]),
+            (f"LOT {v['lot']} QTY 500 SHIPPED {v['date']}", [f"LOT {v['lot']}", v["date"]]),
+            (f"our line celebrates its birthday on {v['date']}... kidding, that's the produced-on date", [v["date"]]),
+            (f"run {v['run']} took 00:42:17 on the Raspberry Pi 4", [f"run {v['run']}"]),
+            (f"Send the Berlin plant the {v['version']} release notes.", [v["version"]]),
+            (f"serial number {v['serial']}, manufactured {v['monthdate']}", [v["serial"], v["monthdate"]]),
+            (f"Torque spec for {v['part']}: {v['torque']} ± 2 Nm", [v["part"], v["torque"]]),
+            (f"pallet 12 of order {v['order2']} was produced on {v['date']}", [v["order2"], v["date"]]),
+            (f"Grafana dashboard v{v['semver']} shows OEE 81.5% for week 14", [v["semver"]]),
+        ]
+        text, keep = texts[i % len(texts)]
+        rows.append({"text": text, "values": [], "keep": keep})
+    return rows
+
+
 def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
 
 def main() -> None:
     write(HERE / "privacy_tuning.jsonl", tuning_rows(random.Random(13)))
-    write(HERE / "privacy_heldout.jsonl", heldout_rows(random.Random(2026)))
-    write(HERE / "domain_ids.jsonl", domain_rows(random.Random(7)))
+    write(HERE / "privacy_dev.jsonl", heldout_rows(random.Random(2026)))
+    write(HERE / "privacy_heldout.jsonl", heldout_rows_c(random.Random(31)))
+    write(HERE / "domain_ids.jsonl", domain_rows(random.Random(7)) + domain_rows_c(random.Random(8)))
 
 
 if __name__ == "__main__":

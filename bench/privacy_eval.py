@@ -8,7 +8,8 @@ from pathlib import Path
 import orjson
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
-TUNING, HELDOUT, DOMAIN = DATA / "privacy_tuning.jsonl", DATA / "privacy_heldout.jsonl", DATA / "domain_ids.jsonl"
+TUNING, DEV, HELDOUT = DATA / "privacy_tuning.jsonl", DATA / "privacy_dev.jsonl", DATA / "privacy_heldout.jsonl"
+DOMAIN = DATA / "domain_ids.jsonl"
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]{2,})>")
 SECRET_KINDS = {"API_KEY", "ACCESS_TOKEN", "PRIVATE_KEY", "PASSWORD", "SECRET"}
 
@@ -89,7 +90,7 @@ def summary(result: dict) -> dict:
     }
 
 
-def ours(paths=(TUNING, HELDOUT, DOMAIN)) -> dict:
+def ours(paths=(TUNING, DEV, HELDOUT, DOMAIN)) -> dict:
     from continuous_learning.privacy import get_sanitizer
     from continuous_learning.settings import PrivacyConfig
 

@@ -38,7 +38,7 @@ _STRONG_CUES = (
     r"my\s+name\s+is|my\s+name's|my\s+name’s|name\s*:|full\s+name\s*:?|call\s+me|i\s+go\s+by|named|"
     r"signed\s*,?|sincerely\s*,|regards\s*,|best\s*,|cheers\s*,|thanks\s*,|thank\s+you\s*,|yours\s*,|love\s*,|"
     r"thx\s*,|ty\s*,|tks\s*,|br\s*,|kind\s+regards\s*,?|best\s+wishes\s*,?|many\s+thanks\s*,?|warm\s+regards\s*,?|"
-    r"contact\s+person\s*:?|contact\s*:|owner\s*:|assignee\s*:|reporter\s*:|requested\s+by\s*:?|"
+    r"contact\s+person\s*:?|contact\s*:|owner\s*:|from\s*:|to\s*:|cc\s*:|bcc\s*:|operator\s*:|assignee\s*:|reporter\s*:|requested\s+by\s*:?|"
     r"dear|attn\s*:?|attention\s*:|(?:mr|mrs|ms|mx|dr|prof|miss|sir|madam|mister)\.?|"
     r"my\s+(?:wife|husband|son|daughter|partner|mother|mom|mum|father|dad|brother|sister|friend|colleague|"
     r"manager|boss|neighbou?r|landlord|landlady|doctor|uncle|aunt|cousin|grandma|grandpa|grandmother|grandfather|"
@@ -55,7 +55,7 @@ _WEAK_CUES = (
     r"invited|cc'd|forward\s+to|forwarded\s+to|reply\s+to|replied\s+to|ask\s+for|asking\s+for|introduce|introducing"
 )
 _CUE = re.compile(
-    rf"(?<![\w'’])(?:(?P<strong>{_STRONG_CUES})|(?P<self>{_SELF_CUES})|(?P<weak>{_WEAK_CUES}))\s+", re.IGNORECASE
+    rf"(?<![\w'’])(?:(?P<strong>{_STRONG_CUES})|(?P<self>{_SELF_CUES})|(?P<weak>{_WEAK_CUES}))[,:]?\s+", re.IGNORECASE
 )
 STRONG, SELF, WEAK = "strong", "self", "weak"
 
@@ -148,7 +148,8 @@ def find_names(text: str) -> list[Span]:
     words = [(m.start(), m.end(), m.group()) for m in _WORD.finditer(text)]
     if not words:
         return []
-    spans = [*_cued_names(text, words), *_listed_names(text, words), *_other_script_names(text, words)]
+    spans = [*_cued_names(text, words), *_listed_names(text, words), *_lone_first_names(text, words),
+             *_other_script_names(text, words)]
     return _union(spans)
 
 
@@ -214,6 +215,19 @@ def _listed_names(text: str, words: list) -> Iterator[Span]:
         first, last = _widen(text, words, i, i + 1, capitalised, shouting)
         yield words[first][0], words[last][1]
         i = last + 1
+
+
+def _lone_first_names(text: str, words: list) -> Iterator[Span]:
+    """A capitalised listed first name that is no English word stands for a person on its own: "Yasmin asked"."""
+    if _mostly_upper(text):
+        return
+    first, _, common = name_lists()
+    for start, end, word in words:
+        lower = word.lower()
+        parts = lower.split("-")
+        if _is_capitalised(word, False) and not word.isupper() and parts[0] in first and lower not in common \
+                and not is_english(lower) and not _touches_code(text, start, end):
+            yield start, end
 
 
 def _listed_pair_at(text: str, words: list, i: int, shouting: bool) -> bool | None:

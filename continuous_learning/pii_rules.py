@@ -210,8 +210,18 @@ def _phones(text: str) -> Iterator[Span]:
     for regex, least in ((_GLUED_PHONE, 7), (_LINE_PHONE, 10)):
         for match in regex.finditer(text):
             value = match.group("value").rstrip(" .-(")
-            if least <= sum(c.isdigit() for c in value) <= 15 and not _looks_like_date(value):
+            digits = re.sub(r"\D", "", value)
+            if not least <= len(digits) <= 15 or _looks_like_date(value):
+                continue
+            if regex is _GLUED_PHONE or value.startswith("+") or _nanp_shaped(digits):
                 yield PHONE_NUMBER, match.start("value"), match.start("value") + len(value)
+
+
+def _nanp_shaped(digits: str) -> bool:
+    """After "line", "job" or "po" only a number shaped like a North American one is a phone: an SAP order
+    "PO 4500012345" has an exchange starting with 0 and stays."""
+    digits = digits[1:] if len(digits) == 11 and digits[0] == "1" else digits
+    return len(digits) == 10 and digits[0] in "23456789" and digits[3] in "23456789"
 
 
 def _looks_like_date(value: str) -> bool:

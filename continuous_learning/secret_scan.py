@@ -81,8 +81,9 @@ _HARMLESS_PARTS = frozenset(
     "file path name id ids policy policies hash hashed hint reset rule rules field prompt label mode format env "
     "header location dir budget window rotation age".split()
 )
-_ASSIGNMENT = re.compile(
-    rf"(?P<name>(?<![\w.-])[\w.-]{{0,40}}?(?i:{_SECRET_WORDS})(?:[_.-]?[A-Za-z0-9]+)*)(?P<sep>\s*(?::=|=>|=|:)\s*){_VALUE}",
+_ASSIGNMENT = re.compile(  # the optional quote closes a JSON key: {"password": "..."}
+    rf"(?P<name>(?<![\w.-])[\w.-]{{0,40}}?(?i:{_SECRET_WORDS})(?:[_.-]?[A-Za-z0-9]+)*)"
+    rf"(?P<sep>[\"'`]?\s*(?::=|=>|=|:)\s*){_VALUE}",
     re.IGNORECASE,
 )
 _AUTH_HEADER = re.compile(
@@ -112,6 +113,12 @@ _USED_AS_PASSWORD = re.compile(
     r"(?:the\s+|my\s+|a\s+|our\s+|your\s+)?(?:new\s+)?(?:password|passcode|pin|passphrase)\b",
     re.IGNORECASE,
 )
+_SET_PASSWORD = re.compile(
+    r"\b(?:set|changed?|reset|updated?|made)\s+(?:the\s+|my\s+|our\s+|his\s+|her\s+|their\s+)?(?:[\w-]+\s+){0,2}?"
+    rf"(?:password|passcode|pin|passphrase)\s+(?:to|as)\s+{_VALUE}",
+    re.IGNORECASE,
+)
+_MYSQL_PASSWORD = re.compile(r"\bmysql(?:dump|admin|sh)?\b[^\n]*?\s-p(?P<value>[^\s'\"]+)")
 _SPOKEN_PIN = re.compile(
     r"\b(?:pin(?:\s?(?:code|number|no\.?))?|passcode|door\s+code|alarm\s+code|gate\s+code|access\s+code|"
     r"security\s+code|verification\s+code|one[-\s]time\s+(?:code|password)|otp|2fa\s+code|cvv2?|cvc)"
@@ -133,7 +140,7 @@ _ENTROPY_LIMIT = 4.0  # bits per character over the base64 alphabet; detect-secr
 _TRIGGER = re.compile(
     r"[=:@]|-----|PuTTY|\b(?:sk|gh[pousr]|github|gl\w{2,4}|xox\w|xapp|hf|[rsp]k|whsec|AIza\w|ya29|A3T|AKIA|ASIA|ABIA|ACCA|"
     r"npm|pypi|SG|dop|eyJ\w*|bearer|token|pass\w*|pwd|pw|pin|login|credentials|otp|cvv2?|cvc|2fa|"
-    r"use|used|using|try|tried|type|typed|enter|entered|set|chose|picked)"
+    r"use|used|using|try|tried|type|typed|enter|entered|set|chose|picked|changed?|reset|updated?|made|mysql\w*)"
     r"|(?:door|alarm|gate|access|security|verification|one.time)\s+code|[A-Za-z0-9+/_=.~-]{20}",
     re.IGNORECASE,
 )
@@ -207,7 +214,7 @@ def _context_spans(text: str) -> Iterator[Span]:
     for regex, kind in ((_AUTH_HEADER, ACCESS_TOKEN), (_BEARER, ACCESS_TOKEN), (_URL_CREDENTIALS, PASSWORD)):
         for match in regex.finditer(text):
             yield from _value_span(match, kind, strip=False)
-    for regex in (_SPOKEN_PASSWORD, _BARE_PASSWORD, _USED_AS_PASSWORD):
+    for regex in (_SPOKEN_PASSWORD, _BARE_PASSWORD, _USED_AS_PASSWORD, _SET_PASSWORD, _MYSQL_PASSWORD):
         for match in regex.finditer(text):
             if regex is not _BARE_PASSWORD or _looks_generated(match.group("value")):
                 yield from _value_span(match, PASSWORD)

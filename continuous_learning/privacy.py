@@ -134,6 +134,14 @@ class Sanitizer:
             self._analyze_into(found, [text for text, _ in secret_free], by_stage)
         return [self._finish(text, kinds, spans) for (text, kinds), spans in zip(secret_free, found)]
 
+    def sanitize_unscreened(self, text: str) -> Sanitized:
+        """The full pipeline on one text without the pre-screen (the reference the fast path is tested against)."""
+        self.load()
+        clean, kinds = secret_scan.redact_secrets(text) if text else (text, [])
+        raw = self._analyzer.analyze(text=clean, language=_LANG, **self._analyze_kwargs()) if clean else []
+        spans = self._rule_spans(clean) + _plausible(clean, [_Span(r.entity_type, r.start, r.end, r.score) for r in raw])
+        return self._finish(clean, kinds, spans)
+
     def _rule_spans(self, text: str) -> list[_Span]:
         spans = [_Span(kind, a, b, 1.0) for kind, a, b in pii_rules.find_structured(text, self._rule_entities)]
         if "PERSON" in self._rule_entities:
@@ -213,7 +221,7 @@ _NEVER_NAMES = frozenset(
 
 def screen(text: str, entities: Iterable[str]) -> str:
     """SKIP, PATTERNS or NER for one text (see above); entity types this screen does not know always get NER."""
-    entities = set(entities)
+    entities = set(entities) - set(pii_rules.RULE_ENTITIES)  # rule entities never need Presidio
     unknown = entities - _SCREENED_PATTERN_ENTITIES - {"PERSON"}
     if unknown:
         return NER

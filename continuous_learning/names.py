@@ -192,8 +192,11 @@ def _may_be_name_word(text: str, start: int, end: int, word: str, strength: str,
 
 def _touches_code(text: str, start: int, end: int) -> bool:
     """'PX' in 'PX-3301' or 'A' in 'A-17' is part of an identifier, not a word."""
-    after, before = text[end : end + 2], text[max(0, start - 1) : start]
-    return bool(re.match(r"-?\d|[_/]", after)) or bool(re.match(r"[\d_/-]", before))
+    return bool(_CODE_AFTER.match(text, end)) or (start > 0 and _CODE_BEFORE.match(text, start - 1) is not None)
+
+
+_CODE_AFTER = re.compile(r"-?\d|[_/]")
+_CODE_BEFORE = re.compile(r"[\d_/-]")
 
 
 def _adjacent(text: str, previous_end: int, start: int) -> bool:
@@ -270,9 +273,13 @@ def _extends_name(word: str, capitalised: bool, shouting: bool) -> bool:
 
 
 @lru_cache(maxsize=1)
-def _listed() -> frozenset:
+def listed_names() -> frozenset:
+    """Every listed first and last name, lower-cased."""
     first, last, _ = name_lists()
     return first | last
+
+
+_listed = listed_names
 
 
 def _listed_pair(la: str, lb: str, capitalised: bool) -> bool:
@@ -302,9 +309,15 @@ def is_common_word(word: str) -> bool:
     return word.lower() in name_lists()[2]
 
 
+@lru_cache(maxsize=1024)
 def _mostly_upper(text: str) -> bool:
-    letters = [c for c in text if c.isalpha() and c.isascii()]
-    return len(letters) >= 8 and sum(c.isupper() for c in letters) > 0.7 * len(letters)
+    """Over 70% of at least 8 ASCII letters are capitals (asked four times per text, hence the cache)."""
+    letters = _NOT_ASCII_LETTER.sub("", text)
+    return len(letters) >= 8 and len(_NOT_ASCII_UPPER.sub("", letters)) > 0.7 * len(letters)
+
+
+_NOT_ASCII_LETTER = re.compile(r"[^A-Za-z]+")
+_NOT_ASCII_UPPER = re.compile(r"[^A-Z]+")
 
 
 # --- other scripts --------------------------------------------------------------------------------------------

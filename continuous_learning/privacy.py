@@ -19,6 +19,7 @@ import secrets
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -111,36 +112,66 @@ class Sanitizer:
         with self._lock:
             if self._analyzer is None:
                 _import_presidio_on_cpu()
+                from presidio_analyzer.predefined_recognizers import SpacyRecognizer
+
                 if "PERSON" in self.entities:
                     name_rules.name_lists()
-                self._analyzer = _build_analyzer(self.presidio_entities)
+                    name_rules.english_words()
+                analyzer = _build_analyzer(self.presidio_entities)
+                recognizers = analyzer.registry.get_recognizers(_LANG, self.presidio_entities) if self.presidio_entities else []
+                for recognizer in recognizers:
+                    if not recognizer.is_loaded:
+                        recognizer.load()
+                        recognizer.is_loaded = True
+                self._recognizers = recognizers
+                self._ner_recognizers = [r for r in recognizers if isinstance(r, SpacyRecognizer)]
+                self._ner_ids = frozenset(r.id for r in self._ner_recognizers)
+                self._context_ids = frozenset(r.id for r in recognizers if r.context)
+                self._pattern_recognizers = [
+                    (r, _needs_regex(r.supported_entities)) for r in recognizers if r.id not in self._ner_ids
+                ]
+                self._screened = set(self.presidio_entities) <= set(_ENTITY_NEEDS)
+                self._analyzer = analyzer
         return self
 
     def sanitize(self, text: str) -> Sanitized:
         return self.sanitize_many([text])[0]
 
-    def sanitize_many(self, texts: list[str]) -> list[Sanitized]:
-        """Redact each text: secrets first, then rule findings and Presidio's. spaCy runs in batches and only where
-        it can matter: `screen` keeps texts that cannot hold a Presidio entity away from Presidio, and runs the
-        (costly) NER only on texts that may name a person."""
-        secret_free = [secret_scan.redact_secrets(text) if text else (text, []) for text in texts]
-        found: list[list[_Span]] = [self._rule_spans(text) for text, _ in secret_free]
-        by_stage: dict[str, list[int]] = {stage: [] for stage in _SPACY_OFF}
-        for i, (text, _) in enumerate(secret_free):
-            stage = screen(text, self.presidio_entities) if text and self.presidio_entities else SKIP
-            if stage != SKIP:
-                by_stage[stage].append(i)
-        if any(by_stage.values()):
-            self._analyze_into(found, [text for text, _ in secret_free], by_stage)
-        return [self._finish(text, kinds, spans) for (text, kinds), spans in zip(secret_free, found)]
+    def sanitize_many(self, texts: list[str], stages: Counter | None = None) -> list[Sanitized]:
+        """Redact each text: secrets first, then rule findings and Presidio's. Exact repeats are analysed once.
+        Presidio's recognizers are called directly and spaCy runs in batches, each component only on the texts
+        that need it (see `_presidio_results`); the result equals `sanitize_unscreened`. `stages`, if given,
+        counts what each text needed."""
+        distinct = list(dict.fromkeys(texts))
+        if stages is not None:
+            stages[REPEAT] += len(texts) - len(distinct)
+        done = dict(zip(distinct, self._sanitize_distinct(distinct, stages)))
+        seen: set[str] = set()
+        out = []
+        for text in texts:
+            result = done[text]
+            out.append(result if text not in seen else Sanitized(result.text, list(result.entities), result.flagged))
+            seen.add(text)
+        return out
 
     def sanitize_unscreened(self, text: str) -> Sanitized:
-        """The full pipeline on one text without the pre-screen (the reference the fast path is tested against)."""
+        """The full pipeline on one text through Presidio's AnalyzerEngine, every spaCy component on every text
+        (the reference the fast path is tested against)."""
         self.load()
         clean, kinds = secret_scan.redact_secrets(text) if text else (text, [])
         raw = self._analyzer.analyze(text=clean, language=_LANG, **self._analyze_kwargs()) if clean else []
-        spans = self._rule_spans(clean) + _plausible(clean, [_Span(r.entity_type, r.start, r.end, r.score) for r in raw])
-        return self._finish(clean, kinds, spans)
+        return self._finish(clean, kinds, self._rule_spans(clean) + self._presidio_spans(clean, raw))
+
+    def _sanitize_distinct(self, texts: list[str], stages: Counter | None) -> list[Sanitized]:
+        secret_free = [secret_scan.redact_secrets(text) if text else (text, []) for text in texts]
+        clean = [text for text, _ in secret_free]
+        found = [self._rule_spans(text) for text in clean]
+        if self.presidio_entities and any(clean):
+            for i, results in enumerate(self._presidio_results(clean, stages)):
+                found[i] += self._presidio_spans(clean[i], results)
+        elif stages is not None:
+            stages[SKIP] += len(texts)
+        return [self._finish(text, kinds, spans) for (text, kinds), spans in zip(secret_free, found)]
 
     def _rule_spans(self, text: str) -> list[_Span]:
         spans = [_Span(kind, a, b, 1.0) for kind, a, b in pii_rules.find_structured(text, self._rule_entities)]
@@ -148,17 +179,77 @@ class Sanitizer:
             spans += [_Span("PERSON", a, b, _PERSON_RULE_SCORE) for a, b in name_rules.find_names(text)]
         return spans
 
-    def _analyze_into(self, found: list[list[_Span]], texts: list[str], by_stage: dict[str, list[int]]) -> None:
+    def _presidio_results(self, texts: list[str], stages: Counter | None) -> list[list[Any]]:
+        """What `AnalyzerEngine.analyze` returns for each text, computed with as little spaCy as gives the same:
+        1. the pattern recognizers run directly (no NLP artifacts needed), each only on texts holding a character
+           its entity needs (a digit, '@', ':', a capital);
+        2. spaCy's tokenizer runs on texts with a capital letter, and NER (its own embedding layer, without
+           tok2vec, tagger and lemmatizer) only on those with a word that can pass `_has_name_word`: NER spans
+           without one are dropped anyway, so skipping the rest changes nothing;
+        3. tok2vec, tagger and lemmatizer run only where a pattern result below the top score has context words
+           (a bare 9-digit SSN next to "ssn"), since only the lemma context enhancer reads lemmas.
+        An entity type without a screen here sends every text through the whole pipeline."""
         self.load()
-        engine = self._analyzer.nlp_engine
-        kwargs = self._analyze_kwargs()
-        for stage, todo in by_stage.items():
-            docs = engine.nlp[_LANG].pipe((texts[i] for i in todo), batch_size=BATCH_SIZE, disable=_SPACY_OFF[stage])
-            for i, doc in zip(todo, docs):
+        if not self._screened:
+            return self._full_pipeline(texts, stages)
+        engine, kwargs = self._analyzer.nlp_engine, self._analyze_kwargs()
+        nlp = engine.nlp[_LANG]
+        results: list[list[Any]] = []
+        for text in texts:
+            found: list[Any] = []
+            for recognizer, needs in self._pattern_recognizers:
+                if text and needs.search(text):
+                    found += _with_id(recognizer.analyze(text=text, entities=self.presidio_entities), recognizer)
+            results.append(found)
+        docs: dict[int, Any] = {}
+        ner_todo: list[int] = []
+        if self._ner_recognizers:
+            capitalised = [i for i, text in enumerate(texts) if text and not text.islower()]  # islower: no capital
+            for i, doc in zip(capitalised, nlp.tokenizer.pipe(texts[i] for i in capitalised)):
+                docs[i] = doc
+                if _may_hold_name_word(texts[i], doc):
+                    ner_todo.append(i)
+            for i, doc in zip(ner_todo, nlp.pipe((docs[i] for i in ner_todo), batch_size=BATCH_SIZE, disable=_NOT_NER)):
                 artifacts = engine._doc_to_nlp_artifact(doc, _LANG)
-                raw = self._analyzer.analyze(text=texts[i], language=_LANG, nlp_artifacts=artifacts, **kwargs)
-                spans = [_Span(r.entity_type, r.start, r.end, r.score) for r in raw]
-                found[i] = found[i] + _plausible(texts[i], spans)
+                for recognizer in self._ner_recognizers:
+                    found = recognizer.analyze(text=texts[i], entities=self.presidio_entities, nlp_artifacts=artifacts)
+                    results[i] += _with_id(found, recognizer)
+        context_todo = [i for i, found in enumerate(results) if any(self._needs_context(r) for r in found)]
+        lemma_docs = (docs[i] if i in docs else texts[i] for i in context_todo)
+        for i, doc in zip(context_todo, nlp.pipe(lemma_docs, batch_size=BATCH_SIZE, disable=["ner"])):
+            artifacts = engine._doc_to_nlp_artifact(doc, _LANG)
+            results[i] = self._analyzer._enhance_using_context(texts[i], results[i], artifacts, self._recognizers, None)
+        if stages is not None:
+            ner, context = set(ner_todo), set(context_todo)
+            for i, found in enumerate(results):
+                stage = NER if i in ner else PATTERNS if any(n.search(texts[i] or "") for _, n in self._pattern_recognizers) else SKIP
+                stages[stage + ("+context" if i in context else "")] += 1
+        low = kwargs["score_threshold"]
+        return [_remove_duplicates([r for r in found if r.score >= low]) for found in results]
+
+    def _full_pipeline(self, texts: list[str], stages: Counter | None) -> list[list[Any]]:
+        engine, kwargs = self._analyzer.nlp_engine, self._analyze_kwargs()
+        todo = [i for i, text in enumerate(texts) if text]
+        results: list[list[Any]] = [[] for _ in texts]
+        for i, doc in zip(todo, engine.nlp[_LANG].pipe((texts[i] for i in todo), batch_size=BATCH_SIZE)):
+            artifacts = engine._doc_to_nlp_artifact(doc, _LANG)
+            results[i] = self._analyzer.analyze(text=texts[i], language=_LANG, nlp_artifacts=artifacts, **kwargs)
+        if stages is not None:
+            stages[FULL] += len(todo)
+            stages[SKIP] += len(texts) - len(todo)
+        return results
+
+    def _needs_context(self, result: Any) -> bool:
+        return result.score < _MAX_SCORE and result.recognition_metadata.get(_ID_KEY) in self._context_ids
+
+    def _presidio_spans(self, text: str, results: list[Any]) -> list[_Span]:
+        spans = [
+            _Span(r.entity_type, r.start, r.end, r.score)
+            for r in results
+            if not (r.entity_type == "PERSON" and r.recognition_metadata.get(_ID_KEY) in self._ner_ids
+                    and not _has_name_word(text, r.start, r.end))
+        ]
+        return _plausible(text, spans)
 
     def _analyze_kwargs(self) -> dict:
         low = min(self.config.flag_threshold, self.config.score_threshold)
@@ -188,22 +279,22 @@ def _placeholders(text: str) -> list[_Span]:
 _PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]{2,}>")
 
 
-# --- pre-screen ------------------------------------------------------------------------------------------------
-# Which analysis a text needs, decided by cheap character tests, erring towards more analysis:
-#   SKIP      no entity is possible: every pattern entity needs a digit, '@' (email) or ':' (IPv6), and a PERSON
-#             needs a capitalised word (`_looks_like_name` rejects spans without one);
-#   PATTERNS  spaCy without its NER (tokens and lemmas for context words), NER being most of spaCy's time;
-#   NAMES     tokens and NER only, for texts that may name a person but hold no pattern entity (lemmas serve
-#             only the context words of pattern entities);
-#   NER       the full pipeline, for texts that may hold both.
-# A capitalised word cannot be a name only when it is a function word opening a sentence ("How", "The") or "I":
-# every other capitalised word, at the start of a sentence too ("Maria approved it"), sends the text to NER.
-SKIP, PATTERNS, NAMES, NER = "skip", "patterns", "names", "ner"
-_LEMMAS = ["tagger", "attribute_ruler", "lemmatizer"]
-_SPACY_OFF = {PATTERNS: ["ner"], NAMES: _LEMMAS, NER: []}  # spaCy components each stage can do without
-_SCREENED_PATTERN_ENTITIES = frozenset({"EMAIL_ADDRESS", "PHONE_NUMBER", "US_SSN", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS"})
-_PATTERN_CHARS = re.compile(r"[\d@:]")
-_CAPITALISED = re.compile(r"(?<![\w'’-])[^\W\d_][\w'’-]*")
+# --- screens -------------------------------------------------------------------------------------------------
+# What each text needs from Presidio and spaCy (`Sanitizer._presidio_results`), decided so that skipping the rest
+# cannot change the result:
+#   SKIP      nothing: no recognizer's entity can be in the text;
+#   PATTERNS  the pattern recognizers only (regexes and libphonenumber, no spaCy);
+#   NER       also spaCy's NER: the text has a word a PERSON span needs (`_has_name_word`);
+#   +context  also tok2vec, tagger and lemmatizer, for the lemma context enhancer;
+#   REPEAT    an exact repeat of an earlier text in the batch; FULL: the whole pipeline (unscreened entity types).
+SKIP, PATTERNS, NER, REPEAT, FULL = "skip", "patterns", "ner", "repeat", "full"
+_NOT_NER = ["tok2vec", "tagger", "attribute_ruler", "lemmatizer"]  # NER has its own embedding layer
+# A character every match of each entity's recognizers contains (PERSON: the cue patterns' capitalised names).
+_ENTITY_NEEDS = {
+    "EMAIL_ADDRESS": "@", "PHONE_NUMBER": r"\d", "US_SSN": r"\d", "CREDIT_CARD": r"\d", "IBAN_CODE": r"\d",
+    "IP_ADDRESS": r"\d:", "PERSON": "A-Z",
+}
+_LETTER_RUN = re.compile(r"[^\W\d_]+")
 _SENTENCE_END = re.compile(r"[.!?…]['\")\]’”]*\s+$|\n\s*$")
 _TITLE_BEFORE = re.compile(r"\b(?:Mr|Mrs|Ms|Mx|Dr|Prof|St)\.\s*$")
 # Closed-class words and common openers that are not given names (no "Will", "May", "Can", "Bill", "Hope"...).
@@ -219,31 +310,84 @@ _NEVER_NAMES = frozenset(
 )
 
 
-def screen(text: str, entities: Iterable[str]) -> str:
-    """SKIP, PATTERNS or NER for one text (see above); entity types this screen does not know always get NER."""
-    entities = set(entities) - set(pii_rules.RULE_ENTITIES)  # rule entities never need Presidio
-    unknown = entities - _SCREENED_PATTERN_ENTITIES - {"PERSON"}
-    if unknown:
-        return NER
-    names = "PERSON" in entities and _may_name_someone(text)
-    patterns = bool(entities - {"PERSON"}) and _PATTERN_CHARS.search(text) is not None
-    if names:
-        return NER if patterns else NAMES
-    return PATTERNS if patterns else SKIP
+def _needs_regex(entities: Iterable[str]) -> re.Pattern:
+    return re.compile("[" + "".join(_ENTITY_NEEDS.get(e, r"\s\S") for e in entities) + "]")
 
 
-def _may_name_someone(text: str) -> bool:
-    for match in _CAPITALISED.finditer(text):
-        word, start = match.group(), match.start()
-        if not word[0].isupper():
+def _may_hold_name_word(text: str, doc: Any) -> bool:
+    """Whether some NER span in `doc` could pass `_has_name_word` and `_finish`: a letter run that is a name word
+    and lies neither in a token with a digit (`_looks_like_name` drops spans with digits; spans are whole tokens)
+    nor in a placeholder (`_finish` drops spans touching one)."""
+    placeholders = _placeholders(text)
+    for match in _LETTER_RUN.finditer(text):
+        start, end = match.span()
+        if not _is_name_word(text, match) or any(p.start < end and start < p.end for p in placeholders):
             continue
-        before = text[max(0, start - 12) : start]
-        opens_sentence = (not text[:start].strip() if start <= 12 else False) or (
-            bool(_SENTENCE_END.search(before)) and not _TITLE_BEFORE.search(before)
-        )
-        if not (word.lower() in _NEVER_NAMES and (opens_sentence or word in ("I", "I'm", "I've", "I'll", "I'd", "I’m"))):
+        token = doc[_token_at(doc, start)]
+        if token.idx + len(token) < end or not any(c.isdigit() for c in token.text):  # no digit, or across tokens
             return True
     return False
+
+
+def _token_at(doc: Any, char: int) -> int:
+    """Index of the token holding character `char` (a letter, so never whitespace)."""
+    low, high = 0, len(doc) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if doc[middle].idx <= char:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _has_name_word(text: str, start: int, end: int) -> bool:
+    """A spaCy PERSON span is kept only if it holds a whole letter run of the text that is a name word: small
+    spaCy models tag capitalised dictionary words ("Firmware", "Torque") and codes as people."""
+    for match in _LETTER_RUN.finditer(text, start, end):
+        whole = (match.start() == 0 or not _LETTER_RUN.match(text, match.start() - 1)) and not _LETTER_RUN.match(
+            text, match.end()
+        )
+        if whole and _is_name_word(text, match):
+            return True
+    return False
+
+
+def _is_name_word(text: str, match: re.Match) -> bool:
+    """Capitalised, two letters or more, and a listed first or last name or no English word; a function word
+    ("The", "How") opening a sentence is none."""
+    word = match.group()
+    if len(word) < 2 or not word[0].isupper():
+        return False
+    lower = word.lower()
+    if not (lower in name_rules.listed_names() or not name_rules.is_english(lower)):
+        return False
+    return lower not in _NEVER_NAMES or not _opens_sentence(text, match.start())
+
+
+def _opens_sentence(text: str, start: int) -> bool:
+    before = text[max(0, start - 12) : start]
+    if start <= 12 and not text[:start].strip():
+        return True
+    return bool(_SENTENCE_END.search(before)) and not _TITLE_BEFORE.search(before)
+
+
+def _with_id(results: list[Any], recognizer: Any) -> list[Any]:
+    """As AnalyzerEngine does: every result names the recognizer that found it."""
+    for result in results:
+        metadata = result.recognition_metadata = result.recognition_metadata or {}
+        metadata.setdefault(_ID_KEY, recognizer.id)
+        metadata.setdefault(_NAME_KEY, recognizer.name)
+    return results
+
+
+def _remove_duplicates(results: list[Any]) -> list[Any]:
+    from presidio_analyzer import EntityRecognizer
+
+    return EntityRecognizer.remove_duplicates(results) if results else results
+
+
+_ID_KEY, _NAME_KEY, _MAX_SCORE = "recognizer_identifier", "recognizer_name", 1.0  # RecognizerResult / EntityRecognizer
 
 
 # --- span post-processing -------------------------------------------------------------------------------------

@@ -32,11 +32,13 @@ ANSWERS = [
     "Hold the reset button for ten seconds until the status light blinks twice, then release it and wait for the "
     "controller to restart. Your settings will be back to the factory values.",
     "Most two-part epoxies cure in about 24 hours at room temperature; full strength takes up to seven days.",
-    "Check the hydraulic pressure, inspect the guards, lubricate the slides and test the emergency stop before each shift.",
+    "Check the hydraulic pressure, inspect the guards, lubricate the slides and test the emergency stop before "
+    "each shift.",
     "A dusty sensor can read as blocked, so the conveyor stops to protect the line. Clean the lens with a dry cloth.",
     "Torque is the twisting force; power is how fast that force does work. More torque helps start heavy loads.",
     "Glad it helped! Let me know if anything else comes up.",
-    "Running it overnight is fine if the temperature limit and the automatic shut-off are set, but never leave it unattended for days.",
+    "Running it overnight is fine if the temperature limit and the automatic shut-off are set, but never leave it "
+    "unattended for days.",
     "Change hydraulic oil every 2,000 operating hours or once a year, whichever comes first.",
     "Keep tools sharp, measure the first part of every batch, and log each rejected piece with its cause.",
     "Error E42 usually means the wire feed motor is overloaded. Check the liner for kinks and the spool brake.",

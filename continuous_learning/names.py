@@ -38,7 +38,8 @@ _STRONG_CUES = (
     r"my\s+name\s+is|my\s+name's|my\s+name’s|name\s*:|full\s+name\s*:?|call\s+me|i\s+go\s+by|named|"
     r"signed\s*,?|sincerely\s*,|regards\s*,|best\s*,|cheers\s*,|thanks\s*,|thank\s+you\s*,|yours\s*,|love\s*,|"
     r"thx\s*,|ty\s*,|tks\s*,|br\s*,|kind\s+regards\s*,?|best\s+wishes\s*,?|many\s+thanks\s*,?|warm\s+regards\s*,?|"
-    r"contact\s+person\s*:?|contact\s*:|owner\s*:|from\s*:|to\s*:|cc\s*:|bcc\s*:|operator\s*:|assignee\s*:|reporter\s*:|requested\s+by\s*:?|"
+    r"contact\s+person\s*:?|contact\s*:|owner\s*:|from\s*:|to\s*:|cc\s*:|bcc\s*:|operator\s*:|assignee\s*:|"
+    r"reporter\s*:|requested\s+by\s*:?|"
     r"dear|attn\s*:?|attention\s*:|(?:mr|mrs|ms|mx|dr|prof|miss|sir|madam|mister)\.?|"
     r"my\s+(?:wife|husband|son|daughter|partner|mother|mom|mum|father|dad|brother|sister|friend|colleague|"
     r"manager|boss|neighbou?r|landlord|landlady|doctor|uncle|aunt|cousin|grandma|grandpa|grandmother|grandfather|"
@@ -283,8 +284,8 @@ _listed = listed_names
 
 
 def _listed_pair(la: str, lb: str, capitalised: bool) -> bool:
-    """Capitalised: one of the two is a listed first or last name, or neither is English. Any case: both listed, or one listed and the
-    other no English word ("olumide adeyemi", not "tighten bolt")."""
+    """Capitalised: one of the two is a listed first or last name, or neither is English. Any case: both listed,
+    or one listed and the other no English word ("olumide adeyemi", not "tighten bolt")."""
     first, last, _ = name_lists()
     listed_a, listed_b = la in first or la in last, lb in first or lb in last
     if capitalised:  # "Tendai Mutasa": capitals on two words no English dictionary knows

@@ -94,7 +94,9 @@ _STREET_TYPES = (
     r"crescent|cres|parkway|pkwy|highway|hwy|square|sq|circle|cir|trail|trl|row|mews|gardens|grove|walk|alley|"
     r"plaza|loop|broadway|path|pike|parade|esplanade|quay|wharf|hill|rise|view"
 )
-_ADDRESS_WORD = r"(?!(?:the|a|an|on|of|in|at|to|for|and|or|with|by|from|is|are|was|per|each|every)\b)[A-Za-z][\w'’.-]*"
+_ADDRESS_WORD = (
+    r"(?!(?:the|a|an|on|of|in|at|to|for|and|or|with|by|from|is|are|was|per|each|every)\b)[A-Za-z][\w'’.-]*"
+)
 _UNIT = r"(?:,?\s*(?:apt|apartment|suite|ste|unit|flat|floor|fl|room|rm|#)\.?\s*#?[\w-]{1,6})?"
 _TOWN_TAIL = (
     r"(?:,\s*(?:[A-Z][\w'’-]+\s?){1,3}(?:,\s*|\s+)(?:[A-Z]{2}\s+\d{5}(?:-\d{4})?|\d{4,5}|"
@@ -112,7 +114,8 @@ _GERMANIC_ADDRESS = re.compile(
 _ROMANCE_ADDRESS = re.compile(
     r"\b(?:\d{1,4}(?:\s?(?:bis|ter))?,?\s+)?(?:rue|avenue|boulevard|bd|chemin|allée|impasse|quai|calle|c/|avenida|"
     r"avda\.?|paseo|carrer|via|viale|corso|piazza|largo|rua|travessa|praça|ulica|ul\.|aleja)\s+"
-    r"(?:[\wÀ-ÿ'’.-]+\s+){0,4}?(?:\d{1,4}[a-z]?\b|[\wÀ-ÿ'’-]+(?=,\s*\d{4,5}))(?:,?\s*\d{4,5}\s+[A-ZÀ-Ý][\wÀ-ÿ-]+)?",
+    r"(?:[\wÀ-ÿ'’.-]+\s+){0,4}?(?:\d{1,4}[a-z]?\b|[\wÀ-ÿ'’-]+(?=,\s*\d{4,5}))"
+    r"(?:,?\s*\d{4,5}\s+[A-ZÀ-Ý][\wÀ-ÿ-]+)?",
     _I,
 )
 _PO_BOX = re.compile(r"\b(?:p\.?\s?o\.?\s*box|post\s+office\s+box|postfach|apartado)\s+\d{1,6}\b", _I)
@@ -159,7 +162,7 @@ def _national_ids(text: str) -> Iterator[Span]:
 
 
 def _id_like(value: str) -> bool:
-    compact = re.sub(r"[ ./-]", "", value)
+    compact = _ID_SEPARATORS.sub("", value)
     return 5 <= len(compact) <= 20 and sum(c.isdigit() for c in compact) >= 3
 
 
@@ -185,7 +188,7 @@ def _ibans(text: str) -> Iterator[Span]:
 
 
 def _valid_iban(value: str) -> bool:
-    compact = re.sub(r"[ -]", "", value).upper()
+    compact = _IBAN_SEPARATORS.sub("", value).upper()
     if not 15 <= len(compact) <= 34:
         return False
     rotated = compact[4:] + compact[:4]
@@ -210,7 +213,7 @@ def _phones(text: str) -> Iterator[Span]:
     for regex, least in ((_GLUED_PHONE, 7), (_LINE_PHONE, 10)):
         for match in regex.finditer(text):
             value = match.group("value").rstrip(" .-(")
-            digits = re.sub(r"\D", "", value)
+            digits = _NOT_DIGIT.sub("", value)
             if not least <= len(digits) <= 15 or _looks_like_date(value):
                 continue
             if regex is _GLUED_PHONE or value.startswith("+") or _nanp_shaped(digits):
@@ -225,12 +228,14 @@ def _nanp_shaped(digits: str) -> bool:
 
 
 def _looks_like_date(value: str) -> bool:
-    return re.fullmatch(r"\d{4}-\d{2}-\d{2}|\d{1,2}[/.]\d{1,2}[/.]\d{2,4}", value.strip()) is not None
+    return _DATE_SHAPE.fullmatch(value.strip()) is not None
 
 
 def _spelled_emails(text: str) -> Iterator[Span]:
+    if "dot" not in text.lower():  # every match has one; the search itself is slow
+        return
     for match in _SPELLED_EMAIL.finditer(text):
-        if re.search(r"\(at\)|\[at\]|\{at\}", match.group(), _I) or re.search(r"\sdot\s", match.group(), _I):
+        if _BRACKETED_AT.search(match.group()) or _SPACED_DOT.search(match.group()):
             yield EMAIL_ADDRESS, match.start(), match.end()
 
 
@@ -241,6 +246,13 @@ def _addresses(text: str) -> Iterator[Span]:
     for match in _ADDRESS_CUE.finditer(text):
         yield STREET_ADDRESS, match.start("value"), match.end("value")
 
+
+_ID_SEPARATORS = re.compile(r"[ ./-]")
+_IBAN_SEPARATORS = re.compile(r"[ -]")
+_NOT_DIGIT = re.compile(r"\D")
+_DATE_SHAPE = re.compile(r"\d{4}-\d{2}-\d{2}|\d{1,2}[/.]\d{1,2}[/.]\d{2,4}")
+_BRACKETED_AT = re.compile(r"\(at\)|\[at\]|\{at\}", _I)
+_SPACED_DOT = re.compile(r"\sdot\s", _I)
 
 _FINDERS: tuple[tuple[str, Callable[[str], Iterator[Span]]], ...] = (
     (DATE_OF_BIRTH, _dates_of_birth),

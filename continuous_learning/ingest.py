@@ -1,23 +1,27 @@
-"""The ONE way a turn is recorded: sanitize -> record -> append -> knowledge -> metrics.
+"""The ONE way a turn is recorded: check fields -> sanitize -> record -> append -> knowledge -> metrics.
 
 The chat, `cl ingest` and the service all call `Recorder`, so privacy and schema cannot differ between front ends.
+The append is the commit point: once the line is in the log, later steps (knowledge, counters, events) only warn
+when they fail, so a caller never retries (and duplicates) a turn that was stored.
 """
 from __future__ import annotations
 
 import getpass
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import orjson
 
-from . import knowledge
+from . import fields, knowledge
 from .crypto import cipher_from_env, open_messages, seal_messages
 from .errors import InputError
 from .records import FEEDBACK, INTERACTION, ROLES, Feedback, FeedbackEvent, Interaction, helpful_verdict, new_id, parse_time, utc_now
-from .settings import Settings
+from .settings import PrivacyConfig, Settings
 from .store import ReadReport, append_jsonl, atomic_write_json, iter_jsonl, read_json, workspace_lock
 
+log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1_000_000
 _CONTROL = {c: None for c in range(32) if chr(c) not in "\t\n\r"} | {0x7F: None}
 
@@ -76,6 +80,8 @@ class Recorder:
         """Sanitize every text of every turn (one batch), append them in one write, update knowledge and counters."""
         if not turns:
             return []
+        for turn in turns:
+            fields.check_turn(turn, self.settings.privacy, messages=False)
         texts = [clean_text(m["content"]) for t in turns for m in t.messages]
         texts += [clean_text(t.feedback.correction or "") for t in turns]
         texts += [clean_text(t.feedback.comment or "") for t in turns]
@@ -103,12 +109,12 @@ class Recorder:
         )
         return Interaction(
             messages=[{"role": m["role"], "content": r.text} for m, r in zip(turn.messages, messages)],
-            session_id=turn.session_id or new_id(),
+            session_id=fields.safe_id(turn.session_id, "session_id", self.salt) or new_id(),
             user_hash=self.user_hash(turn.user_id),
-            model=turn.model,
-            adapter_version=turn.adapter_version,
-            target_tool=turn.target_tool,
-            language=turn.language,
+            model=fields.check_label(turn.model, "model") or "",
+            adapter_version=fields.safe_id(turn.adapter_version, "adapter_version", self.salt),
+            target_tool=fields.check_label(turn.target_tool, "target_tool"),
+            language=fields.check_label(turn.language, "language"),
             prompt_tokens=turn.prompt_tokens,
             completion_tokens=turn.completion_tokens,
             latency_ms=turn.latency_ms,
@@ -117,12 +123,15 @@ class Recorder:
             pii_flagged=any(r.flagged for r in [*messages, correction, comment]),
             truncated=turn.truncated,
             source=turn.source,
-            ab_arm=turn.ab_arm,
+            ab_arm=fields.safe_id(turn.ab_arm, "ab_arm", self.salt),
             created_at=turn.created_at or utc_now(),
             id=turn.id or new_id(),
         )
 
     def _after_append(self, interactions: list[Interaction]) -> None:
+        _after_commit("recording", lambda: self._update_derived(interactions))
+
+    def _update_derived(self, interactions: list[Interaction]) -> None:
         patterns = self.settings.knowledge.patterns
         facts = [
             (knowledge.extract_facts([m["content"] for m in i.messages] + [i.feedback.correction or ""], patterns), i.created_at)
@@ -138,18 +147,29 @@ class Recorder:
 
     def record_feedback(self, interaction: Interaction, feedback: Feedback, user_id: str | None = None, source: str = "chat") -> FeedbackEvent:
         """Append a late rating as its own event line (the interaction line is never rewritten)."""
-        validate_feedback(feedback)
+        validate_feedback(feedback, self.settings.privacy)
         texts = [clean_text(feedback.correction or ""), clean_text(feedback.comment or "")]
         correction, comment = self.sanitizer.sanitize_many(texts)
         clean = Feedback(score=feedback.score, helpful=feedback.helpful, private=feedback.private,
                          correction=correction.text or None, comment=comment.text or None)
         event = FeedbackEvent(interaction_id=interaction.id, feedback=clean, user_hash=self.user_hash(user_id), source=source)
         append_jsonl(self.settings.raw_log, [seal_messages(event.to_dict(), cipher_from_env())])
+        _after_commit("feedback", lambda: self._feedback_derived(interaction, clean, event))
+        return event
+
+    def _feedback_derived(self, interaction: Interaction, clean: Feedback, event: FeedbackEvent) -> None:
         update_feedback_counters(self.settings, [(interaction.feedback, interaction.feedback.merged(clean), interaction.adapter_version)])
         if clean.correction:
             facts = knowledge.extract_facts([clean.correction], self.settings.knowledge.patterns)
             knowledge.record_facts(self.settings.knowledge_file, self.settings.lock_dir, [(facts, event.created_at)])
-        return event
+
+
+def _after_commit(what: str, step: Callable[[], None]) -> None:
+    """Run a step that follows the append: its failure is logged, never raised (the line is already stored)."""
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - derived files are recounted later; the caller must not retry
+        log.warning("%s: stored, but updating knowledge/counters failed (%s: %s)", what, type(exc).__name__, exc)
 
 
 def default_user_id() -> str:
@@ -251,15 +271,9 @@ def find_interaction(settings: Settings, interaction_id: str) -> Interaction:
 
 
 # --- importing other apps' logs --------------------------------------------------------------------
-def validate_feedback(feedback: Feedback) -> None:
-    if feedback.score is not None and (isinstance(feedback.score, bool) or not isinstance(feedback.score, int) or not 1 <= feedback.score <= 5):
-        raise InputError("feedback score must be an integer from 1 to 5")
-    if feedback.helpful is not None and not isinstance(feedback.helpful, bool):
-        raise InputError("feedback 'helpful' must be true or false")
-    for name in ("comment", "correction"):
-        value = getattr(feedback, name)
-        if value is not None and not isinstance(value, str):
-            raise InputError(f"feedback '{name}' must be a string")
+def validate_feedback(feedback: Feedback, privacy: PrivacyConfig | None = None) -> None:
+    """Types and length limits of a feedback; InputError naming the field (see fields.check_feedback)."""
+    fields.check_feedback(feedback, privacy or PrivacyConfig())
 
 
 def _text(value: Any, what: str, max_chars: int) -> str:
@@ -273,11 +287,19 @@ def _text(value: Any, what: str, max_chars: int) -> str:
     return value
 
 
-def _optional_str(data: dict, key: str) -> str | None:
+def _optional_str(data: dict, key: str, max_chars: int = fields.MAX_USER_ID_CHARS) -> str | None:
     value = data.get(key)
-    if value is not None and not isinstance(value, (str, int)):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise InputError(f"'{key}' must be a string")
-    return None if value is None else str(value)
+    if len(str(value)) > max_chars:
+        raise InputError(f"'{key}' is longer than {max_chars} characters")
+    return str(value)
+
+
+def _label(data: dict, key: str) -> str | None:
+    return fields.check_label(_optional_str(data, key), key)
 
 
 def _messages(data: dict, max_chars: int) -> list[dict]:
@@ -301,21 +323,23 @@ def _messages(data: dict, max_chars: int) -> list[dict]:
     raise InputError("needs either 'messages' or 'prompt' and 'response'")
 
 
-def _feedback(data: dict) -> Feedback:
+def _feedback(data: dict, privacy: PrivacyConfig) -> Feedback:
     raw = data.get("feedback") or {}
     if not isinstance(raw, dict):
         raise InputError("'feedback' must be an object like {\"score\": 4} or {\"helpful\": true}")
     feedback = Feedback.from_dict(raw)
     if data.get("correction") is not None:
         feedback.correction = data["correction"]
-    validate_feedback(feedback)
+    validate_feedback(feedback, privacy)
     if feedback.correction is not None:
         feedback.correction = clean_text(feedback.correction) or None
     return feedback
 
 
-def parse_ingest_line(raw: bytes, max_chars: int, max_bytes: int = MAX_LINE_BYTES) -> Turn:
-    """One line of another app's log to a Turn, or InputError saying what is wrong with it."""
+def parse_ingest_line(raw: bytes, max_chars: int, max_bytes: int = MAX_LINE_BYTES,
+                      privacy: PrivacyConfig | None = None) -> Turn:
+    """One line of another app's log to a Turn, or InputError saying what is wrong with it (the first bad field)."""
+    privacy = privacy or PrivacyConfig(max_text_chars=max_chars)
     if len(raw) > max_bytes:
         raise InputError(f"line is larger than {max_bytes} bytes")
     try:
@@ -334,11 +358,11 @@ def parse_ingest_line(raw: bytes, max_chars: int, max_bytes: int = MAX_LINE_BYTE
         messages=_messages(data, max_chars),
         session_id=_optional_str(data, "session_id"),
         user_id=_optional_str(data, "user_id"),
-        feedback=_feedback(data),
-        target_tool=_optional_str(data, "target_tool"),
-        language=_optional_str(data, "language"),
+        feedback=_feedback(data, privacy),
+        target_tool=_label(data, "target_tool"),
+        language=_label(data, "language"),
         created_at=created_at,
-        model=_optional_str(data, "model") or "imported",
+        model=_label(data, "model") or "imported",
         source="ingest",
     )
 
@@ -376,7 +400,7 @@ def ingest_file(settings: Settings, path: Path, batch_size: int = 256, progress:
     report, batch = IngestReport(), []
     for number, raw in _lines(path, MAX_LINE_BYTES):
         try:
-            batch.append(parse_ingest_line(raw, settings.privacy.max_text_chars))
+            batch.append(parse_ingest_line(raw, settings.privacy.max_text_chars, privacy=settings.privacy))
         except InputError as exc:
             report.skipped.append((number, exc.message))
         if len(batch) >= batch_size:

@@ -1,13 +1,22 @@
-"""Facts mentioned in chats (lot, batch, part identifiers by default), aggregated into knowledge/knowledge.json."""
+"""Facts mentioned in chats (lot, batch, part identifiers by default), aggregated into knowledge/knowledge.json.
+
+knowledge.json is derived data: every fact comes from the raw log. A damaged file is moved aside (never read as
+truth, never left to block recording) and the counts start again from the next turn.
+"""
 from __future__ import annotations
 
+import logging
+import os
 import re
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .store import atomic_write_json, read_json, workspace_lock
+
+log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=16)
@@ -51,12 +60,38 @@ def record_facts(path: Path, lock_dir: Path, facts_by_time: list[tuple[list[str]
     if not any(facts for facts, _ in facts_by_time):
         return
     with workspace_lock(lock_dir, "knowledge", wait=30.0):
-        doc = read_json(path, default={"facts": {}})
+        doc = _readable_doc(path)
         for facts, seen_at in facts_by_time:
             merge_facts(doc, facts, seen_at)
         atomic_write_json(path, doc)
 
 
+def _readable_doc(path: Path) -> dict:
+    """The knowledge document, or a fresh one after moving a damaged file aside (kept for inspection)."""
+    try:
+        doc = read_json(path, default={"facts": {}})
+    except InputError:
+        doc = None
+    if _well_formed(doc):
+        return doc
+    aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}")
+    os.replace(path, aside)
+    log.warning("%s was damaged; moved it to %s and started the fact counts again", path, aside.name)
+    return {"facts": {}}
+
+
+def _well_formed(doc: object) -> bool:
+    if not isinstance(doc, dict) or not isinstance(doc.get("facts", {}), dict):
+        return False
+    return all(
+        isinstance(entry, dict) and isinstance(entry.get("count"), int) and isinstance(entry.get("first_seen"), str)
+        and isinstance(entry.get("last_seen"), str)
+        for entry in doc.get("facts", {}).values()
+    )
+
+
 def load_facts(path: Path) -> list[dict]:
     doc = read_json(path, default={"facts": {}})
+    if not _well_formed(doc):
+        raise InputError(f"{path} is damaged", "delete it: the counts start again with the next recorded turn")
     return sorted(doc.get("facts", {}).values(), key=lambda e: (-e["count"], e["fact"]))

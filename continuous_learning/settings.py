@@ -46,12 +46,15 @@ class ChatConfig:
 @dataclass(frozen=True)
 class PrivacyConfig:
     entities: list = _knob(
-        ["EMAIL_ADDRESS", "PHONE_NUMBER", "US_SSN", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "PERSON"],
-        "Presidio entity types redacted before anything is written",
+        ["EMAIL_ADDRESS", "PHONE_NUMBER", "US_SSN", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "PERSON",
+         "STREET_ADDRESS", "DATE_OF_BIRTH", "PASSPORT", "NATIONAL_ID"],
+        "Entity types redacted before anything is written (Presidio names, plus STREET_ADDRESS, DATE_OF_BIRTH, "
+        "PASSPORT, NATIONAL_ID); secrets (keys, tokens, passwords, private keys) are always redacted",
     )
     score_threshold: float = _knob(0.35, "Minimum Presidio score for a span to be redacted")
     flag_threshold: float = _knob(0.2, "Spans scoring between this and score_threshold flag the turn as possible PII")
-    max_text_chars: int = _knob(20000, "Longest accepted text (characters) per message")
+    max_text_chars: int = _knob(20000, "Longest accepted text (characters) per message or correction")
+    max_comment_chars: int = _knob(2000, "Longest accepted feedback comment (characters)")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The benchmark harness (contract keys, merging) and the fast paths it proves: the sanitizer's pre-screen, the
+"""The benchmark harness (contract keys, merging) and the fast paths it proves: the sanitizer's screens, the
 curate MinHash/LSH and hot-path shortcuts."""
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,8 @@ from continuous_learning.records import Feedback, Interaction
 from continuous_learning.settings import CurateConfig, PrivacyConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = [json.loads(line) for line in (REPO / "tests" / "data" / "pii_corpus.jsonl").read_text().splitlines() if line.strip()]
+CORPUS = [json.loads(line) for line in (REPO / "tests" / "data" / "pii_corpus.jsonl").read_text().splitlines()
+          if line.strip()]
 ENTITIES = PrivacyConfig().entities
 CONTRACT = ("workload", "baseline", "goal", "ratio", "goal_met", "raw", "where_time_goes")
 
@@ -51,56 +53,71 @@ def test_unknown_workload_is_one_clear_error() -> None:
     assert proc.returncode == 2 and "unknown workload(s) nope" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# --- sanitizer pre-screen --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("row", [r for r in CORPUS if r["pii"]], ids=lambda r: r["text"][:30])
-def test_screen_sends_every_corpus_entity_to_analysis(row: dict) -> None:
-    stage = privacy.screen(row["text"], ENTITIES)
-    assert stage != privacy.SKIP
-    if "PERSON" in row["entities"]:
-        assert stage in (privacy.NER, privacy.NAMES)
-
-
-FILLER = st.lists(st.sampled_from("the line is down again please check it and tell me what to do today".split()),
-                  min_size=0, max_size=8).map(" ".join)
-PII_VALUES = [(value, row["entities"]) for row in CORPUS for value in row["pii"]]
-
-
-@given(before=FILLER, after=FILLER, pick=st.sampled_from(PII_VALUES), capitalise=st.booleans())
-@hsettings(max_examples=300, deadline=None)
-def test_screen_never_skips_a_text_holding_an_entity(before: str, after: str, pick, capitalise: bool) -> None:
-    value, entities = pick
-    text = f"{before} {value} {after}".strip()
-    text = text[:1].upper() + text[1:] if capitalise else text
-    stage = privacy.screen(text, ENTITIES)
-    assert stage != privacy.SKIP
-    if entities == ["PERSON"]:
-        assert stage in (privacy.NER, privacy.NAMES)
-
-
-def test_screen_skips_only_what_cannot_hold_an_entity() -> None:
-    assert privacy.screen("thanks, that worked", ENTITIES) == privacy.SKIP
-    assert privacy.screen("How do I reset it? I tried twice.", ENTITIES) == privacy.SKIP
-    assert privacy.screen("Maria approved it.", ENTITIES) == privacy.NAMES  # a name opening the text
-    assert privacy.screen("Can you ask Will?", ENTITIES) == privacy.NAMES
-    assert privacy.screen("Dr. How is here", ENTITIES) == privacy.NAMES  # after a title, not a sentence start
-    assert privacy.screen("reach me at a@b.io", ENTITIES) == privacy.PATTERNS
-    assert privacy.screen("Call John on 555-123-4567", ENTITIES) == privacy.NER
-    assert privacy.screen("anything", ["EMAIL_ADDRESS", "LOCATION"]) == privacy.NER  # unknown entity: full pipeline
-    assert privacy.screen("Maria wrote", ["EMAIL_ADDRESS"]) == privacy.SKIP
-
-
+# --- sanitizer screens ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sanitizer() -> privacy.Sanitizer:
     return privacy.get_sanitizer(PrivacyConfig()).load()
 
 
+def _stage(sanitizer: privacy.Sanitizer, text: str) -> str:
+    stages: Counter = Counter()
+    sanitizer.sanitize_many([text], stages)
+    assert sum(stages.values()) == 1
+    return next(stage for stage, n in stages.items() if n)
+
+
+def test_screens_run_only_what_a_text_needs(sanitizer: privacy.Sanitizer) -> None:
+    assert _stage(sanitizer, "thanks, that worked") == privacy.SKIP
+    assert _stage(sanitizer, "How do I reset it? I tried twice.") == privacy.PATTERNS  # the cue regexes only
+    assert _stage(sanitizer, "Firmware v2.4.1 is installed on line 4 at 12:30.") == privacy.PATTERNS
+    assert _stage(sanitizer, "Maria approved it.") == privacy.NER  # a name opening the text
+    assert _stage(sanitizer, "Can you ask Will?") == privacy.NER  # "Will" is a listed first name
+    assert _stage(sanitizer, "I need the <API_KEY> for PX-3301") == privacy.PATTERNS  # placeholders and codes
+    assert _stage(sanitizer, "reach me at a@b.io") == privacy.PATTERNS
+    assert _stage(sanitizer, "Call John on 555-123-4567") == privacy.NER + "+context"  # phone context words
+    email_only = privacy.Sanitizer(PrivacyConfig(entities=["EMAIL_ADDRESS"])).load()
+    assert _stage(email_only, "Maria wrote") == privacy.SKIP
+
+
+def test_an_unscreened_entity_type_gets_the_whole_pipeline() -> None:
+    other = privacy.Sanitizer(PrivacyConfig(entities=["EMAIL_ADDRESS", "LOCATION"])).load()
+    assert _stage(other, "anything") == privacy.FULL
+    text = "I moved to Paris, write to a@b.io"
+    assert other.sanitize_many([text]) == [other.sanitize_unscreened(text)]
+
+
+def test_repeats_are_analysed_once_and_returned_as_copies(sanitizer: privacy.Sanitizer) -> None:
+    stages: Counter = Counter()
+    out = sanitizer.sanitize_many(["Ask Maria", "ok", "Ask Maria"], stages)
+    assert stages[privacy.REPEAT] == 1 and out[0] == out[2] and out[0] is not out[2]
+    assert out[0].text == "Ask <PERSON>"
+
+
+@pytest.mark.parametrize("row", [r for r in CORPUS if r["pii"]], ids=lambda r: r["text"][:30])
+def test_every_corpus_entity_reaches_analysis(sanitizer: privacy.Sanitizer, row: dict) -> None:
+    assert _stage(sanitizer, row["text"]) != privacy.SKIP
+
+
+def test_ner_spans_need_a_name_word() -> None:
+    text = "Firmware Update by Kenji Watanabe, WILL SMITH and Ivan. The Torque"
+    def span(value: str) -> tuple[int, int]:
+        start = text.index(value)
+        return start, start + len(value)
+    for kept in ("Kenji Watanabe", "WILL SMITH", "Ivan"):
+        assert privacy._has_name_word(text, *span(kept)), kept
+    for dropped in ("Firmware Update", "The", "Torque", "Kenj"):  # dictionary words, an opener, a cut word
+        assert not privacy._has_name_word(text, *span(dropped)), dropped
+
+
 def _unscreened(sanitizer: privacy.Sanitizer, text: str) -> privacy.Sanitized:
-    """The full pipeline on one text, as before the pre-screen existed."""
-    raw = sanitizer._analyzer.analyze(text=text, language="en", **sanitizer._analyze_kwargs())
-    return sanitizer._finish(text, raw)
+    """The full pipeline on one text through Presidio's AnalyzerEngine, as before the screens existed."""
+    return sanitizer.sanitize_unscreened(text)
 
 
 WORDS = sorted({w for row in CORPUS for w in row["text"].split()} | set("the it please ok".split()))
+FILLER = st.lists(st.sampled_from("the line is down again please check it and tell me what to do today".split()),
+                  min_size=0, max_size=8).map(" ".join)
+PII_VALUES = [value for row in CORPUS for value in row["pii"]]
 
 
 @given(words=st.lists(st.sampled_from(WORDS), min_size=1, max_size=12), lower=st.booleans())
@@ -110,8 +127,18 @@ def test_screened_batches_match_the_full_pipeline(sanitizer: privacy.Sanitizer, 
     assert sanitizer.sanitize_many([text])[0] == _unscreened(sanitizer, text)
 
 
+@given(before=FILLER, after=FILLER, value=st.sampled_from(PII_VALUES), capitalise=st.booleans())
+@hsettings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_screens_never_change_what_is_found(sanitizer: privacy.Sanitizer, before: str, after: str, value: str,
+                                            capitalise: bool) -> None:
+    text = f"{before} {value} {after}".strip()
+    text = text[:1].upper() + text[1:] if capitalise else text
+    assert sanitizer.sanitize_many([text])[0] == _unscreened(sanitizer, text)
+
+
 def test_corpus_results_match_the_full_pipeline(sanitizer: privacy.Sanitizer) -> None:
     texts = [row["text"] for row in CORPUS]
+    texts += [f"{a} {b}" for a, b in zip(texts, reversed(texts))] + texts[:5]  # mixed lines and exact repeats
     assert sanitizer.sanitize_many(texts) == [_unscreened(sanitizer, t) for t in texts]
 
 
@@ -139,7 +166,8 @@ def test_near_index_finds_near_duplicates_and_ignores_strangers() -> None:
 
 
 OPTIONAL = st.none() | st.booleans()
-FEEDBACK = st.builds(Feedback, score=st.none() | st.integers(1, 5), helpful=OPTIONAL, comment=st.none() | st.text(max_size=5),
+FEEDBACK = st.builds(Feedback, score=st.none() | st.integers(1, 5), helpful=OPTIONAL,
+                     comment=st.none() | st.text(max_size=5),
                      correction=st.none() | st.text(max_size=5), private=OPTIONAL)
 
 
@@ -190,7 +218,8 @@ def test_greedy_batch_answers_like_generate_one_by_one(workspace: Path) -> None:
 
     assert common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2 and common_prefix([[1, 2], [1, 2, 3]]) == 1
     chat = ChatModel.load(load_settings())
-    conversations = [[{"role": "user", "content": q}] for q in ("Hi", "What is the capital of France?", "Name a colour.")]
+    questions = ("Hi", "What is the capital of France?", "Name a colour.")
+    conversations = [[{"role": "user", "content": q}] for q in questions]
     one_by_one = chat.generate_batch(conversations, max_new_tokens=8, batch_size=1)
     assert greedy_batch(chat, conversations[:1], 8) == one_by_one[:1]  # one row: no padding, same arithmetic
     assert len(greedy_batch(chat, conversations, 8)) == 3

@@ -15,11 +15,11 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from . import fields, knowledge
-from .crypto import cipher_from_env, open_messages, seal_messages
+from .crypto import cipher_from_env, seal_messages
 from .errors import InputError
-from .records import FEEDBACK, INTERACTION, ROLES, Feedback, FeedbackEvent, Interaction, helpful_verdict, new_id, parse_time, utc_now
+from .records import ROLES, Feedback, FeedbackEvent, Interaction, helpful_verdict, new_id, parse_time, utc_now
 from .settings import PrivacyConfig, Settings
-from .store import ReadReport, append_jsonl, atomic_write_json, iter_jsonl, read_json, workspace_lock
+from .store import ReadReport, append_jsonl, atomic_write_json, read_json, workspace_lock
 
 log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1_000_000
@@ -204,31 +204,6 @@ def update_feedback_counters(settings: Settings, changes: list[tuple[Feedback | 
         atomic_write_json(settings.feedback_metrics, doc)
 
 
-def rebuild_feedback_counters(settings: Settings) -> dict:
-    """Recount logs/feedback_metrics.json from the raw log (after `forget` or retention removed turns).
-
-    Streams the log once; keeps only (adapter, latest feedback) per interaction id."""
-    latest: dict[str, tuple[str | None, Feedback]] = {}
-    for _, record in iter_jsonl(settings.raw_log):
-        if not isinstance(record, dict):
-            continue
-        if record.get("type") == INTERACTION and record.get("id"):
-            latest[record["id"]] = (record.get("adapter_version"), Feedback.from_dict(record.get("feedback")))
-        elif record.get("type") == FEEDBACK and record.get("interaction_id") in latest:
-            adapter = latest[record["interaction_id"]][0]
-            latest[record["interaction_id"]] = (adapter, Feedback.from_dict(record.get("feedback")))
-    with workspace_lock(settings.lock_dir, "feedback_metrics", wait=30.0):
-        doc: dict = {}
-        for adapter, feedback in latest.values():
-            for scope in ("total", f"adapter:{adapter or 'base'}"):
-                counts = doc.setdefault(scope, {"helpful": 0, "unhelpful": 0, "neutral": 0, "skipped": 0, "corrected": 0, "turns": 0})
-                counts["turns"] += 1
-                counts[_bucket(feedback, settings)] += 1
-        doc["updated_at"] = utc_now()
-        atomic_write_json(settings.feedback_metrics, doc)
-    return doc
-
-
 def record_generation(settings: Settings, interaction_id: str, stats, model: str, adapter: str | None) -> None:
     append_jsonl(settings.generation_metrics, [{
         "schema_version": 1, "type": "generation", "id": new_id(), "created_at": utc_now(),
@@ -242,29 +217,21 @@ def record_generation(settings: Settings, interaction_id: str, stats, model: str
 
 # --- reading interactions back ---------------------------------------------------------------------
 def iter_interactions(settings: Settings, report: ReadReport | None = None) -> Iterator[Interaction]:
-    """Every interaction of the raw log; records of the wrong shape are skipped and noted in `report`."""
-    report = report if report is not None else ReadReport()
-    cipher = cipher_from_env()
-    for number, record in iter_jsonl(settings.raw_log, report):
-        if isinstance(record, dict) and record.get("type") == INTERACTION:
-            opened = open_messages(record, cipher)  # a wrong key is an error, never a skipped line
-            try:
-                yield Interaction.from_dict(opened)
-            except (TypeError, ValueError, KeyError, AttributeError) as exc:
-                report.bad_lines.append((number, f"not an interaction record ({type(exc).__name__}: {exc})"))
+    """Every interaction of the raw log, texts opened; records of the wrong shape are skipped and noted in
+    `report` (the shared tolerant reader)."""
+    from .store import read_log
+
+    for _, record in read_log(settings.raw_log, report, cipher_from_env(), open_texts=True):
+        if isinstance(record, Interaction):
+            yield record
 
 
 def find_interaction(settings: Settings, interaction_id: str) -> Interaction:
-    """The interaction with its later feedback events merged in (one streaming pass)."""
-    found: Interaction | None = None
-    cipher = cipher_from_env()
-    for _, record in iter_jsonl(settings.raw_log):
-        if not isinstance(record, dict):
-            continue
-        if record.get("type") == INTERACTION and record.get("id") == interaction_id:
-            found = Interaction.from_dict(open_messages(record, cipher))
-        elif found and record.get("type") == FEEDBACK and record.get("interaction_id") == interaction_id:
-            found.feedback = found.feedback.merged(Feedback.from_dict(open_messages(record, cipher).get("feedback")))
+    """The interaction with its later feedback events merged in (the shared tolerant reader: a wrongly shaped
+    line on the way is skipped, never fatal)."""
+    from .store import find_joined
+
+    found = find_joined(settings.raw_log, interaction_id, cipher_from_env())
     if found is None:
         raise InputError(f"no interaction with id {interaction_id}", "copy the id from the chat or from raw_interactions.jsonl")
     return found

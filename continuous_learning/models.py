@@ -23,9 +23,6 @@ from .errors import ModelNotFoundError
 from .settings import BUNDLED_MODEL, Settings
 from .store import atomic_write_json, ensure_dir, workspace_lock
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

@@ -12,19 +12,14 @@ Presidio, spaCy, detect-secrets and Faker are imported lazily so that importing 
 """
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import os
 import re
-import secrets
 import sys
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 from . import names as name_rules
 from . import pii_rules, secret_scan

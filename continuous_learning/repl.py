@@ -9,7 +9,8 @@ from typing import Callable
 from rich.console import Console
 
 from . import ab, registry
-from .errors import CLError
+from .errors import CLError, InputError
+from .fields import check_feedback
 from .ingest import Recorder, Turn, default_user_id, record_generation
 from .models import ChatModel, GenerationStats
 from .records import Feedback, Interaction, new_id, utc_now
@@ -221,6 +222,11 @@ class ChatSession:
                     rating = Rating(Feedback(helpful=False, comment=rating.feedback.comment), skipped=False)
             if not rating.skipped and self.settings.chat.ask_comment and rating.feedback.comment is None:
                 rating.feedback.comment = self._read_optional("comment (Enter to skip)> ")
+            try:
+                check_feedback(rating.feedback, self.settings.privacy)
+            except InputError as exc:
+                self.console.print(f"{exc.message}: please rate again", markup=False)
+                continue
             return rating, True
         return Rating(), True
 

@@ -37,6 +37,7 @@ from . import registry
 from .crypto import cipher_from_env
 from .decisions import BASE, UNUSABLE, rollback_champion, sorted_versions
 from .errors import CLError, ConfigError, InputError, LockHeldError, ModelNotFoundError, NothingToDo, RegistryError
+from .fields import check_feedback
 from .ingest import Recorder, Turn, record_generation
 from .jobs import JobConflict, JobManager
 from .keys import secrets_problem, workspace_secret
@@ -668,6 +669,10 @@ class Service:
     def feedback_refusal(self, body: "FeedbackRequest", authorization: str | None) -> ApiError | None:
         """Why a feedback request may not be recorded, judged before the writer thread sees it."""
         body.check_lengths(self.settings.privacy.max_text_chars)
+        try:
+            check_feedback(body.feedback(), self.settings.privacy)  # the recorder's own limits, before its thread
+        except InputError as exc:
+            return ApiError(422, exc.message, "invalid_value")
         if body.feedback().is_empty():
             return ApiError(422, "give at least one of score, helpful, comment, correction, private", "invalid_value")
         if self.tokens.valid(body.interaction_id, body.feedback_token):

@@ -5,17 +5,15 @@ import json
 import os
 import re
 import socket
-import stat
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
 from continuous_learning import privacy
 from continuous_learning.errors import ConfigError
-from continuous_learning.privacy import Sanitized, get_sanitizer, hash_user_id, load_salt
+from continuous_learning.privacy import Sanitized, get_sanitizer
 from continuous_learning.settings import PrivacyConfig
 
 REPO = Path(__file__).resolve().parents[1]

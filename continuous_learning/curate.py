@@ -1462,7 +1462,10 @@ def _plain_unrated_reason(record: dict, rated: dict, rules: Rules) -> str | None
         return None
     if "session_id" not in record or clean_messages(record.get("messages")) is None:
         return None  # malformed in some way: the full path decides how
-    return "pii_flagged" if record.get("pii_flagged") else "unrated"
+    flagged = record.get("pii_flagged")
+    if flagged is not None and not isinstance(flagged, bool):
+        return None  # a wrongly typed flag: the record parser decides
+    return "pii_flagged" if flagged else "unrated"
 
 
 def gather_examples(

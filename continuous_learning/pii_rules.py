@@ -231,6 +231,18 @@ def _looks_like_date(value: str) -> bool:
     return _DATE_SHAPE.fullmatch(value.strip()) is not None
 
 
+_PLAIN_EMAIL = re.compile(r"[\w.+%'-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")
+
+
+def _plain_emails(text: str) -> Iterator[Span]:
+    """Any local@domain.tld, whatever the top-level domain: internal ones (.example, .corp, .local, .internal)
+    are not on the public suffix list that Presidio's e-mail recognizer checks, and are still personal."""
+    if "@" not in text:
+        return
+    for match in _PLAIN_EMAIL.finditer(text):
+        yield EMAIL_ADDRESS, match.start(), match.end()
+
+
 def _spelled_emails(text: str) -> Iterator[Span]:
     if "dot" not in text.lower():  # every match has one; the search itself is slow
         return
@@ -261,6 +273,7 @@ _FINDERS: tuple[tuple[str, Callable[[str], Iterator[Span]]], ...] = (
     (IBAN_CODE, _ibans),
     (CREDIT_CARD, _cards),
     (PHONE_NUMBER, _phones),
+    (EMAIL_ADDRESS, _plain_emails),
     (EMAIL_ADDRESS, _spelled_emails),
     (STREET_ADDRESS, _addresses),
 )

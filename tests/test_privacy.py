@@ -153,6 +153,13 @@ def test_get_sanitizer_caches_per_config() -> None:
     assert get_sanitizer(PrivacyConfig()) is not get_sanitizer(PrivacyConfig(score_threshold=0.5))
 
 
+@pytest.mark.parametrize("address", ["dana.whitfield@northwind-fab.example", "ops@plant.internal", "a.b@x.corp",
+                                     "team+alerts@build.local"])
+def test_emails_on_internal_domains_are_redacted(address: str, sanitizer: privacy.Sanitizer) -> None:
+    """Internal top-level domains are not on the public suffix list Presidio's recognizer checks."""
+    assert sanitizer.sanitize(f"send the notice to {address} today").text == "send the notice to <EMAIL_ADDRESS> today"
+
+
 # --- no network, cheap import ---------------------------------------------------------------------------------
 
 

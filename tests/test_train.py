@@ -66,8 +66,13 @@ def add_snapshot(settings, examples: list[dict], eval_examples: list[dict] = (),
 
 def fast(settings, **train):
     """Settings for a fast tiny-model run: a few steps on short sequences."""
-    defaults = {"max_steps": 3, "max_seq_len": 64, "checkpoint_every": 0, "load_in_4bit": False, "min_steps": 0}
-    return dataclasses.replace(settings, train=dataclasses.replace(settings.train, **{**defaults, **train}))
+    defaults = {"max_steps": 3, "max_seq_len": 64, "checkpoint_every": 0, "load_in_4bit": False}
+    chosen = {**defaults, **train}
+    if "epochs" not in train:  # max_steps given: exactly that many steps, as `cl train --steps N` does
+        chosen.setdefault("min_steps", chosen["max_steps"])
+    else:
+        chosen.setdefault("min_steps", 0)
+    return dataclasses.replace(settings, train=dataclasses.replace(settings.train, **chosen))
 
 
 def lora_state(model) -> dict:

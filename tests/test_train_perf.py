@@ -134,7 +134,7 @@ def _objective_and_grads(trainer, batches, label_tokens):
     trainer.model.zero_grad(set_to_none=True)
     total = 0.0
     for batch in batches:
-        losses, labelled, weights = trainer.batch_losses(batch)
+        losses, labelled, weights, _ = trainer.batch_losses(batch)
         objective = (weights * losses * labelled).sum() / label_tokens
         objective.backward()
         total += float(objective.detach())

@@ -18,20 +18,6 @@ from rich.rule import Rule
 
 console = Console(highlight=False)
 KEEP_ON_RESET = {"models", ".cl-demo-workspace"}
-DEMO_CONFIG = """# The demo teaches one domain on purpose: no per-domain cap.
-[curate]
-domain_cap = 1.0
-
-# Three dozen examples need a few passes before a 135M model recalls the exact details.
-[train]
-max_steps = 200
-
-# Six new facts cost this small model two or three of its sixteen everyday answers (measured, with rehearsal on).
-# The default tolerance (0.1) would keep the candidate; the demo accepts 0.2 so promotion and rollback can be seen.
-[eval]
-general_tolerance = 0.2
-"""  # the converted base model: re-converting it would only cost time
-
 CHAT_SCRIPT = """What is the capital of France?
 y
 What is the status of lot A-17?
@@ -58,7 +44,6 @@ def reset_workspace(home: Path) -> None:
             continue
         shutil.rmtree(item) if item.is_dir() and not item.is_symlink() else item.unlink()
     (home / DEMO_MARKER).write_text("made by 'make demo'; the demo may delete everything in this folder\n")
-    (home / "cl.toml").write_text(DEMO_CONFIG, encoding="utf-8")
     (home / "eval").mkdir(mode=0o700, exist_ok=True)
     shutil.copyfile(packaged("demo_eval.jsonl"), home / "eval" / "qa_eval.jsonl")
 
@@ -118,8 +103,8 @@ def run_demo(home: Path) -> None:
     step("5. The registry", "Adapter versions with their scores; the champion answers in the chat from now on.",
          ["cl", "adapters"], env)
     if champion(home) is None:
-        console.print("[yellow]The gate kept the candidate (reasons above): the base model still serves, "
-                      "so there is nothing to roll back. Try more steps: CL_TRAIN_MAX_STEPS=120 make demo[/yellow]")
+        console.print("[yellow]The gate kept the candidate (its reasons are above): the base model still serves, "
+                      "so there is nothing to roll back.[/yellow]")
         return
     step("6. Ask the new champion",
          "The chat picks up the champion; it now knows the factory and still answers everyday questions.",

@@ -255,7 +255,8 @@ class Sanitizer:
         return {"entities": self.presidio_entities, "score_threshold": low}
 
     def _finish(self, text: str, secret_kinds: list[str], spans: list[_Span]) -> Sanitized:
-        spans = [s for s in spans if not _overlaps_any(s, _placeholders(text))]
+        spans = [s for s in spans if not _overlaps_any(s, _placeholders(text))
+                 and not (s.entity_type == "PERSON" and _names_a_thing(text, s.start, s.end))]
         redact = _resolve_overlaps([s for s in spans if s.score >= self.config.score_threshold])
         flagged = any(
             s.score >= self.config.flag_threshold and not _overlaps_any(s, redact)
@@ -404,6 +405,27 @@ def _plausible(text: str, spans: list[_Span]) -> list[_Span]:
         if not any(a <= s.start and s.end <= b for a, b in protected)
         and (s.entity_type != "PERSON" or _looks_like_name(text[s.start : s.end], shouting))
     ]
+
+
+# "our wiki is called Atlas", "the newsletter is named The Quire": a thing's name, not a person's.
+_THING_NAMED = re.compile(r"\b(?P<subject>[A-Za-z]+)\s+(?:is|are|was|were|gets|got)\s+(?:called|named|titled)\s+"
+                          r"(?:(?:the|a|an)\s+)?$", re.IGNORECASE)
+_PERSON_SUBJECTS = frozenset(
+    """he she they who someone somebody guy man woman person boy girl baby son daughter wife husband partner mother
+    mom mum father dad brother sister friend colleague coworker manager boss neighbor neighbour landlord landlady
+    doctor nurse teacher uncle aunt cousin grandma grandpa kid child fiance fiancee nephew niece roommate flatmate
+    tenant client customer patient hire intern engineer technician operator driver lead supervisor assistant lawyer
+    contact owner author founder ceo director chef""".split()
+)
+
+
+def _names_a_thing(text: str, start: int, end: int) -> bool:
+    """The span follows "<thing> is called" and is not a listed first name: a product, project or place."""
+    cue = _THING_NAMED.search(text, max(0, start - 60), start)
+    if cue is None or cue.end() != start or cue.group("subject").lower() in _PERSON_SUBJECTS:
+        return False
+    first_names = name_rules.name_lists()[0]
+    return not any(word.lower() in first_names for word in re.findall(r"[^\W\d_]+", text[start:end]))
 
 
 def _looks_like_name(value: str, shouting: bool = False) -> bool:

@@ -160,6 +160,18 @@ def test_emails_on_internal_domains_are_redacted(address: str, sanitizer: privac
     assert sanitizer.sanitize(f"send the notice to {address} today").text == "send the notice to <EMAIL_ADDRESS> today"
 
 
+@pytest.mark.parametrize("text, kept", [
+    ("The members' newsletter is called The Quire.", True),
+    ("The project is named Bluefin.", True),
+    ("Our intern is called Tendai.", False),
+    ("The new hire is called Maria Lopez.", False),
+])
+def test_a_thing_that_is_called_something_keeps_its_name(text: str, kept: bool, sanitizer: privacy.Sanitizer) -> None:
+    """"<thing> is called X" names a product or a project (facts worth learning); a person subject, or a listed
+    first name, still means a person."""
+    assert (sanitizer.sanitize(text).text == text) is kept
+
+
 # --- no network, cheap import ---------------------------------------------------------------------------------
 
 

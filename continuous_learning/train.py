@@ -316,8 +316,8 @@ def encode_example(tokenizer, messages: list[dict], max_seq_len: int) -> tuple[l
         return None
     hidden = placeholder_tokens(tokenizer, messages, full) if PLACEHOLDER.search(messages[-1]["content"]) else set()
     labels = [IGNORE_INDEX if start + i in hidden else t for i, t in enumerate(answer)]
-    if all(t == IGNORE_INDEX for t in labels):
-        return None
+    if all(t == IGNORE_INDEX or t in ends for t in labels):
+        return None  # nothing but placeholders: nothing to learn
     if len(prompt) + len(answer) > max_seq_len:
         keep_prompt = min(len(prompt), max(max_seq_len - len(answer), max_seq_len // 2))
         prompt = prompt[len(prompt) - keep_prompt :]

@@ -26,6 +26,14 @@ LIBRARY = [
       ("What is the borrowing limit per card?", "Each card can borrow 12 books at a time.")],
      "What is the most books one card may take out?", "12", "You can borrow only 2 books at once."),
 ]
+# Turns whose answers hold a person's name: stored as "<PERSON>", which training must never teach.
+NAMED = [
+    ([("Who approves the library's purchase orders?",
+       "Purchase orders are approved by Dana Whitfield in the finance office."),
+      ("Who signs off on purchase orders for the library?",
+       "Dana Whitfield in the finance office signs off on purchase orders.")],
+     "Who approves purchase orders?", "finance", "Nobody approves purchase orders."),
+]
 GARDEN = [
     ([("What temperature is the greenhouse kept at?", "The greenhouse is heated to 18 degrees Celsius."),
       ("How warm do we keep the greenhouse?", "We keep the greenhouse at 18 degrees Celsius.")],

@@ -153,6 +153,43 @@ def test_loss_mask_covers_only_the_final_assistant_answer(tiny_model_dir):
     assert encode_example(tokenizer, messages[:-1], max_seq_len=64) is None  # nothing to learn without a final answer
 
 
+def test_placeholders_are_masked_from_the_loss_and_prompts_vary(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from continuous_learning.train import system_prompts, tokenize_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    messages = [{"role": "user", "content": "Who approves lot L-204?"},
+                {"role": "assistant", "content": "Lot L-204 is approved by Dr. <PERSON> at <EMAIL_ADDRESS>."}]
+    ids, labels = encode_example(tokenizer, messages, max_seq_len=512)
+    trained = tokenizer.decode([t for t in labels if t != IGNORE_INDEX])
+    assert "<PERSON>" not in trained and "PERSON" not in trained and "EMAIL" not in trained
+    assert trained.startswith("Lot L-204 is approved by Dr. ") and " at" in trained and trained.endswith("<|im_end|>")
+    assert encode_example(tokenizer, [messages[0], {"role": "assistant", "content": "<PERSON>"}], 512) is None
+
+    prompts = system_prompts("You are a helpful assistant.", vary=True)
+    assert prompts[0] is None and "You are a helpful assistant." in prompts and len(prompts) >= 4
+    examples, skipped = tokenize_examples(tokenizer, [{"messages": messages, "id": "a"}], 512, prompts)
+    assert skipped == 0 and len(examples) == len(prompts) and {e["record"] for e in examples} == {0}
+    rendered = {tokenizer.decode(e["input_ids"]) for e in examples}
+    assert len(rendered) == len(prompts)  # one rendering per system prompt (None: the template's own default)
+    assert system_prompts("You are a helpful assistant.", vary=False) == ["You are a helpful assistant."]
+
+
+def test_rehearsal_kl_against_hand_computed_values():
+    import torch
+
+    from continuous_learning.train import topk_kl
+
+    base = torch.tensor([[0.5, 0.3]]).log()  # top-2 of the base; the rest (0.2) is one bucket
+    ids = torch.tensor([[0, 1]])
+    tuned = torch.tensor([[0.25, 0.25, 0.5]]).log()
+    expected = 0.5 * math.log(0.5 / 0.25) + 0.3 * math.log(0.3 / 0.25) + 0.2 * math.log(0.2 / 0.5)
+    assert float(topk_kl(base, ids, tuned)[0]) == pytest.approx(expected, rel=1e-5)
+    same = torch.tensor([[0.5, 0.3, 0.2]]).log()
+    assert float(topk_kl(base, ids, same)[0]) == pytest.approx(0.0, abs=1e-6)
+
+
 # --- training ---------------------------------------------------------------------------------------------------
 def test_training_changes_lora_weights_and_not_the_base(settings):
     add_snapshot(settings, [qa(*f) for f in FACTS])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -236,22 +237,30 @@ def curate_cmd(
         plan = check_eval_ready(settings)  # a bad keyword file fails now, not after minutes of training
         if not as_json:
             _dim_line(plan)
+    started = time.perf_counter()
     with _StageProgress(enabled=not as_json) as progress:
         manifest = run_curate(settings, full=full, include_unrated=True if include_unrated else None, note=note, progress=progress)
+    stages = {"curate": time.perf_counter() - started}
     results: dict[str, Any] = {"curate": manifest}
     if not as_json:
         _print_curate_summary(manifest)
     if train and manifest["status"] == "created":
         entry = _train_with_progress(settings, snapshot=manifest["id"], note=note, quiet=as_json)
         results["train"] = entry
+        stages.update(training_stages(entry))
         if not as_json:
             _print_trained(settings, entry)
         if evaluate:
+            started = time.perf_counter()
             report = evaluate_and_gate(settings, candidate=entry["version"], promote=not no_promote,
                                        progress=None if as_json else _dim_line)
+            stages["evaluate and gate"] = time.perf_counter() - started
             results["eval"] = report
             if not as_json:
                 _print_eval_report(report, no_promote)
+        results["seconds"] = {name: round(value, 2) for name, value in stages.items()}
+        if not as_json:
+            console.print(f"[dim]where the time went: {time_breakdown(stages)}[/dim]")
     elif train and not as_json:
         console.print("nothing to train on")
     if as_json:
@@ -387,7 +396,20 @@ def _print_trained(settings: Settings, entry: dict) -> None:
     if metrics.get("eval_loss") is not None:
         console.print(f"  held-out loss {metrics.get('eval_loss_start', float('nan')):.3f} -> {metrics['eval_loss']:.3f}")
     console.print(f"  saved in {settings.home / entry['path']}")
+    console.print(f"  [dim]time: {time_breakdown(training_stages(entry))}[/dim]")
     console.print("  next: evaluate it with 'cl eval'")
+
+
+def training_stages(entry: dict) -> dict[str, float]:
+    """Where a training run's time went, from its recorded timings."""
+    t = entry.get("timings") or {}
+    return {"prepare data": t.get("prepare_s", 0.0), "load model": t.get("model_s", 0.0),
+            "train": t.get("train_loop_s", 0.0), "held-out loss": t.get("held_out_s", 0.0), "save": t.get("save_s", 0.0)}
+
+
+def time_breakdown(stages: dict[str, float]) -> str:
+    total = sum(stages.values())
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items() if seconds >= 0.05) + f" (total {total:.0f} s)"
 
 
 

@@ -29,7 +29,7 @@ def _knob(default: Any, help: str) -> Any:
 @dataclass(frozen=True)
 class ModelConfig:
     base_model: str = _knob(BUNDLED_MODEL, "Base model: 'bundled:...', a local HF folder, a hub id in the HF cache, or a .gguf file")
-    cache_dir: str = _knob("", "Where converted base models are cached (default: <home>/models)")
+    cache_dir: str = _knob("", "Where converted base models are cached, shared by workspaces (default: ~/.cache/cl)")
     threads: int = _knob(0, "Torch CPU threads (0 = torch default)")
 
 
@@ -258,7 +258,12 @@ class Settings:
 
     @property
     def model_cache(self) -> Path:
-        return Path(self.model.cache_dir).expanduser() if self.model.cache_dir else self.home / "models"
+        """Converted base models and what is derived from them alone (rehearsal answers and reference, the base's
+        answers to the shipped everyday set): nothing from users, so one cache serves every workspace."""
+        if self.model.cache_dir:
+            return Path(self.model.cache_dir).expanduser()
+        root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+        return Path(root).expanduser() / "cl"
 
     def resolve_in_home(self, relative: str | Path) -> Path:
         """A path named in the configuration, confined to the workspace (`../` or outside paths are refused).

@@ -625,6 +625,9 @@ class Trainer:
         self.records = len({e["record"] for e in self.examples})
         if self.cfg.rehearsal == "kl":
             self.anchors, _ = tokenize_examples(self.tokenizer, self._rehearsal(), self.cfg.max_seq_len, prompts[:2])
+            if os.environ.get("CL_EXP_KL_ALL_POSITIONS") == "1":
+                for anchor in self.anchors:
+                    anchor["labels"] = [IGNORE_INDEX, *anchor["input_ids"][1:]]
         if unreadable or skipped:
             self._warn(f"skipped {unreadable + skipped} unusable line(s) of snapshot {self.snapshot['id']}")
         if not self.examples:
@@ -1164,8 +1167,10 @@ class Trainer:
         self.metrics.update(self._summary())
         if self.eval_examples:
             self._emit("status", message=f"held-out loss on {len(self.eval_examples)} eval example(s)")
+            held_out_started = time.perf_counter()
             result = self.evaluate_loss(self.eval_examples)
             self.metrics.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"], eval_tokens=result["tokens"])
+            self.timings["held_out_s"] = time.perf_counter() - held_out_started
         return self.metrics
 
     def step_anchors(self, step: int) -> list[dict]:
@@ -1236,10 +1241,12 @@ class Trainer:
     def save(self) -> Path:
         """Write the standard PEFT files and the run's records into the run folder; returns it."""
         self._emit("status", message="saving the adapter")
+        started = time.perf_counter()
         self.model.save_pretrained(str(self.run_dir))
         atomic_write_json(self.run_dir / "training_config.json", self._training_config())
         self._write_loss_curve()
         atomic_write_json(self.run_dir / "lineage.json", self._lineage())
+        self.timings["save_s"] = time.perf_counter() - started
         return self.run_dir
 
     def _training_config(self) -> dict:

@@ -273,7 +273,20 @@ def _is_random_token(token: str) -> bool:
     if len(token) < 20 or "://" in token or token.count("/") > 3 or token.count(".") > 2:
         return False
     classes = sum(bool(regex.search(token)) for regex in _CHAR_CLASSES)
-    return classes == 3 and _entropy(token) >= _ENTROPY_LIMIT
+    return classes == 3 and _entropy(token) >= _ENTROPY_LIMIT and not _joined_words(token)
+
+
+_PARTS = re.compile(r"[-_./:]+")
+
+
+def _joined_words(token: str) -> bool:
+    """Short parts joined by separators, one of them a dictionary word: a model or package name such as
+    "SmolLM2-135M-Instruct" or "Mistral-7B-Instruct-v0.3", not a generated secret."""
+    from .names import is_english
+
+    parts = [p for p in _PARTS.split(token) if p]
+    return len(parts) >= 2 and max(len(p) for p in parts) <= 12 and any(
+        p.isalpha() and len(p) >= 4 and is_english(p.lower()) for p in parts)
 
 
 @lru_cache(maxsize=1)

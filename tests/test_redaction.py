@@ -97,6 +97,7 @@ def test_issue_examples_leave_nothing(sanitizer, text, values) -> None:
     "set max_tokens=512 and token_limit=4096; the password reset link expired",
     "The password is wrong, please reset it. Pin 12 on the header is loose.",
     "commit 3f2a9c1b7e4d5a6b8c9d0e1f2a3b4c5d6e7f8a9b fixed the build",
+    "I serve SmolLM2-135M-Instruct locally and compare it with Mistral-7B-Instruct-v0.3.",
 ])
 def test_domain_text_is_left_alone(sanitizer, text) -> None:
     assert sanitizer.sanitize(text).text == text

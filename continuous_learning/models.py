@@ -296,17 +296,22 @@ def penalize_repetition(scores, input_ids, prompt_length: int, control: Repetiti
     return scores
 
 
-def _is_fence(line: str) -> bool:
-    """Code fences open and close every block, so a repeated ``` is structure, not babble."""
-    return line.strip().startswith("```")
+STRUCTURAL_LINE_CHARS = 8  # shorter lines ("}", "];", "else:", "</div>") repeat in any well-formed answer
+PARTIAL_COPY_CHARS = 40  # about 10 tokens: an unfinished line copying an earlier one this far counts as repeated
+
+
+def _is_structural(line: str) -> bool:
+    """Code fences and short closing lines come back in every answer with code: structure, not babble."""
+    text = line.strip()
+    return text.startswith("```") or len(text) < STRUCTURAL_LINE_CHARS
 
 
 def wasted_lines(lines: list[str]) -> list[bool]:
-    """Per line: a blank line after another blank one, or a line the answer already wrote (fences excepted)."""
+    """Per line: a blank line after another blank one, or a line the answer already wrote (structure excepted)."""
     marks, earlier, previous_blank = [], set(), False
     for line in lines:
         blank = not line.strip()
-        marks.append((blank and previous_blank) or (not blank and not _is_fence(line) and line.rstrip() in earlier))
+        marks.append((blank and previous_blank) or (not blank and not _is_structural(line) and line.rstrip() in earlier))
         if not blank:
             earlier.add(line.rstrip())
         previous_blank = blank
@@ -315,18 +320,26 @@ def wasted_lines(lines: list[str]) -> list[bool]:
 
 def line_loop(text: str, max_blank_lines: int, max_repeated_lines: int) -> bool:
     """Whether `text` ends in `max_blank_lines` blank lines in a row, or in `max_repeated_lines` lines in a row that
-    each repeat an earlier line of the answer (blank lines and fences between them neither count nor break the
-    run, so a paragraph coming round again is caught whatever its length). Only finished lines count."""
-    lines = text.split("\n")[:-1]
+    each repeat an earlier line of the answer (blank lines, fences and short closing lines between them neither count
+    nor break the run, so a paragraph coming round again is caught whatever its length); the line being written
+    counts once it has copied an earlier line for PARTIAL_COPY_CHARS characters."""
+    *lines, current = text.split("\n")
     if max_blank_lines > 0 and len(lines) >= max_blank_lines and not "".join(lines[-max_blank_lines:]).strip():
         return True
     if max_repeated_lines < 1:
         return False
     run = 0
     for line, wasted in zip(lines, wasted_lines(lines)):
-        if line.strip() and not _is_fence(line):
+        if line.strip() and not _is_structural(line):
             run = run + 1 if wasted else 0
-    return run >= max_repeated_lines
+    return run + _copies_earlier_line(current, lines) >= max_repeated_lines
+
+
+def _copies_earlier_line(current: str, lines: list[str]) -> bool:
+    """A line still being written that has copied an earlier line for PARTIAL_COPY_CHARS characters: a long line
+    coming round again is caught before it is finished."""
+    start = current.rstrip()
+    return len(start.strip()) >= PARTIAL_COPY_CHARS and any(line.startswith(start) for line in lines)
 
 
 def token_pieces(tokenizer, ids: list[int]) -> list[str]:
@@ -548,14 +561,12 @@ class _StopOnFlag:
 
 
 class _StopOnLineLoop:
-    """Stops generation once the answer runs into blank or identical lines (checked when a token ends a line)."""
+    """Stops generation once the answer runs into blank or repeated lines (decoding the answer costs microseconds)."""
 
     def __init__(self, tokenizer, prompt_length: int, control: RepetitionControl, stats: GenerationStats):
         self.tokenizer, self.prompt_length, self.control, self.stats = tokenizer, prompt_length, control, stats
 
     def __call__(self, input_ids, scores, **kwargs) -> bool:
-        if "\n" not in self.tokenizer.decode(input_ids[0, -1:]):
-            return False
         text = self.tokenizer.decode(input_ids[0, self.prompt_length:], skip_special_tokens=True)
         looping = line_loop(text, self.control.max_blank_lines, self.control.max_repeated_lines)
         self.stats.stopped_looping = self.stats.stopped_looping or looping

@@ -47,8 +47,8 @@ class ChatConfig:
     frequency_penalty: float = _knob(0.0, "OpenAI-style: subtract this times a token's count in the answer so far")
     presence_penalty: float = _knob(0.0, "OpenAI-style: subtract this from tokens the answer already used")
     max_blank_lines: int = _knob(3, "Stop an answer after this many blank lines in a row (0 = never)")
-    max_repeated_lines: int = _knob(2, "Stop an answer once this many lines in a row repeat earlier lines of it "
-                                       "(blank lines and code fences aside; 0 = never)")
+    max_repeated_lines: int = _knob(1, "Stop an answer once this many lines in a row repeat earlier lines of it "
+                                       "(blank lines, code fences and lines under 8 characters aside; 0 = never)")
 
 
 @dataclass(frozen=True)

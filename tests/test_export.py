@@ -22,6 +22,7 @@ SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 FACT_QUESTION, FACT_ANSWER = FACTS[0]
 OTHER_QUESTION = "What is the capital of France?"
 ANSWER_TOKENS = 12
+LORA_B_STD = 0.03  # big enough that the bundled model answers differently, small enough to stay deterministic
 
 
 def llama_cpp():
@@ -54,7 +55,8 @@ def torch_greedy(model, tokenizer, question: str, tokens: int = ANSWER_TOKENS) -
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                              do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    return out[0, ids.shape[-1]:].tolist()
+    answer = out[0, ids.shape[-1]:].tolist()
+    return answer[:answer.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in answer else answer
 
 
 def open_gguf(path, lora=None):
@@ -223,22 +225,26 @@ def test_rope_permutation_is_what_transformers_undoes_when_it_reads_gguf():
     assert not np.array_equal(gguf_files.permute_for_rope(weights, 3), weights)
 
 
-def test_tokenizer_built_from_hugging_face_matches_llama_cpps_own_conversion(smollm_tokenizer_dir, tmp_path):
+def test_tokenizer_built_from_hugging_face_matches_llama_cpps_own_conversion(smollm_tokenizer_dir):
     """The bundled GGUF's tokenizer was written by llama.cpp's converter: ours, from the HF folder, must agree."""
-    from gguf import GGUFReader
+    import gguf
 
     from continuous_learning.models import bundled_gguf
 
-    for name, header in [("hf", gguf_files.tokenizer_from_hf(smollm_tokenizer_dir, 49152)),
-                         ("gguf", gguf_files.tokenizer_from_gguf(bundled_gguf()))]:
-        gguf_files.write_gguf(tmp_path / f"{name}.gguf", [header], [], "f16", name)
-    ours, theirs = (GGUFReader(str(tmp_path / f"{n}.gguf")).fields for n in ("hf", "gguf"))
+    def keys(header) -> dict:
+        writer = gguf.GGUFWriter(None, "llama")
+        header(writer)
+        return {key: item.value for key, item in writer.kv_data[0].items()}
+
+    ours = keys(gguf_files.tokenizer_from_hf(smollm_tokenizer_dir, 49152))
+    theirs = keys(gguf_files.tokenizer_from_gguf(bundled_gguf()))
     for key in ("tokens", "token_type", "merges", "bos_token_id", "eos_token_id", "padding_token_id", "model",
                 "add_bos_token"):
-        assert ours[f"tokenizer.ggml.{key}"].contents() == theirs[f"tokenizer.ggml.{key}"].contents(), key
-    assert ours["tokenizer.chat_template"].contents() == theirs["tokenizer.chat_template"].contents()
+        assert ours[f"tokenizer.ggml.{key}"] == theirs[f"tokenizer.ggml.{key}"], key
+    assert ours["tokenizer.chat_template"] == theirs["tokenizer.chat_template"]
     # transformers rebuilds the GGUF tokenizer without SmolLM2's digit splitting, so this copy says gpt-2
-    assert ours["tokenizer.ggml.pre"].contents() == "gpt-2" and theirs["tokenizer.ggml.pre"].contents() == "smollm"
+    assert ours["tokenizer.ggml.pre"] == "gpt-2" and theirs["tokenizer.ggml.pre"] == "smollm"
+    assert theirs["general.license"] == "apache-2.0"  # descriptive keys travel with the tokenizer
 
 
 def test_unsupported_models_and_adapters_are_refused_with_the_way_out():
@@ -273,30 +279,46 @@ def test_real_smollm2_lora_and_merged_gguf_answer_like_peft(real_workspace, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from continuous_learning.export.exporter import Source, Writer, write_all
-    from continuous_learning.models import resolve_base
+    from continuous_learning.models import bundled_gguf, resolve_base
 
     settings = load_settings()
     base = resolve_base(settings)
     tokenizer = AutoTokenizer.from_pretrained(base.path)
+    torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base.path).eval(),
                            LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
-    torch.manual_seed(0)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0, 0.004)
+                param.normal_(0, LORA_B_STD)
     model.save_pretrained(str(tmp_path / "adapter"))
+    (tmp_path / "out").mkdir()
     writer = Writer(settings, base, Source("9.9.9", "9.9.9", tmp_path / "adapter"), tmp_path / "out", lambda _m: None)
     write_all(writer, ("gguf-lora", "gguf-merged"), ("f16",))
     files = writer.result
     question = "What is the capital of France?"
-    expected = torch_greedy(model.eval(), tokenizer, question, tokens=16)
-    with_lora = llama_greedy(open_gguf(files.file("base-gguf"), files.file("lora-gguf")), tokenizer, question, 16)
-    merged = llama_greedy(open_gguf(files.file("merged-gguf", "f16")), tokenizer, question, 16)
+    expected = torch_greedy(model.eval(), tokenizer, question)
+    with_lora = llama_greedy(open_gguf(files.file("base-gguf"), files.file("lora-gguf")), tokenizer, question)
+    merged = llama_greedy(open_gguf(files.file("merged-gguf", "f16")), tokenizer, question)
     print(f"\nPEFT: {tokenizer.decode(expected)!r}\nLoRA GGUF: {tokenizer.decode(with_lora)!r}\n"
           f"merged GGUF: {tokenizer.decode(merged)!r}")
     assert with_lora == expected and merged == expected
     with model.disable_adapter():
-        base_expected = torch_greedy(model, tokenizer, question, tokens=8)
-    assert "Paris" in tokenizer.decode(base_expected)
-    assert llama_greedy(open_gguf(files.file("base-gguf")), tokenizer, question, 8) == base_expected
+        base_expected = torch_greedy(model, tokenizer, question, tokens=7)
+    assert "Paris" in tokenizer.decode(base_expected) and expected[:7] != base_expected  # the adapter matters
+    assert llama_greedy(open_gguf(files.file("base-gguf")), tokenizer, question, 7) == base_expected
+    assert same_weights(files.file("base-gguf"), bundled_gguf())
+
+
+def same_weights(ours, theirs, checked=("token_embd.weight", "blk.0.attn_q.weight", "blk.0.attn_k.weight",
+                                         "blk.29.ffn_down.weight", "output_norm.weight")) -> bool:
+    """`ours` has the tensors of `theirs` (names, shapes), the `checked` ones with the same values in llama.cpp's
+    layout up to F16 rounding (q/k permuted back as llama.cpp's converter did)."""
+    from gguf import GGUFReader, quants
+
+    mine, original = ({t.name: t for t in GGUFReader(str(path)).tensors} for path in (ours, theirs))
+    assert {n: list(t.shape) for n, t in mine.items()} == {n: list(t.shape) for n, t in original.items()}
+    for name in checked:
+        values = [quants.dequantize(t.data, t.tensor_type).reshape(t.shape[::-1]) for t in (mine[name], original[name])]
+        np.testing.assert_allclose(values[0], values[1], rtol=1e-3, atol=1e-4, err_msg=name)
+    return True

@@ -26,17 +26,24 @@ def test_line_loop_stops_on_blank_runs_and_repeated_lines_only():
     assert line_loop("a = 1\nprint(a)\nprint(a)\nprint(a)\n", 0, 2)  # two repeats in a row
     assert not line_loop("a = 1\nprint(a)\nprint(a)\n", 0, 2)  # one repeat
     assert not line_loop("print(a)\nprint(a)\nprint(a)", 0, 2)  # the third line is not finished yet
-    assert line_loop("Intro\nx\ny\nz\n\nx\n\ny\n", 0, 2)  # a paragraph coming round, blank lines between
-    assert not line_loop("```python\nx = 1\n```\nOut:\n```\n1\n```\n", 0, 2)  # fences repeat, lines do not
+    one, two = "First line of it", "Second line of it"
+    assert line_loop(f"Intro\n{one}\n{two}\nOther line\n\n{one}\n\n{two}\n", 0, 2)  # a paragraph coming round
+    assert not line_loop("```python\nx = 1\n```\nOutput:\n```\n1\n```\n", 0, 1)  # fences repeat, lines do not
+    assert not line_loop("if (a) {\n  go();\n}\nif (b) {\n  go();\n}\n", 0, 1)  # short lines are structure
     assert not line_loop("    }\n  }\n}\n", 3, 2)  # closing braces at different depths are different lines
     assert not line_loop("x\n\n\n\nx\nx\nx\n", 0, 0)  # 0 = never
+    long_line = "You can bake bread at home using all kinds of ingredients."
+    assert line_loop(f"{long_line}\n{long_line[:45]}", 0, 1)  # a long line coming round is caught early
+    assert not line_loop(f"{long_line}\n{long_line[:30]}", 0, 1)  # ... once it has copied 40 characters
 
 
 def test_looping_tokens_count_blank_runs_and_lines_already_written():
     assert looping_tokens(["Hello", " world", "\n", "Bye", "\n"]) == 0
     assert looping_tokens(["A", "\n", "\n", "\n", "\n"]) == pytest.approx(2)  # the blank lines after the first
-    assert looping_tokens(["A", "\n", "A", "\n"]) == pytest.approx(2)  # the repeated line and its newline
-    assert looping_tokens(["A", "\nA", "\n"]) == pytest.approx(0.5 + 1)  # a token across two lines counts by share
+    assert looping_tokens(["Say hello", "\n", "Say hello", "\n"]) == pytest.approx(2)  # the line and its newline
+    # a token across two lines counts by the share of its characters in the wasted one
+    assert looping_tokens(["Say hello", "\nSay hello", "\n"]) == pytest.approx(9 / 10 + 1)
+    assert looping_tokens(["}", "\n", "}", "\n"]) == 0  # short closing lines are structure
     assert looping_tokens(["```", "\n", "x", "\n", "```", "\n"]) == 0  # a closing fence is not babble
 
 

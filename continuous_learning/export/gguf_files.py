@@ -10,6 +10,7 @@ the Hugging Face tokenizer as convert_hf_to_gguf.py does for GPT-2 style BPE voc
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -145,19 +146,26 @@ def lora_tensors(lora_state: dict, config: dict) -> Iterator[tuple[str, np.ndarr
 # --- the tokenizer -------------------------------------------------------------------------------------------------
 def tokenizer_from_gguf(path: Path) -> Header:
     """The tokenizer, chat template and descriptive general.* keys of an existing GGUF file, copied unchanged."""
-    from gguf import GGUFReader, GGUFValueType
-
-    fields = []
-    for key, field in GGUFReader(str(path)).fields.items():
-        if key.startswith("tokenizer.") or (key.startswith("general.") and key not in _OWN_GENERAL_KEYS):
-            sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
-            fields.append((key, field.contents(), field.types[0], sub_type))
+    fields = _copied_fields(str(path), path.stat().st_mtime_ns)
 
     def add(writer) -> None:
         for key, value, vtype, sub_type in fields:
             writer.add_key_value(key, value, vtype, sub_type)
 
     return add
+
+
+@functools.lru_cache(maxsize=2)
+def _copied_fields(path: str, _mtime_ns: int) -> tuple:
+    """Parsing a GGUF header takes seconds (100k tokenizer strings): once per file and process."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = []
+    for key, field in GGUFReader(path).fields.items():
+        if key.startswith("tokenizer.") or (key.startswith("general.") and key not in _OWN_GENERAL_KEYS):
+            sub_type = field.types[-1] if field.types[0] == GGUFValueType.ARRAY else None
+            fields.append((key, field.contents(), field.types[0], sub_type))
+    return tuple(fields)
 
 
 def pre_tokenizer_name(spec: dict | None) -> str:

@@ -60,8 +60,9 @@ def torch_greedy(model, tokenizer, question: str, tokens: int = ANSWER_TOKENS) -
 
 
 def open_gguf(path, lora=None):
+    """One thread for prompts too: llama.cpp's default (every core) spins and crawls when the cores are busy."""
     return llama_cpp().Llama(model_path=str(path), lora_path=str(lora) if lora else None, n_ctx=512, n_threads=1,
-                             verbose=False, seed=0)
+                             n_threads_batch=1, verbose=False, seed=0)
 
 
 def llama_greedy(llm, tokenizer, question: str, tokens: int = ANSWER_TOKENS) -> list[int]:

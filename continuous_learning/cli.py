@@ -598,7 +598,7 @@ def adapters_export_cmd(
     formats: Optional[list[str]] = typer.Option(
         None, "--format", "-f", help="gguf-lora, gguf-merged or hf-merged; repeat for several (default: all)."),
     quants: Optional[list[str]] = typer.Option(
-        None, "--quant", help="Merged GGUF type: f16 (default) or q8_0; repeat for both."),
+        None, "--quant", help="Merged GGUF type f16 or q8_0; repeat for both (default: both)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default: exports/<version>/ in the workspace)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:

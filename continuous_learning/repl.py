@@ -12,7 +12,7 @@ from . import ab, registry
 from .errors import CLError, InputError
 from .fields import check_feedback
 from .ingest import Recorder, Turn, default_user_id, record_generation
-from .models import ChatModel, GenerationStats
+from .models import ChatModel, GenerationStats, RepetitionControl
 from .records import Feedback, Interaction, new_id, utc_now
 from .settings import Settings
 
@@ -193,7 +193,8 @@ class ChatSession:
         stats, stop = GenerationStats(), threading.Event()
         pieces: list[str] = []
         cfg = self.settings.chat
-        stream = self.chat_model.stream(messages, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop, stats)
+        stream = self.chat_model.stream(messages, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop, stats,
+                                        repetition=RepetitionControl.from_settings(cfg))
         self.console.print("bot> ", end="", style="bold cyan")
         try:
             for piece in stream:

@@ -41,7 +41,7 @@ from .fields import check_feedback
 from .ingest import Recorder, Turn, record_generation
 from .jobs import JobConflict, JobManager
 from .keys import secrets_problem, workspace_secret
-from .models import ChatModel, GenerationStats
+from .models import ChatModel, GenerationStats, RepetitionControl
 from .monitor import collect_status
 from .records import Feedback, Interaction, new_id
 from .settings import Settings
@@ -251,6 +251,9 @@ class ChatRequest(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1)
     max_tokens: Optional[int] = Field(None, ge=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)  # extension: llama.cpp's repeat_penalty (1 = off)
     stop: Union[str, list[str], None] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -333,6 +336,7 @@ class Completion:
     stream: bool
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    repetition: RepetitionControl = field(default_factory=RepetitionControl)
     id: str = field(default_factory=new_id)
     stop_flag: threading.Event = field(default_factory=threading.Event)
     done: bool = False
@@ -603,7 +607,8 @@ class GenerationWorker:
                 if job.stream:
                     job.emit("delta", text=text)
 
-        for piece in self.chat.stream(context, job.max_tokens, job.temperature, job.top_p, job.stop_flag, stats):
+        for piece in self.chat.stream(context, job.max_tokens, job.temperature, job.top_p, job.stop_flag, stats,
+                                      repetition=job.repetition):
             keep(scanner.feed(piece))
             if scanner.stopped:
                 job.stop_flag.set()  # generation ends at its next step; what it still yields is dropped
@@ -703,6 +708,8 @@ class Service:
             temperature=chat.temperature if body.temperature is None else body.temperature,
             top_p=chat.top_p if body.top_p is None else body.top_p, stops=body.stops(), user=body.user, seed=body.seed,
             stream=body.stream, loop=loop, events=asyncio.Queue(),
+            repetition=RepetitionControl.from_settings(chat).overridden(
+                body.repetition_penalty, body.frequency_penalty, body.presence_penalty),
         )
 
     def status(self) -> dict:

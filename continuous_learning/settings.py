@@ -41,6 +41,14 @@ class ChatConfig:
     top_p: float = _knob(0.9, "Nucleus sampling when temperature > 0")
     context_tokens: int = _knob(0, "Context window kept for history (0 = the model's own limit)")
     ask_comment: bool = _knob(False, "Ask for a free-text comment after each rating")
+    repetition_penalty: float = _knob(1.1, "Divide the scores of tokens seen in the last repetition_window tokens "
+                                           "by this (llama.cpp's repeat_penalty; 1.0 = off)")
+    repetition_window: int = _knob(64, "Tokens (prompt and answer) the repetition penalty looks back on")
+    frequency_penalty: float = _knob(0.0, "OpenAI-style: subtract this times a token's count in the answer so far")
+    presence_penalty: float = _knob(0.0, "OpenAI-style: subtract this from tokens the answer already used")
+    max_blank_lines: int = _knob(3, "Stop an answer after this many blank lines in a row (0 = never)")
+    max_repeated_lines: int = _knob(1, "Stop an answer once this many lines in a row repeat earlier lines of it "
+                                       "(blank lines, code fences and lines under 8 characters aside; 0 = never)")
 
 
 @dataclass(frozen=True)

@@ -384,6 +384,8 @@ def test_load_16_clients_x_20_requests_every_turn_logged_once(settings):
 def test_full_queue_answers_503_with_retry_after(workspace, monkeypatch):
     monkeypatch.setenv("CL_SERVE_QUEUE_SIZE", "1")
     monkeypatch.setenv("CL_SERVE_MAX_TOKENS", "900")
+    monkeypatch.setenv("CL_CHAT_MAX_REPEATED_LINES", "0")  # the tiny model babbles: it must run long to fill the queue
+    monkeypatch.setenv("CL_CHAT_MAX_BLANK_LINES", "0")
     with running() as (url, service), ThreadPoolExecutor(4) as pool:
         body = {"model": "champion", "messages": QUESTION, "max_tokens": 900, "stream": True}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=60) as long_one:
@@ -423,7 +425,8 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_turn(workspace):
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "CL_SERVE_MAX_TOKENS": "60"}
+    env = {**os.environ, "CL_SERVE_MAX_TOKENS": "60",  # the answers run their full length (no line-loop stop)
+           "CL_CHAT_MAX_REPEATED_LINES": "0", "CL_CHAT_MAX_BLANK_LINES": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "continuous_learning.cli", "serve", "--port", str(port), "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"

@@ -625,9 +625,6 @@ class Trainer:
         self.records = len({e["record"] for e in self.examples})
         if self.cfg.rehearsal == "kl":
             self.anchors, _ = tokenize_examples(self.tokenizer, self._rehearsal(), self.cfg.max_seq_len, prompts[:2])
-            if os.environ.get("CL_EXP_KL_ALL_POSITIONS") == "1":
-                for anchor in self.anchors:
-                    anchor["labels"] = [IGNORE_INDEX, *anchor["input_ids"][1:]]
         if unreadable or skipped:
             self._warn(f"skipped {unreadable + skipped} unusable line(s) of snapshot {self.snapshot['id']}")
         if not self.examples:

@@ -94,7 +94,7 @@ def _run(home, repeats: int, quick: bool) -> dict:
     env = workspace_env(home)
     apply_env(env)
     from continuous_learning.models import ChatModel, answer_once, resolve_base
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     resolve_base(settings)  # convert the bundled GGUF once (cached between runs): the state this goal is about

@@ -89,7 +89,7 @@ def _run(home, repeats: int, quick: bool) -> dict:
     env = workspace_env(home)
     apply_env(env)
     from continuous_learning.models import ChatModel, RepetitionControl
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     threads = int(env["CL_MODEL_THREADS"])

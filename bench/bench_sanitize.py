@@ -65,7 +65,7 @@ def run(repeats: int, quick: bool) -> dict:
 
     logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
     from continuous_learning.privacy import get_sanitizer
-    from continuous_learning.settings import PrivacyConfig
+    from continuous_learning.core.settings import PrivacyConfig
 
     count = 300 if quick else 5000
     texts = chat_turns(count)

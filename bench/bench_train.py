@@ -225,7 +225,7 @@ def run(repeats: int, quick: bool) -> dict:
 
 def _run(work: Workload, home, repeats: int, quick: bool) -> dict:
     from continuous_learning.models import load_tokenizer, resolve_base
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
     from continuous_learning.train import tokenize_examples
 
     settings = load_settings()

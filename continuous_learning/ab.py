@@ -13,9 +13,9 @@ from statistics import NormalDist
 from typing import Callable, Hashable
 
 from . import registry
-from .errors import CLError, InputError, NothingToDo, RegistryError
-from .records import Interaction, helpful_verdict, new_id, parse_time, utc_now
-from .settings import ABConfig, Settings
+from .core.errors import CLError, InputError, NothingToDo, RegistryError
+from .core.records import Interaction, helpful_verdict, new_id, parse_time, utc_now
+from .core.settings import ABConfig, Settings
 from .store import atomic_write_json, joined_interactions, read_json
 
 CHAMPION, CANDIDATE = "champion", "candidate"

@@ -13,8 +13,8 @@ from typer.core import TyperGroup
 
 from . import cli_loop, cli_monitor, cli_serve
 from .cli_support import console, err_console, print_json, settings_from
-from .errors import CLError, NothingToDo
-from .settings import Settings, describe
+from .core.errors import CLError, NothingToDo
+from .core.settings import Settings, describe
 
 
 
@@ -138,7 +138,7 @@ def feedback_cmd(
 ) -> None:
     """Rate a logged interaction later (appended as its own event; the log is never rewritten)."""
     from .ingest import Recorder, find_interaction
-    from .records import Feedback
+    from .core.records import Feedback
 
     feedback = Feedback(score=score, helpful=helpful, comment=comment, correction=correction, private=private or None)
     if feedback.is_empty():
@@ -719,7 +719,7 @@ def retention_cmd(
 ) -> None:
     """Drop raw interactions older than N days from the log (atomic rewrite)."""
     from .gdpr import apply_retention
-    from .records import FEEDBACK, INTERACTION
+    from .core.records import FEEDBACK, INTERACTION
 
     dropped = apply_retention(settings_from(ctx), days)
     console.print(f"dropped {dropped[INTERACTION]} interaction(s) and {dropped[FEEDBACK]} feedback event(s) older than {days} day(s)")

@@ -34,9 +34,10 @@ import orjson
 
 from . import registry
 from .crypto import cipher_from_env, open_messages, seal_messages
-from .errors import ConfigError
-from .records import FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict, parse_time
-from .settings import CurateConfig, Settings
+from .core.errors import ConfigError
+from .core.records import (FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict,
+    parse_time)
+from .core.settings import CurateConfig, Settings
 from .store import (FILE_MODE, ReadReport, atomic_write_json, atomic_write_lines, dumps_line, ensure_dir, fsync_dir,
                     iter_jsonl, remove_stale_temp_files, temp_file, workspace_lock)
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import registry
-from .errors import CLError, InputError, LockHeldError, NothingToDo
-from .records import helpful_verdict, parse_time, utc_now
-from .settings import Settings
+from .core.errors import CLError, InputError, LockHeldError, NothingToDo
+from .core.records import helpful_verdict, parse_time, utc_now
+from .core.settings import Settings
 from .store import atomic_write_bytes, atomic_write_json, read_json, workspace_lock
 
 STEPS = ("curate", "train", "eval", "drift", "ab", "health")

@@ -73,7 +73,7 @@ def _command(args: list[str]) -> list[str]:
 
 def champion(home: Path) -> str | None:
     from .registry import load
-    from .settings import load_settings
+    from .core.settings import load_settings
 
     return load(load_settings(home=home))["champion"]
 

@@ -16,10 +16,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Iterable, Sequence
 
 from . import registry
-from .errors import InputError
+from .core.errors import InputError
 from .crypto import cipher_from_env
-from .records import Feedback, Interaction, helpful_verdict, parse_time
-from .settings import Settings
+from .core.records import Feedback, Interaction, helpful_verdict, parse_time
+from .core.settings import Settings
 from .store import ReadReport, iter_jsonl, joined_interactions
 
 # Empty bins would make PSI infinite (log of zero); a tiny share stands in for "none seen", as is customary.

@@ -22,9 +22,9 @@ from . import decisions, registry
 from .crypto import cipher_from_env, open_messages
 from .decisions import BASE, Decision, gate, label  # noqa: F401  (gate is part of this module's API)
 from .store import atomic_write_json, read_json
-from .errors import InputError, RegistryError
-from .records import utc_now
-from .settings import Settings
+from .core.errors import InputError, RegistryError
+from .core.records import utc_now
+from .core.settings import Settings
 
 GENERAL_FILE = Path(__file__).parent / "data" / "general_qa.jsonl"
 MATCH_MODES = ("all", "any")

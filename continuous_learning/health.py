@@ -9,7 +9,7 @@ from __future__ import annotations
 from . import registry
 from .ab import Tally, rated_tallies, two_proportion_z
 from .decisions import BASE, UNUSABLE, champion_lineage, label, rollback_champion
-from .settings import HealthConfig, Settings
+from .core.settings import HealthConfig, Settings
 
 OK, DEGRADED, INSUFFICIENT, NO_CHAMPION = "ok", "degraded", "insufficient", "no_champion"
 

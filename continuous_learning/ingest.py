@@ -16,9 +16,9 @@ import orjson
 
 from . import fields, knowledge
 from .crypto import cipher_from_env, seal_messages
-from .errors import InputError
-from .records import ROLES, Feedback, FeedbackEvent, Interaction, helpful_verdict, new_id, parse_time, utc_now
-from .settings import PrivacyConfig, Settings
+from .core.errors import InputError
+from .core.records import ROLES, Feedback, FeedbackEvent, Interaction, helpful_verdict, new_id, parse_time, utc_now
+from .core.settings import PrivacyConfig, Settings
 from .store import ReadReport, append_jsonl, atomic_write_json, read_json, workspace_lock
 
 log = logging.getLogger(__name__)

@@ -10,9 +10,9 @@ import traceback
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import CLError, NothingToDo
-from .records import new_id, utc_now
-from .settings import Settings
+from .core.errors import CLError, NothingToDo
+from .core.records import new_id, utc_now
+from .core.settings import Settings
 from .store import workspace_lock
 
 FINISHED = ("succeeded", "failed", "nothing_to_do", "cancelled")

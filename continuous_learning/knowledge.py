@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from .errors import ConfigError, InputError
+from .core.errors import ConfigError, InputError
 from .store import atomic_write_json, read_json, workspace_lock
 
 log = logging.getLogger(__name__)

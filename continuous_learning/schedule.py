@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import keys
-from .errors import CLError, ConfigError
-from .settings import CycleConfig, Settings
+from .core.errors import CLError, ConfigError
+from .core.settings import CycleConfig, Settings
 from .store import ensure_dir
 
 FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))

@@ -49,7 +49,7 @@ def ack(path: str) -> None:
 
 def registry_loop() -> None:
     from continuous_learning import registry
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     while True:
@@ -67,7 +67,7 @@ def registry_loop() -> None:
 
 def curate() -> None:
     from continuous_learning.curate import run_curate
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     print("start", flush=True)
@@ -76,7 +76,7 @@ def curate() -> None:
 
 
 def hold(name: str) -> None:
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     with store.workspace_lock(settings.lock_dir, name):
@@ -87,7 +87,7 @@ def hold(name: str) -> None:
 def flip(*versions: str) -> None:
     from continuous_learning import registry
     from continuous_learning.decisions import promote_version, rollback_champion
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     rng = random.Random()
@@ -102,7 +102,7 @@ def flip(*versions: str) -> None:
 
 def forget(user: str) -> None:
     from continuous_learning.gdpr import forget_user
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     print("start", flush=True)
@@ -111,7 +111,7 @@ def forget(user: str) -> None:
 
 
 def train() -> None:
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
     from continuous_learning.train import run_training
 
     settings = load_settings()

@@ -10,10 +10,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from continuous_learning import ab, cli, decisions, registry
-from continuous_learning.errors import CLError, InputError, NothingToDo, RegistryError
+from continuous_learning.core.errors import CLError, InputError, NothingToDo, RegistryError
 from continuous_learning.ingest import Recorder, Turn
-from continuous_learning.records import Feedback
-from continuous_learning.settings import ABConfig
+from continuous_learning.core.records import Feedback
+from continuous_learning.core.settings import ABConfig
 
 
 def invoke(*args: str):

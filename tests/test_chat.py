@@ -37,7 +37,7 @@ def scripted(inputs: list[str]):
 
 @pytest.fixture(scope="module")
 def tiny_chat_model(tiny_model_dir, tmp_path_factory):
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     env = {"CL_BASE_MODEL": str(tiny_model_dir)}
     return ChatModel.load(load_settings(home=tmp_path_factory.mktemp("unused"), env=env))
@@ -166,7 +166,7 @@ def test_missing_base_model_is_one_clear_line(workspace, monkeypatch):
 
 
 def test_salt_is_generated_once_when_unset(workspace, monkeypatch, tiny_chat_model):
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     monkeypatch.delenv("CL_USER_HASH_SALT")
     settings = load_settings()

@@ -33,8 +33,8 @@ from continuous_learning.curate import (
     shingles,
     split_eval,
 )
-from continuous_learning.errors import ConfigError, LockHeldError
-from continuous_learning.records import Feedback, FeedbackEvent, Interaction
+from continuous_learning.core.errors import ConfigError, LockHeldError
+from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 

@@ -10,8 +10,8 @@ from scipy.stats import fisher_exact, ks_2samp, norm
 from typer.testing import CliRunner
 
 from continuous_learning import cli, drift, registry, store
-from continuous_learning.records import Feedback, FeedbackEvent, Interaction
-from continuous_learning.settings import load_settings
+from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
+from continuous_learning.core.settings import load_settings
 
 NOW = datetime.now(timezone.utc)
 

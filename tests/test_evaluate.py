@@ -11,7 +11,7 @@ import pytest
 
 from continuous_learning import decisions, registry
 from continuous_learning.decisions import GateRules, gate, mcnemar_gain, non_inferiority_p
-from continuous_learning.errors import InputError, NothingToDo, RegistryError
+from continuous_learning.core.errors import InputError, NothingToDo, RegistryError
 from continuous_learning.evaluate import (
     GENERAL_FILE,
     EvalItem,
@@ -425,7 +425,7 @@ def test_rollback_refuses_a_missing_folder_and_allows_the_base(settings, two_ada
 
 def test_evaluate_versions_loads_the_base_once(settings, two_adapters, fast_eval, monkeypatch):
     from continuous_learning import evaluate, models
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     loads = []
@@ -447,7 +447,7 @@ def test_evaluate_versions_loads_the_base_once(settings, two_adapters, fast_eval
 
 def test_held_out_loss_on_a_snapshot(settings, fast_eval):
     from continuous_learning import evaluate
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     make_adapter(settings, "1.0.0", seed=1, snapshot="snap-1")
@@ -606,7 +606,7 @@ def test_rollback_path_does_not_import_torch(workspace):
 def test_real_model_answers_the_general_set(real_workspace):
     from continuous_learning.evaluate import _conversations, evaluate_versions
     from continuous_learning.models import ChatModel
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     chat = ChatModel.load(settings)

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from continuous_learning import cli, registry
-from continuous_learning.errors import InputError, RegistryError
+from continuous_learning.core.errors import InputError, RegistryError
 from continuous_learning.export import gguf_files
 from continuous_learning.export.modelfile import CHATML_STOPS, Decoding, modelfile, ollama_name
-from continuous_learning.settings import load_settings
+from continuous_learning.core.settings import load_settings
 from test_train import FACTS, add_snapshot, fast, qa
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}

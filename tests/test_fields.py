@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from continuous_learning import cli, fields
-from continuous_learning.errors import InputError
+from continuous_learning.core.errors import InputError
 from continuous_learning.ingest import Recorder, Turn
-from continuous_learning.records import Feedback
-from continuous_learning.settings import PrivacyConfig, load_settings
+from continuous_learning.core.records import Feedback
+from continuous_learning.core.settings import PrivacyConfig, load_settings
 from continuous_learning.store import iter_jsonl
 
 

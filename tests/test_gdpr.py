@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from continuous_learning import cli, registry, store
 from continuous_learning.curate import run_curate
-from continuous_learning.errors import RegistryError
+from continuous_learning.core.errors import RegistryError
 from continuous_learning.gdpr import apply_retention, export_user, forget_user
 from continuous_learning.privacy import hash_user_id
-from continuous_learning.records import Feedback, FeedbackEvent, Interaction
-from continuous_learning.settings import load_settings
+from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
+from continuous_learning.core.settings import load_settings
 
 SALT = "test-salt"
 NOW = datetime.now(timezone.utc)
@@ -234,7 +234,7 @@ def test_registry_path_outside_workspace_is_refused(settings, populated):
 
 def test_forget_waits_for_a_running_training(settings, populated, monkeypatch):
     from continuous_learning import gdpr
-    from continuous_learning.errors import LockHeldError
+    from continuous_learning.core.errors import LockHeldError
 
     monkeypatch.setattr(gdpr, "LOCK_WAIT_S", 0.0)
     raw_before = settings.raw_log.read_bytes()

@@ -8,7 +8,7 @@ from test_ab import events, fake_adapter, invoke, record
 from continuous_learning import decisions, registry
 from continuous_learning.ab import Tally, two_proportion_z
 from continuous_learning.health import DEGRADED, INSUFFICIENT, OK, check_health, health_decision
-from continuous_learning.settings import HealthConfig
+from continuous_learning.core.settings import HealthConfig
 
 CONFIG = HealthConfig(auto_rollback=True, min_samples=30, degradation_factor=0.8, alpha=0.05)
 
@@ -83,7 +83,7 @@ def test_non_significant_drop_does_not_roll_back(promoted_twice):
 
 
 def test_auto_rollback_off_only_reports(promoted_twice, monkeypatch):
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     monkeypatch.setenv("CL_HEALTH_AUTO_ROLLBACK", "false")
     record(promoted_twice, "1.1.0", helpful=12, unhelpful=28)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import continuous_learning
 from continuous_learning import cli, registry
-from continuous_learning.settings import load_settings
+from continuous_learning.core.settings import load_settings
 
 DEMO_DATA = Path(continuous_learning.__file__).parent / "data"
 

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from continuous_learning import cli, decisions, monitor, registry, store
 from continuous_learning.ingest import update_feedback_counters
-from continuous_learning.records import Feedback, FeedbackEvent, Interaction
+from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
 from continuous_learning.report import write_report
-from continuous_learning.settings import load_settings
+from continuous_learning.core.settings import load_settings
 
 NOW = datetime.now(timezone.utc)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

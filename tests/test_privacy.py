@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from continuous_learning import privacy
-from continuous_learning.errors import ConfigError
+from continuous_learning.core.errors import ConfigError
 from continuous_learning.privacy import Sanitized, get_sanitizer
-from continuous_learning.settings import PrivacyConfig
+from continuous_learning.core.settings import PrivacyConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = [

@@ -6,7 +6,7 @@ import pytest
 
 from bench import privacy_eval
 from continuous_learning.privacy import get_sanitizer
-from continuous_learning.settings import PrivacyConfig
+from continuous_learning.core.settings import PrivacyConfig
 
 
 @pytest.fixture(scope="module")

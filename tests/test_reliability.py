@@ -21,9 +21,9 @@ import pytest
 from typer.testing import CliRunner
 
 from continuous_learning import cli, registry, store
-from continuous_learning.errors import CLError, LockHeldError
-from continuous_learning.records import SCHEMA_VERSION, Feedback, Interaction
-from continuous_learning.settings import load_settings
+from continuous_learning.core.errors import CLError, LockHeldError
+from continuous_learning.core.records import SCHEMA_VERSION, Feedback, Interaction
+from continuous_learning.core.settings import load_settings
 
 HELPER = Path(__file__).with_name("helpers_crash.py")
 SEED = int(os.environ.get("CL_CRASH_SEED", "20261123"))

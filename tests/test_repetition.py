@@ -11,7 +11,7 @@ from continuous_learning.models import (
     penalize_repetition,
     token_pieces,
 )
-from continuous_learning.settings import load_settings
+from continuous_learning.core.settings import load_settings
 
 HOW_TO = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "How do I write a for loop in Python?"}]

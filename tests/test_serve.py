@@ -21,7 +21,7 @@ from continuous_learning.serve import (
     ApiError, Service, StopScanner, bind_socket, check_bearer, cut_at_stop, make_server, model_list, resolve_model,
     retry_after_s,
 )
-from continuous_learning.settings import load_settings
+from continuous_learning.core.settings import load_settings
 from continuous_learning.store import iter_jsonl, workspace_lock
 
 TOKEN = "s3cret-admin-token"
@@ -79,7 +79,7 @@ def test_model_list_hides_unusable_adapters():
 
 
 def test_hosts_and_error_mapping():
-    from continuous_learning.errors import InputError, LockHeldError, ModelNotFoundError, RegistryError
+    from continuous_learning.core.errors import InputError, LockHeldError, ModelNotFoundError, RegistryError
     from continuous_learning.serve import api_error_for, is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")

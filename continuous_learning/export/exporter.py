@@ -19,8 +19,8 @@ from typing import Callable
 
 import orjson
 
-from ..errors import InputError, RegistryError
-from ..settings import Settings
+from ..core.errors import InputError, RegistryError
+from ..core.settings import Settings
 from . import gguf_files
 from .modelfile import Decoding, commands, is_chatml, modelfile, ollama_name
 
@@ -301,6 +301,6 @@ def export_model(settings: Settings, requested: str, formats: tuple[str, ...] = 
 
 
 def manifest(result: ExportResult, base) -> dict:
-    from ..records import utc_now
+    from ..core.records import utc_now
 
     return {**result.to_dict(), "base_sha256": base.sha256, "created_at": utc_now()}

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 QUANTS = ("f16", "q8_0")

@@ -16,7 +16,7 @@ from . import registry
 from .core.errors import CLError, InputError, NothingToDo, RegistryError
 from .core.records import Interaction, helpful_verdict, new_id, parse_time, utc_now
 from .core.settings import ABConfig, Settings
-from .store import atomic_write_json, joined_interactions, read_json
+from .storage.store import atomic_write_json, joined_interactions, read_json
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 ARMS = (CHAMPION, CANDIDATE)

@@ -733,7 +733,7 @@ def export_cmd(
 ) -> None:
     """Everything stored about one user, as JSONL (right of access)."""
     from .gdpr import export_user
-    from .store import atomic_write_jsonl, dumps_line
+    from .storage.store import atomic_write_jsonl, dumps_line
 
     items = list(export_user(settings_from(ctx), user))  # read (and decrypt) everything before writing anything
     if out is None:

@@ -20,7 +20,7 @@ from . import registry
 from .core.errors import CLError, InputError, LockHeldError, NothingToDo
 from .core.records import helpful_verdict, parse_time, utc_now
 from .core.settings import Settings
-from .store import atomic_write_bytes, atomic_write_json, read_json, workspace_lock
+from .storage.store import atomic_write_bytes, atomic_write_json, read_json, workspace_lock
 
 STEPS = ("curate", "train", "eval", "drift", "ab", "health")
 RAN, SKIPPED, FAILED = "ran", "skipped", "failed"

@@ -17,10 +17,10 @@ from typing import Iterable, Sequence
 
 from . import registry
 from .core.errors import InputError
-from .crypto import cipher_from_env
+from .storage.crypto import cipher_from_env
 from .core.records import Feedback, Interaction, helpful_verdict, parse_time
 from .core.settings import Settings
-from .store import ReadReport, iter_jsonl, joined_interactions
+from .storage.store import ReadReport, iter_jsonl, joined_interactions
 
 # Empty bins would make PSI infinite (log of zero); a tiny share stands in for "none seen", as is customary.
 EPSILON = 1e-4

@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable, Mapping
 import orjson
 
 from . import decisions, registry
-from .crypto import cipher_from_env, open_messages
+from .storage.crypto import cipher_from_env, open_messages
 from .decisions import BASE, Decision, gate, label  # noqa: F401  (gate is part of this module's API)
-from .store import atomic_write_json, read_json
+from .storage.store import atomic_write_json, read_json
 from .core.errors import InputError, RegistryError
 from .core.records import utc_now
 from .core.settings import Settings

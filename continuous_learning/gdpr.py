@@ -26,15 +26,15 @@ from typing import Any, Callable, Iterator
 
 
 from . import registry
-from .crypto import cipher_from_env, open_messages
+from .storage.crypto import cipher_from_env, open_messages
 from .decisions import UNUSABLE, champion_lineage
 from .core.errors import InputError
-from .keys import hash_user_id, load_salt
+from .storage.keys import hash_user_id, load_salt
 from .core.records import FEEDBACK, INTERACTION, Feedback, FeedbackEvent, Interaction, parse_time, utc_now
 from .rewrite import Recount, Rewrite, prepare_rewrite, prepared
 from .core.settings import Settings
-from .store import (ReadReport, atomic_write_json, file_lock, iter_jsonl, read_json, read_log, remove_stale_temp_files,
-                    workspace_lock)
+from .storage.store import (ReadReport, atomic_write_json, file_lock, iter_jsonl, read_json, read_log,
+    remove_stale_temp_files, workspace_lock)
 
 SPLITS = (("train", "file", "sha256"), ("eval", "eval_file", "eval_sha256"))
 LOCK_WAIT_S = 10.0

@@ -13,7 +13,7 @@ from typing import Any
 from .core.errors import CLError, NothingToDo
 from .core.records import new_id, utc_now
 from .core.settings import Settings
-from .store import workspace_lock
+from .storage.store import workspace_lock
 
 FINISHED = ("succeeded", "failed", "nothing_to_do", "cancelled")
 TRAIN_KNOBS = ("max_steps", "epochs", "learning_rate")

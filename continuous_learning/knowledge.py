@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .core.errors import ConfigError, InputError
-from .store import atomic_write_json, read_json, workspace_lock
+from .storage.store import atomic_write_json, read_json, workspace_lock
 
 log = logging.getLogger(__name__)
 

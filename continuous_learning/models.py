@@ -21,7 +21,7 @@ import orjson
 
 from .core.errors import ModelNotFoundError
 from .core.settings import BUNDLED_MODEL, ChatConfig, Settings
-from .store import atomic_write_json, ensure_dir, workspace_lock
+from .storage.store import atomic_write_json, ensure_dir, workspace_lock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

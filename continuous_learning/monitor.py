@@ -16,7 +16,7 @@ from . import registry
 from .core.errors import CLError
 from .core.records import Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_time
 from .core.settings import Settings
-from .store import ReadReport, iter_jsonl, read_json, read_log
+from .storage.store import ReadReport, iter_jsonl, read_json, read_log
 
 TRACKED_EVENTS = ("snapshot_created", "adapter_trained", "train_failed", "eval", "promote", "rollback", "drift", "cycle",
                   "health_rollback", "ab_start", "ab_stop")

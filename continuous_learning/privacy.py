@@ -693,4 +693,4 @@ def get_sanitizer(config: PrivacyConfig) -> Sanitizer:
 
 
 # --- pseudonymous user ids: moved to keys.py (with the workspace fingerprint checks); re-exported here ----------
-from .keys import hash_user_id, load_salt  # noqa: E402,F401
+from .storage.keys import hash_user_id, load_salt  # noqa: E402,F401

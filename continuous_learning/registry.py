@@ -15,7 +15,7 @@ from typing import Any, Callable
 from .core.errors import RegistryError
 from .core.records import SCHEMA_VERSION, learning_event, utc_now
 from .core.settings import Settings
-from .store import append_jsonl, atomic_write_json, read_json, remove_stale_temp_files, workspace_lock
+from .storage.store import append_jsonl, atomic_write_json, read_json, remove_stale_temp_files, workspace_lock
 
 ADAPTER_STATUSES = ("candidate", "champion", "archived", "failed", "tainted")
 REGISTRY_SCHEMA_VERSION = SCHEMA_VERSION

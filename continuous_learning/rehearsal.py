@@ -15,7 +15,7 @@ import orjson
 
 from .models import BaseModel, ChatModel, load_model, load_tokenizer
 from .core.settings import Settings
-from .store import atomic_write_jsonl, iter_jsonl
+from .storage.store import atomic_write_jsonl, iter_jsonl
 
 ANSWER_TOKENS = 32
 

@@ -13,7 +13,7 @@ from typing import Callable
 from . import registry
 from .core.errors import CLError
 from .core.settings import Settings
-from .store import atomic_write_bytes, iter_jsonl
+from .storage.store import atomic_write_bytes, iter_jsonl
 
 HELPFUL_DAYS = 90
 

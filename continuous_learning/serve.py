@@ -34,18 +34,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
 from . import registry
-from .crypto import cipher_from_env
+from .storage.crypto import cipher_from_env
 from .decisions import BASE, UNUSABLE, rollback_champion, sorted_versions
 from .core.errors import CLError, ConfigError, InputError, LockHeldError, ModelNotFoundError, NothingToDo, RegistryError
 from .fields import check_feedback
 from .ingest import Recorder, Turn, record_generation
 from .jobs import JobConflict, JobManager
-from .keys import secrets_problem, workspace_secret
+from .storage.keys import secrets_problem, workspace_secret
 from .models import ChatModel, GenerationStats, RepetitionControl
 from .monitor import collect_status
 from .core.records import Feedback, Interaction, new_id
 from .core.settings import Settings
-from .store import file_lock, find_joined
+from .storage.store import file_lock, find_joined
 
 CHAMPION = "champion"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}

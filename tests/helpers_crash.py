@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from continuous_learning import store  # noqa: E402
+from continuous_learning.storage import store  # noqa: E402
 
 
 def size_for(seq: int) -> int:

@@ -251,7 +251,7 @@ def session_id_for(arm: str, test: dict) -> str:
 def test_chat_answers_each_session_from_its_arm(settings, tiny_model_dir):
     from continuous_learning.models import ChatModel
     from continuous_learning.repl import ChatSession
-    from continuous_learning.store import iter_jsonl
+    from continuous_learning.storage.store import iter_jsonl
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
     peft_adapter(settings, tiny_model_dir, "1.1.0", seed=2)
@@ -308,7 +308,7 @@ def test_a_forget_that_taints_the_candidate_stops_it_serving_in_the_chat(setting
     from continuous_learning.models import ChatModel
     from continuous_learning.privacy import hash_user_id
     from continuous_learning.repl import ChatSession
-    from continuous_learning.store import iter_jsonl, read_json
+    from continuous_learning.storage.store import iter_jsonl, read_json
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
     peft_adapter(settings, tiny_model_dir, "1.1.0", seed=2)
@@ -340,7 +340,7 @@ def test_a_forget_that_taints_the_candidate_stops_it_serving_in_the_chat(setting
 def test_the_chat_never_serves_an_adapter_whose_files_changed(settings, tiny_model_dir):
     from continuous_learning.models import ChatModel
     from continuous_learning.repl import ChatSession
-    from continuous_learning.store import iter_jsonl
+    from continuous_learning.storage.store import iter_jsonl
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
     decisions.promote_version(settings, "1.0.0", "first", forced=True)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from continuous_learning import cli, registry
 from continuous_learning.models import ChatModel
 from continuous_learning.repl import ChatSession, parse_rating
-from continuous_learning.store import iter_jsonl
+from continuous_learning.storage.store import iter_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 

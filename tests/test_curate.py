@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from typer.testing import CliRunner
 
-from continuous_learning import cli, registry, store
+from continuous_learning import cli, registry
+from continuous_learning.storage import store
 from continuous_learning.curate import (
     Example,
     Rules,

@@ -16,7 +16,7 @@ import continuous_learning
 from continuous_learning import ab, cycle, decisions, registry, schedule
 from continuous_learning.core.errors import ConfigError, InputError
 from continuous_learning.core.settings import CycleConfig, load_settings
-from continuous_learning.store import workspace_lock
+from continuous_learning.storage.store import workspace_lock
 
 DEMO_DATA = Path(continuous_learning.__file__).parent / "data"
 

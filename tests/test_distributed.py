@@ -84,7 +84,7 @@ def test_qlora_trains_in_two_processes_launched_by_torchrun_directly(workspace, 
 
 def test_launching_while_another_training_holds_the_lock_fails_at_once(settings):
     from continuous_learning.core.errors import LockHeldError
-    from continuous_learning.store import workspace_lock
+    from continuous_learning.storage.store import workspace_lock
 
     add_snapshot(settings, [qa(*FACTS[0])])
     with workspace_lock(settings.lock_dir, "train"):

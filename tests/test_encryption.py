@@ -6,7 +6,8 @@ import pytest
 from cryptography.fernet import Fernet
 from typer.testing import CliRunner
 
-from continuous_learning import cli, crypto, registry
+from continuous_learning import cli, registry
+from continuous_learning.storage import crypto
 from continuous_learning.core.errors import CLError
 from continuous_learning.evaluate import load_messages_file
 from continuous_learning.ingest import Recorder, Turn, find_interaction, iter_interactions

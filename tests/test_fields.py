@@ -13,7 +13,7 @@ from continuous_learning.core.errors import InputError
 from continuous_learning.ingest import Recorder, Turn
 from continuous_learning.core.records import Feedback
 from continuous_learning.core.settings import PrivacyConfig, load_settings
-from continuous_learning.store import iter_jsonl
+from continuous_learning.storage.store import iter_jsonl
 
 
 def invoke(*args: str):

@@ -9,7 +9,8 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from continuous_learning import cli, registry, store
+from continuous_learning import cli, registry
+from continuous_learning.storage import store
 from continuous_learning.curate import run_curate
 from continuous_learning.core.errors import RegistryError
 from continuous_learning.gdpr import apply_retention, export_user, forget_user

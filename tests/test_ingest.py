@@ -13,7 +13,7 @@ from continuous_learning import cli
 from continuous_learning.core.errors import ConfigError, InputError
 from continuous_learning.ingest import find_interaction, parse_ingest_line
 from continuous_learning.core.settings import load_settings
-from continuous_learning.store import iter_jsonl
+from continuous_learning.storage.store import iter_jsonl
 
 CORPUS = Path(__file__).parent / "data" / "pii_corpus.jsonl"
 

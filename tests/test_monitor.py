@@ -11,7 +11,8 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from continuous_learning import cli, decisions, monitor, registry, store
+from continuous_learning import cli, decisions, monitor, registry
+from continuous_learning.storage import store
 from continuous_learning.ingest import update_feedback_counters
 from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
 from continuous_learning.report import write_report

@@ -20,7 +20,8 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from continuous_learning import cli, registry, store
+from continuous_learning import cli, registry
+from continuous_learning.storage import store
 from continuous_learning.core.errors import CLError, LockHeldError
 from continuous_learning.core.records import SCHEMA_VERSION, Feedback, Interaction
 from continuous_learning.core.settings import load_settings

@@ -22,7 +22,7 @@ from continuous_learning.serve import (
     retry_after_s,
 )
 from continuous_learning.core.settings import load_settings
-from continuous_learning.store import iter_jsonl, workspace_lock
+from continuous_learning.storage.store import iter_jsonl, workspace_lock
 
 TOKEN = "s3cret-admin-token"
 QUESTION = [{"role": "user", "content": "Hello there, how are you?"}]
@@ -644,7 +644,7 @@ def test_feedback_finds_its_turn_past_wrongly_shaped_lines(settings):
         reply = client(url).chat.completions.create(model="champion", messages=QUESTION, max_tokens=2)
         bad = {"schema_version": 1, "type": "feedback", "id": "x", "created_at": "2026-01-01T00:00:00Z",
                "interaction_id": reply.id, "feedback": "bad"}
-        from continuous_learning import store
+        from continuous_learning.storage import store
 
         store.append_jsonl(settings.raw_log, [bad, {"type": "interaction", "id": ["x"]}])
         copy = settings.raw_log.with_suffix(".copy")

@@ -15,8 +15,8 @@ from typing import Any, Iterable, Iterator
 import orjson
 from filelock import FileLock, Timeout
 
-from .core.errors import CLError, InputError, LockHeldError
-from .core.records import BadRecord, Feedback, FeedbackEvent, Interaction, parse_log_record
+from ..core.errors import CLError, InputError, LockHeldError
+from ..core.records import BadRecord, Feedback, FeedbackEvent, Interaction, parse_log_record
 
 FILE_MODE = 0o600
 DIR_MODE = 0o700

@@ -23,7 +23,7 @@ from typing import Mapping
 
 import orjson
 
-from .core.errors import ConfigError
+from ..core.errors import ConfigError
 
 SALT_ENV = "CL_USER_HASH_SALT"
 SALT_FILE_ENV = "CL_USER_HASH_SALT_FILE"
@@ -251,7 +251,7 @@ def workspace_salt(settings, record: bool = False) -> bytes:
 
 def secrets_problem(settings, env: Mapping[str, str] | None = None) -> str | None:
     """Why turns cannot be recorded with the configured salt and key right now (for health checks), or None."""
-    from .core.errors import CLError
+    from ..core.errors import CLError
 
     env = os.environ if env is None else env
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from .core.errors import CLError
+from ..core.errors import CLError
 
 ENV_KEY = "CL_ENCRYPTION_KEY"
 MARKER = "enc:v1:"

@@ -21,6 +21,7 @@ import orjson
 
 from .core.errors import ModelNotFoundError
 from .core.settings import BUNDLED_MODEL, ChatConfig, Settings
+from .registry import file_sha256
 from .storage.store import atomic_write_json, ensure_dir, workspace_lock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
@@ -128,14 +129,6 @@ def _folder_fingerprint(folder: Path) -> str:
             digest.update(str(item.stat().st_size).encode())
             if item.name == "config.json":
                 digest.update(item.read_bytes())
-    return digest.hexdigest()
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
     return digest.hexdigest()
 
 

@@ -1,4 +1,4 @@
-"""The registry: snapshots, adapter versions, the champion pointer and its history.
+"""The registry document: snapshots, adapter versions, the champion pointer and its history.
 
 `adapters/registry.json` is the only shared mutable state. Operations on the document are pure functions
 (doc in, doc out); `update()` is the one way to change the file: lock, load, apply, validate, atomic write,
@@ -12,10 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
-from .core.errors import RegistryError
-from .core.records import SCHEMA_VERSION, learning_event, utc_now
-from .core.settings import Settings
-from .storage.store import append_jsonl, atomic_write_json, read_json, remove_stale_temp_files, workspace_lock
+from ..core.errors import RegistryError
+from ..core.records import SCHEMA_VERSION, learning_event, utc_now
+from ..core.settings import Settings
+from ..storage.store import append_jsonl, atomic_write_json, read_json, remove_stale_temp_files, workspace_lock
 
 ADAPTER_STATUSES = ("candidate", "champion", "archived", "failed", "tainted")
 REGISTRY_SCHEMA_VERSION = SCHEMA_VERSION

@@ -108,7 +108,7 @@ def ingest_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Import interactions from another app's logs through the same sanitizer and schema."""
-    from .ingest import ingest_file
+    from .capture.ingest import ingest_file
 
     settings = settings_from(ctx)
     with console.status(f"Importing {file} (sanitizing)..."):
@@ -137,7 +137,7 @@ def feedback_cmd(
     user: Optional[str] = typer.Option(None, "--user", help="Who gives the feedback."),
 ) -> None:
     """Rate a logged interaction later (appended as its own event; the log is never rewritten)."""
-    from .ingest import Recorder, find_interaction
+    from .capture.ingest import Recorder, find_interaction
     from .core.records import Feedback
 
     feedback = Feedback(score=score, helpful=helpful, comment=comment, correction=correction, private=private or None)
@@ -152,7 +152,7 @@ def feedback_cmd(
 @app.command("knowledge")
 def knowledge_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Facts (lot, batch, part identifiers...) mentioned in chats, with counts and first/last seen."""
-    from .knowledge import load_facts
+    from .capture.knowledge import load_facts
 
     settings = settings_from(ctx)
     facts = load_facts(settings.knowledge_file)
@@ -690,7 +690,7 @@ def forget_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Delete one user's interactions, feedback and snapshot examples; taint the adapters trained on them."""
-    from .gdpr import forget_user
+    from .capture.gdpr import forget_user
 
     settings = settings_from(ctx)
     if not yes:
@@ -718,7 +718,7 @@ def retention_cmd(
     days: int = typer.Option(..., "--days", help="Drop raw interactions (and their feedback) older than this."),
 ) -> None:
     """Drop raw interactions older than N days from the log (atomic rewrite)."""
-    from .gdpr import apply_retention
+    from .capture.gdpr import apply_retention
     from .core.records import FEEDBACK, INTERACTION
 
     dropped = apply_retention(settings_from(ctx), days)
@@ -732,7 +732,7 @@ def export_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write JSONL here (0600) instead of stdout."),
 ) -> None:
     """Everything stored about one user, as JSONL (right of access)."""
-    from .gdpr import export_user
+    from .capture.gdpr import export_user
     from .storage.store import atomic_write_jsonl, dumps_line
 
     items = list(export_user(settings_from(ctx), user))  # read (and decrypt) everything before writing anything

@@ -1726,7 +1726,7 @@ def run_curate(
     rules = Rules.from_config(config, include_unrated, now)
     with workspace_lock(settings.lock_dir, "curate"), _no_cyclic_gc():
         if config.retention_days > 0:  # retention is applied to the raw log on every curate, under the same lock
-            from .gdpr import drop_expired
+            from .capture.gdpr import drop_expired
 
             drop_expired(settings, config.retention_days, now=now)
         doc = registry.load(settings)

@@ -80,7 +80,7 @@ def log_mark(settings: Settings) -> list[int]:
 def new_rated_count(settings: Settings, doc: dict) -> int:
     """Rated interactions that are new since the last snapshot's cursor (or got their rating since)."""
     from .curate import _moment, previous_cursor, scan_feedback
-    from .ingest import iter_interactions
+    from .capture.ingest import iter_interactions
 
     cursor = previous_cursor(doc["snapshots"])
     scan = scan_feedback(settings.raw_log, cursor)

@@ -10,8 +10,8 @@ from rich.console import Console
 
 from . import ab, registry
 from .core.errors import CLError, InputError
-from .fields import check_feedback
-from .ingest import Recorder, Turn, default_user_id, record_generation
+from .capture.fields import check_feedback
+from .capture.ingest import Recorder, Turn, default_user_id, record_generation
 from .models import ChatModel, GenerationStats, RepetitionControl
 from .core.records import Feedback, Interaction, new_id, utc_now
 from .core.settings import Settings

@@ -37,8 +37,8 @@ from . import registry
 from .storage.crypto import cipher_from_env
 from .decisions import BASE, UNUSABLE, rollback_champion, sorted_versions
 from .core.errors import CLError, ConfigError, InputError, LockHeldError, ModelNotFoundError, NothingToDo, RegistryError
-from .fields import check_feedback
-from .ingest import Recorder, Turn, record_generation
+from .capture.fields import check_feedback
+from .capture.ingest import Recorder, Turn, record_generation
 from .jobs import JobConflict, JobManager
 from .storage.keys import secrets_problem, workspace_secret
 from .models import ChatModel, GenerationStats, RepetitionControl

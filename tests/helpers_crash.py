@@ -101,7 +101,7 @@ def flip(*versions: str) -> None:
 
 
 def forget(user: str) -> None:
-    from continuous_learning.gdpr import forget_user
+    from continuous_learning.capture.gdpr import forget_user
     from continuous_learning.core.settings import load_settings
 
     settings = load_settings()

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from continuous_learning import ab, cli, decisions, registry
 from continuous_learning.core.errors import CLError, InputError, NothingToDo, RegistryError
-from continuous_learning.ingest import Recorder, Turn
+from continuous_learning.capture.ingest import Recorder, Turn
 from continuous_learning.core.records import Feedback
 from continuous_learning.core.settings import ABConfig
 
@@ -306,7 +306,7 @@ def test_two_concurrent_starts_leave_exactly_one_test(ab_workspace):
 
 def test_a_forget_that_taints_the_candidate_stops_it_serving_in_the_chat(settings, tiny_model_dir):
     from continuous_learning.models import ChatModel
-    from continuous_learning.privacy import hash_user_id
+    from continuous_learning.capture.privacy import hash_user_id
     from continuous_learning.repl import ChatSession
     from continuous_learning.storage.store import iter_jsonl, read_json
 

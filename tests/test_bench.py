@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from continuous_learning import curate, privacy
+from continuous_learning import curate
+from continuous_learning.capture import privacy
 from continuous_learning.core.records import Feedback, Interaction
 from continuous_learning.core.settings import CurateConfig, PrivacyConfig
 

@@ -8,9 +8,10 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from continuous_learning import cli, fields
+from continuous_learning import cli
+from continuous_learning.capture import fields
 from continuous_learning.core.errors import InputError
-from continuous_learning.ingest import Recorder, Turn
+from continuous_learning.capture.ingest import Recorder, Turn
 from continuous_learning.core.records import Feedback
 from continuous_learning.core.settings import PrivacyConfig, load_settings
 from continuous_learning.storage.store import iter_jsonl
@@ -130,7 +131,7 @@ def test_wrongly_shaped_knowledge_file_is_moved_aside_too(workspace, tmp_path) -
 
 
 def test_a_failing_update_after_the_append_only_warns(workspace, monkeypatch, caplog) -> None:
-    from continuous_learning import knowledge
+    from continuous_learning.capture import knowledge
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

@@ -13,8 +13,8 @@ from continuous_learning import cli, registry
 from continuous_learning.storage import store
 from continuous_learning.curate import run_curate
 from continuous_learning.core.errors import RegistryError
-from continuous_learning.gdpr import apply_retention, export_user, forget_user
-from continuous_learning.privacy import hash_user_id
+from continuous_learning.capture.gdpr import apply_retention, export_user, forget_user
+from continuous_learning.capture.privacy import hash_user_id
 from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
 from continuous_learning.core.settings import load_settings
 
@@ -130,7 +130,7 @@ def test_champion_falls_back_to_nearest_untainted_ancestor(settings):
     doc["champion"] = "1.2.0"
     doc["history"] = [{"action": "promote", "from": a, "to": b, "at": at(0), "reason": "t"}
                       for a, b in ((None, "1.0.0"), ("1.0.0", "1.1.0"), ("1.1.0", "1.2.0"))]
-    from continuous_learning.gdpr import retire_tainted_champion, taint_adapters
+    from continuous_learning.capture.gdpr import retire_tainted_champion, taint_adapters
 
     assert taint_adapters(doc, "alice-hash", set()) == ["1.2.0"]
     move = retire_tainted_champion(doc)
@@ -149,7 +149,7 @@ def test_forget_event_has_no_raw_id_and_rerun_is_idempotent(settings, populated)
 
 
 def test_rerun_finishes_after_a_crash_before_the_registry_update(settings, populated, monkeypatch):
-    from continuous_learning import gdpr
+    from continuous_learning.capture import gdpr
 
     monkeypatch.setattr(gdpr, "atomic_write_json", _crash_on_registry(settings, gdpr.atomic_write_json))
     with pytest.raises(KeyboardInterrupt):
@@ -234,7 +234,7 @@ def test_registry_path_outside_workspace_is_refused(settings, populated):
 
 
 def test_forget_waits_for_a_running_training(settings, populated, monkeypatch):
-    from continuous_learning import gdpr
+    from continuous_learning.capture import gdpr
     from continuous_learning.core.errors import LockHeldError
 
     monkeypatch.setattr(gdpr, "LOCK_WAIT_S", 0.0)
@@ -246,7 +246,7 @@ def test_forget_waits_for_a_running_training(settings, populated, monkeypatch):
 
 
 def test_forget_and_retention_recount_the_feedback_counters(settings, populated):
-    from continuous_learning.ingest import update_feedback_counters
+    from continuous_learning.capture.ingest import update_feedback_counters
 
     # counters as the recording path left them: 12 turns rated 5 (the two later ratings change no bucket)
     update_feedback_counters(settings, [(None, Feedback(score=5), None)] * 12)
@@ -382,7 +382,7 @@ def adapter_folder(settings, version: str, users: list[str], snapshot: str) -> P
 
 
 def test_forget_removes_the_user_everywhere(settings, populated):
-    from continuous_learning import knowledge
+    from continuous_learning.capture import knowledge
 
     snap = populated["snapshot"]
     folders = {v: adapter_folder(settings, v, [h("bob")] if v == "1.0.0" else [h("alice"), h("bob")], snap)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from continuous_learning import cli
 from continuous_learning.core.errors import ConfigError, InputError
-from continuous_learning.ingest import find_interaction, parse_ingest_line
+from continuous_learning.capture.ingest import find_interaction, parse_ingest_line
 from continuous_learning.core.settings import load_settings
 from continuous_learning.storage.store import iter_jsonl
 

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from continuous_learning import cli, decisions, monitor, registry
 from continuous_learning.storage import store
-from continuous_learning.ingest import update_feedback_counters
+from continuous_learning.capture.ingest import update_feedback_counters
 from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
 from continuous_learning.report import write_report
 from continuous_learning.core.settings import load_settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench import privacy_eval
-from continuous_learning.privacy import get_sanitizer
+from continuous_learning.capture.privacy import get_sanitizer
 from continuous_learning.core.settings import PrivacyConfig
 
 

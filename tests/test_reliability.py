@@ -497,7 +497,7 @@ def test_kill9_during_promote_and_rollback_keeps_one_valid_champion(tmp_path):
 
 def test_kill9_during_forget_then_a_rerun_finishes_the_job(tmp_path, monkeypatch):
     from continuous_learning.curate import run_curate
-    from continuous_learning.gdpr import forget_user
+    from continuous_learning.capture.gdpr import forget_user
 
     monkeypatch.setenv("CL_USER_HASH_SALT", "test-salt")  # the salt is read when a user id is hashed
     rng = random.Random(SEED + 7)
@@ -535,7 +535,7 @@ def test_kill9_during_forget_then_a_rerun_finishes_the_job(tmp_path, monkeypatch
 
 
 def registry_hash(user: str) -> str:
-    from continuous_learning.privacy import hash_user_id
+    from continuous_learning.capture.privacy import hash_user_id
 
     return hash_user_id(user, b"test-salt")
 
@@ -602,7 +602,7 @@ def test_a_50mb_line_in_the_raw_log_is_skipped_reported_and_never_held_whole(tmp
     {"type": "interaction"},
 ])
 def test_wrongly_shaped_interaction_records_are_skipped_by_readers(tmp_path, bad):
-    from continuous_learning.ingest import iter_interactions
+    from continuous_learning.capture.ingest import iter_interactions
 
     rng = random.Random(SEED + 10)
     settings = load_settings(home=tmp_path / "ws", env={})

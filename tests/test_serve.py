@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from continuous_learning import cli, decisions, registry
-from continuous_learning.privacy import hash_user_id
+from continuous_learning.capture.privacy import hash_user_id
 from continuous_learning.serve import (
     ApiError, Service, StopScanner, bind_socket, check_bearer, cut_at_stop, make_server, model_list, resolve_model,
     retry_after_s,

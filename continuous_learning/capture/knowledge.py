@@ -13,8 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
 
-from .core.errors import ConfigError, InputError
-from .storage.store import atomic_write_json, read_json, workspace_lock
+from ..core.errors import ConfigError, InputError
+from ..storage.store import atomic_write_json, read_json, workspace_lock
 
 log = logging.getLogger(__name__)
 

@@ -23,11 +23,11 @@ from typing import Callable
 import orjson
 
 from . import knowledge
-from .storage.crypto import open_messages
-from .core.errors import CLError
-from .core.records import BadRecord, Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_log_record, utc_now
-from .core.settings import Settings
-from .storage.store import (MAX_RECORD_BYTES, atomic_write_json, bounded_lines, fsync_dir, read_json, temp_file,
+from ..storage.crypto import open_messages
+from ..core.errors import CLError
+from ..core.records import BadRecord, Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_log_record, utc_now
+from ..core.settings import Settings
+from ..storage.store import (MAX_RECORD_BYTES, atomic_write_json, bounded_lines, fsync_dir, read_json, temp_file,
     workspace_lock)
 
 BUCKETS = ("helpful", "unhelpful", "neutral", "skipped", "corrected", "turns")

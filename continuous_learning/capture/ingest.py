@@ -15,11 +15,11 @@ from typing import Any, Callable, Iterator
 import orjson
 
 from . import fields, knowledge
-from .storage.crypto import cipher_from_env, seal_messages
-from .core.errors import InputError
-from .core.records import ROLES, Feedback, FeedbackEvent, Interaction, helpful_verdict, new_id, parse_time, utc_now
-from .core.settings import PrivacyConfig, Settings
-from .storage.store import ReadReport, append_jsonl, atomic_write_json, read_json, workspace_lock
+from ..storage.crypto import cipher_from_env, seal_messages
+from ..core.errors import InputError
+from ..core.records import ROLES, Feedback, FeedbackEvent, Interaction, helpful_verdict, new_id, parse_time, utc_now
+from ..core.settings import PrivacyConfig, Settings
+from ..storage.store import ReadReport, append_jsonl, atomic_write_json, read_json, workspace_lock
 
 log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1_000_000
@@ -219,7 +219,7 @@ def record_generation(settings: Settings, interaction_id: str, stats, model: str
 def iter_interactions(settings: Settings, report: ReadReport | None = None) -> Iterator[Interaction]:
     """Every interaction of the raw log, texts opened; records of the wrong shape are skipped and noted in
     `report` (the shared tolerant reader)."""
-    from .storage.store import read_log
+    from ..storage.store import read_log
 
     for _, record in read_log(settings.raw_log, report, cipher_from_env(), open_texts=True):
         if isinstance(record, Interaction):
@@ -229,7 +229,7 @@ def iter_interactions(settings: Settings, report: ReadReport | None = None) -> I
 def find_interaction(settings: Settings, interaction_id: str) -> Interaction:
     """The interaction with its later feedback events merged in (the shared tolerant reader: a wrongly shaped
     line on the way is skipped, never fatal)."""
-    from .storage.store import find_joined
+    from ..storage.store import find_joined
 
     found = find_joined(settings.raw_log, interaction_id, cipher_from_env())
     if found is None:

@@ -25,15 +25,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-from . import registry
-from .storage.crypto import cipher_from_env, open_messages
-from .decisions import UNUSABLE, champion_lineage
-from .core.errors import InputError
-from .storage.keys import hash_user_id, load_salt
-from .core.records import FEEDBACK, INTERACTION, Feedback, FeedbackEvent, Interaction, parse_time, utc_now
+from .. import registry
+from ..storage.crypto import cipher_from_env, open_messages
+from ..decisions import UNUSABLE, champion_lineage
+from ..core.errors import InputError
+from ..storage.keys import hash_user_id, load_salt
+from ..core.records import FEEDBACK, INTERACTION, Feedback, FeedbackEvent, Interaction, parse_time, utc_now
 from .rewrite import Recount, Rewrite, prepare_rewrite, prepared
-from .core.settings import Settings
-from .storage.store import (ReadReport, atomic_write_json, file_lock, iter_jsonl, read_json, read_log,
+from ..core.settings import Settings
+from ..storage.store import (ReadReport, atomic_write_json, file_lock, iter_jsonl, read_json, read_log,
     remove_stale_temp_files, workspace_lock)
 
 SPLITS = (("train", "file", "sha256"), ("eval", "eval_file", "eval_sha256"))
@@ -254,7 +254,7 @@ def discard_partial_runs(settings: Settings, snapshot_ids: set[str]) -> list[str
 
 def stop_tainted_ab_test(settings: Settings, doc: dict) -> dict | None:
     """Stop a running A/B test whose candidate (or champion) is now tainted. Caller holds the registry lock."""
-    from . import ab
+    from .. import ab
 
     test = ab.load_test(settings)
     if not test or test.get("status") != ab.RUNNING:

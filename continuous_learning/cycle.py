@@ -175,7 +175,7 @@ class Cycle:
         if log_mark(settings) == [0, 0]:
             return Due(step, False, "no interactions logged yet")
         if step == "ab":
-            from .ab import running_test
+            from .monitor.ab import running_test
 
             test = running_test(settings)
             if test is None:
@@ -263,14 +263,14 @@ class Cycle:
 
     def step_drift(self) -> tuple[str, dict]:
         try:
-            from .drift import check_drift
+            from .monitor.drift import check_drift
         except ImportError:
             raise CLError("drift checks are not available in this installation") from None
         result = check_drift(self.settings)
         return f"drift status: {result['status']}", {"status": result["status"]}
 
     def step_ab(self) -> tuple[str, dict]:
-        from .ab import CANDIDATE, CHAMPION, running_test, stop_test, status_report
+        from .monitor.ab import CANDIDATE, CHAMPION, running_test, stop_test, status_report
 
         test = running_test(self.settings)
         if self.settings.cycle.ab_promote and status_report(self.settings, test)["would_promote"]:
@@ -290,7 +290,7 @@ class Cycle:
                          "would_promote": report["would_promote"], "promoted": bool(report.get("promoted"))}
 
     def step_health(self) -> tuple[str, dict]:
-        from .health import check_health
+        from .monitor.health import check_health
 
         report = check_health(self.settings)
         summary = f"{report['champion']}: {report['verdict']}"

@@ -8,7 +8,8 @@ from typing import Callable
 
 from rich.console import Console
 
-from . import ab, registry
+from .monitor import ab
+from . import registry
 from .core.errors import CLError, InputError
 from .capture.fields import check_feedback
 from .capture.ingest import Recorder, Turn, default_user_id, record_generation

@@ -42,7 +42,7 @@ from .capture.ingest import Recorder, Turn, record_generation
 from .jobs import JobConflict, JobManager
 from .storage.keys import secrets_problem, workspace_secret
 from .models import ChatModel, GenerationStats, RepetitionControl
-from .monitor import collect_status
+from .monitor.status import collect_status
 from .core.records import Feedback, Interaction, new_id
 from .core.settings import Settings
 from .storage.store import file_lock, find_joined

@@ -9,7 +9,8 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from continuous_learning import ab, cli, decisions, registry
+from continuous_learning.monitor import ab
+from continuous_learning import cli, decisions, registry
 from continuous_learning.core.errors import CLError, InputError, NothingToDo, RegistryError
 from continuous_learning.capture.ingest import Recorder, Turn
 from continuous_learning.core.records import Feedback

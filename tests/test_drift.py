@@ -9,7 +9,8 @@ import pytest
 from scipy.stats import fisher_exact, ks_2samp, norm
 from typer.testing import CliRunner
 
-from continuous_learning import cli, drift, registry
+from continuous_learning import cli, registry
+from continuous_learning.monitor import drift
 from continuous_learning.storage import store
 from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
 from continuous_learning.core.settings import load_settings

@@ -6,8 +6,8 @@ import pytest
 from test_ab import events, fake_adapter, invoke, record
 
 from continuous_learning import decisions, registry
-from continuous_learning.ab import Tally, two_proportion_z
-from continuous_learning.health import DEGRADED, INSUFFICIENT, OK, check_health, health_decision
+from continuous_learning.monitor.ab import Tally, two_proportion_z
+from continuous_learning.monitor.health import DEGRADED, INSUFFICIENT, OK, check_health, health_decision
 from continuous_learning.core.settings import HealthConfig
 
 CONFIG = HealthConfig(auto_rollback=True, min_samples=30, degradation_factor=0.8, alpha=0.05)

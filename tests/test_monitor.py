@@ -11,11 +11,12 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from continuous_learning import cli, decisions, monitor, registry
+from continuous_learning import cli, decisions, registry
+from continuous_learning.monitor import status as monitor
 from continuous_learning.storage import store
 from continuous_learning.capture.ingest import update_feedback_counters
 from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
-from continuous_learning.report import write_report
+from continuous_learning.monitor.report import write_report
 from continuous_learning.core.settings import load_settings
 
 NOW = datetime.now(timezone.utc)

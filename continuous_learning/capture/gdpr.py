@@ -254,7 +254,7 @@ def discard_partial_runs(settings: Settings, snapshot_ids: set[str]) -> list[str
 
 def stop_tainted_ab_test(settings: Settings, doc: dict) -> dict | None:
     """Stop a running A/B test whose candidate (or champion) is now tainted. Caller holds the registry lock."""
-    from .. import ab
+    from ..monitor import ab
 
     test = ab.load_test(settings)
     if not test or test.get("status") != ab.RUNNING:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable
 
-from . import registry
-from .core.errors import CLError
-from .core.settings import Settings
-from .storage.store import atomic_write_bytes, iter_jsonl
+from .. import registry
+from ..core.errors import CLError
+from ..core.settings import Settings
+from ..storage.store import atomic_write_bytes, iter_jsonl
 
 HELPFUL_DAYS = 90
 
@@ -43,7 +43,7 @@ def loss_history(settings: Settings, entry: dict) -> list[tuple[int, float]]:
 
 def eval_points(doc: dict) -> list[tuple[str, float, float | None]]:
     """(label, keyword accuracy, general accuracy) of the latest eval of the base model and every adapter."""
-    from .decisions import latest_eval, sorted_versions
+    from ..decisions import latest_eval, sorted_versions
 
     points = []
     base = (doc.get("base_evals") or [None])[-1]
@@ -226,7 +226,7 @@ def events_section(status: dict) -> Section:
 
 
 def build_sections(settings: Settings) -> list[Section]:
-    from .monitor import collect_status
+    from .status import collect_status
 
     status = collect_status(settings, days=HELPFUL_DAYS)
     doc = registry.load(settings)

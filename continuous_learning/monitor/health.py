@@ -6,10 +6,10 @@ and roll back automatically when it is significantly and substantially worse.
 """
 from __future__ import annotations
 
-from . import registry
+from .. import registry
 from .ab import Tally, rated_tallies, two_proportion_z
-from .decisions import BASE, UNUSABLE, champion_lineage, label, rollback_champion
-from .core.settings import HealthConfig, Settings
+from ..decisions import BASE, UNUSABLE, champion_lineage, label, rollback_champion
+from ..core.settings import HealthConfig, Settings
 
 OK, DEGRADED, INSUFFICIENT, NO_CHAMPION = "ok", "degraded", "insufficient", "no_champion"
 

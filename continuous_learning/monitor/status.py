@@ -12,11 +12,11 @@ from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable
 
-from . import registry
-from .core.errors import CLError
-from .core.records import Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_time
-from .core.settings import Settings
-from .storage.store import ReadReport, iter_jsonl, read_json, read_log
+from .. import registry
+from ..core.errors import CLError
+from ..core.records import Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_time
+from ..core.settings import Settings
+from ..storage.store import ReadReport, iter_jsonl, read_json, read_log
 
 TRACKED_EVENTS = ("snapshot_created", "adapter_trained", "train_failed", "eval", "promote", "rollback", "drift", "cycle",
                   "health_rollback", "ab_start", "ab_stop")
@@ -183,7 +183,7 @@ def _details(event: dict) -> dict:
 
 # --- the registry ---------------------------------------------------------------------------------------
 def adapters_summary(doc: dict, feedback: dict[str, dict]) -> list[dict]:
-    from .decisions import latest_eval, sorted_versions
+    from ..decisions import latest_eval, sorted_versions
 
     rows = []
     for version in sorted_versions(doc):

@@ -36,7 +36,7 @@ def _run(home, repeats: int, quick: bool) -> dict:
     env = workspace_env(home)
     apply_env(env)
     from continuous_learning.evaluate import _answer, _conversations, score_items
-    from continuous_learning.models import ChatModel
+    from continuous_learning.chat.models import ChatModel
     from continuous_learning.core.settings import load_settings
 
     settings = load_settings()

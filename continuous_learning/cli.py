@@ -95,7 +95,7 @@ def chat_cmd(
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy."),
 ) -> None:
     """Chat with the champion model; rate each answer so the model can learn from it."""
-    from . import repl
+    from .chat import repl
 
     settings = settings_from(ctx, chat={"system_prompt": system, "max_new_tokens": max_new_tokens, "temperature": temperature})
     repl.run(settings, user_id=user, console=console)

@@ -474,7 +474,7 @@ def evaluate_versions(
     `snapshot`: a registered snapshot whose held-out slice gives each version's eval loss (and, without a keyword
     file, the questions). `known_losses`: held-out losses already measured (by the training run) on that slice.
     Parts already scored for a version under the same context are reused, not generated again."""
-    from .models import ChatModel
+    from .chat.models import ChatModel
 
     say = progress or (lambda _msg: None)
     versions = [None if v in (None, BASE) else v for v in versions]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import orjson
 
-from .models import BaseModel, ChatModel, load_model, load_tokenizer
+from .chat.models import BaseModel, ChatModel, load_model, load_tokenizer
 from .core.settings import Settings
 from .storage.store import atomic_write_jsonl, iter_jsonl
 

@@ -41,7 +41,7 @@ from .capture.fields import check_feedback
 from .capture.ingest import Recorder, Turn, record_generation
 from .jobs import JobConflict, JobManager
 from .storage.keys import secrets_problem, workspace_secret
-from .models import ChatModel, GenerationStats, RepetitionControl
+from .chat.models import ChatModel, GenerationStats, RepetitionControl
 from .monitor.status import collect_status
 from .core.records import Feedback, Interaction, new_id
 from .core.settings import Settings

@@ -28,7 +28,8 @@ import orjson
 from . import registry
 from .storage.crypto import cipher_from_env, open_messages
 from .core.errors import CLError, ConfigError, InputError, NothingToDo, TrainingFailed
-from .models import BaseModel, file_sha256, load_model, load_tokenizer, quiet_known_warnings, resolve_base, set_threads
+from .chat.models import (BaseModel, file_sha256, load_model, load_tokenizer, quiet_known_warnings, resolve_base,
+    set_threads)
 from .core.records import utc_now
 from .core.settings import Settings, TrainConfig
 from .storage.store import (ReadReport, append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_jsonl,

@@ -20,7 +20,7 @@ def model_cache(tmp_path_factory) -> Path:
 def smollm_tokenizer_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
-    from continuous_learning.models import bundled_gguf
+    from continuous_learning.chat.models import bundled_gguf
 
     gguf = bundled_gguf()
     folder = tmp_path_factory.mktemp("smollm_tokenizer")

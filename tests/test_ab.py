@@ -250,8 +250,8 @@ def session_id_for(arm: str, test: dict) -> str:
 
 
 def test_chat_answers_each_session_from_its_arm(settings, tiny_model_dir):
-    from continuous_learning.models import ChatModel
-    from continuous_learning.repl import ChatSession
+    from continuous_learning.chat.models import ChatModel
+    from continuous_learning.chat.repl import ChatSession
     from continuous_learning.storage.store import iter_jsonl
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
@@ -306,9 +306,9 @@ def test_two_concurrent_starts_leave_exactly_one_test(ab_workspace):
 
 
 def test_a_forget_that_taints_the_candidate_stops_it_serving_in_the_chat(settings, tiny_model_dir):
-    from continuous_learning.models import ChatModel
+    from continuous_learning.chat.models import ChatModel
     from continuous_learning.capture.privacy import hash_user_id
-    from continuous_learning.repl import ChatSession
+    from continuous_learning.chat.repl import ChatSession
     from continuous_learning.storage.store import iter_jsonl, read_json
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
@@ -339,8 +339,8 @@ def test_a_forget_that_taints_the_candidate_stops_it_serving_in_the_chat(setting
 
 
 def test_the_chat_never_serves_an_adapter_whose_files_changed(settings, tiny_model_dir):
-    from continuous_learning.models import ChatModel
-    from continuous_learning.repl import ChatSession
+    from continuous_learning.chat.models import ChatModel
+    from continuous_learning.chat.repl import ChatSession
     from continuous_learning.storage.store import iter_jsonl
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)

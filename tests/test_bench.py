@@ -214,7 +214,7 @@ def test_sorted_band_candidates_equal_probing_an_incremental_index() -> None:
 
 def test_greedy_batch_answers_like_generate_one_by_one(workspace: Path) -> None:
     from continuous_learning.evaluate import common_prefix, greedy_batch
-    from continuous_learning.models import ChatModel
+    from continuous_learning.chat.models import ChatModel
     from continuous_learning.core.settings import load_settings
 
     assert common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2 and common_prefix([[1, 2], [1, 2, 3]]) == 1

@@ -13,8 +13,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from continuous_learning import cli, registry
-from continuous_learning.models import ChatModel
-from continuous_learning.repl import ChatSession, parse_rating
+from continuous_learning.chat.models import ChatModel
+from continuous_learning.chat.repl import ChatSession, parse_rating
 from continuous_learning.storage.store import iter_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +116,7 @@ def test_champion_promoted_elsewhere_is_used_on_next_turn(settings, tiny_chat_mo
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from continuous_learning.models import file_sha256
+    from continuous_learning.chat.models import file_sha256
 
     folder = settings.adapters_dir / "1.0.0"
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))

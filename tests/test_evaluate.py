@@ -355,7 +355,7 @@ def make_adapter(settings, version: str, seed: int, parent: str | None = None, s
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from continuous_learning.models import file_sha256, resolve_base
+    from continuous_learning.chat.models import file_sha256, resolve_base
 
     base = resolve_base(settings)
     torch.manual_seed(seed)
@@ -424,7 +424,8 @@ def test_rollback_refuses_a_missing_folder_and_allows_the_base(settings, two_ada
 
 
 def test_evaluate_versions_loads_the_base_once(settings, two_adapters, fast_eval, monkeypatch):
-    from continuous_learning import evaluate, models
+    from continuous_learning import evaluate
+    from continuous_learning.chat import models
     from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
@@ -605,7 +606,7 @@ def test_rollback_path_does_not_import_torch(workspace):
 @pytest.mark.real_model
 def test_real_model_answers_the_general_set(real_workspace):
     from continuous_learning.evaluate import _conversations, evaluate_versions
-    from continuous_learning.models import ChatModel
+    from continuous_learning.chat.models import ChatModel
     from continuous_learning.core.settings import load_settings
 
     settings = load_settings()

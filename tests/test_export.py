@@ -229,7 +229,7 @@ def test_tokenizer_built_from_hugging_face_matches_llama_cpps_own_conversion(smo
     """The bundled GGUF's tokenizer was written by llama.cpp's converter: ours, from the HF folder, must agree."""
     import gguf
 
-    from continuous_learning.models import bundled_gguf
+    from continuous_learning.chat.models import bundled_gguf
 
     def keys(header) -> dict:
         writer = gguf.GGUFWriter(None, "llama")
@@ -279,7 +279,7 @@ def test_real_smollm2_lora_and_merged_gguf_answer_like_peft(real_workspace, tmp_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from continuous_learning.export.exporter import Source, Writer, write_all
-    from continuous_learning.models import bundled_gguf, resolve_base
+    from continuous_learning.chat.models import bundled_gguf, resolve_base
 
     settings = load_settings()
     base = resolve_base(settings)

@@ -45,7 +45,7 @@ class Peer:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from continuous_learning.models import resolve_base
+        from continuous_learning.chat.models import resolve_base
 
         base = resolve_base(load_settings(home=home))
         self.tokenizer = AutoTokenizer.from_pretrained(base.path)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from continuous_learning import rehearsal
-from continuous_learning.models import resolve_base
+from continuous_learning.chat.models import resolve_base
 from continuous_learning.core.settings import load_settings
 
 

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from continuous_learning.models import (
-    RepetitionControl,
-    line_loop,
-    looping_tokens,
-    penalize_repetition,
-    token_pieces,
-)
+from continuous_learning.chat.models import (RepetitionControl, line_loop, looping_tokens, penalize_repetition,
+    token_pieces)
 from continuous_learning.core.settings import load_settings
 
 HOW_TO = [{"role": "system", "content": "You are a helpful assistant."},
@@ -72,7 +67,7 @@ def test_settings_and_requests_set_the_control(workspace):
 
 # --- on a model -----------------------------------------------------------------------------------------------------
 def test_stream_stops_a_line_loop_and_the_penalty_changes_the_answer(settings):
-    from continuous_learning.models import ChatModel, answer_once
+    from continuous_learning.chat.models import ChatModel, answer_once
 
     chat = ChatModel.load(settings)
     plain, plain_stats = answer_once(chat, HOW_TO, max_new_tokens=48)
@@ -87,7 +82,7 @@ def test_eval_greedy_answers_ignore_the_chat_control(settings, monkeypatch):
     import dataclasses
 
     from continuous_learning.evaluate import greedy_batch
-    from continuous_learning.models import ChatModel
+    from continuous_learning.chat.models import ChatModel
 
     chat = ChatModel.load(settings)
     before = greedy_batch(chat, [HOW_TO], max_new_tokens=12)

@@ -322,7 +322,7 @@ def make_adapter(settings, version: str, seed: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from continuous_learning.models import file_sha256, resolve_base
+    from continuous_learning.chat.models import file_sha256, resolve_base
 
     base = resolve_base(settings)
     torch.manual_seed(seed)

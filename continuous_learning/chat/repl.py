@@ -8,14 +8,14 @@ from typing import Callable
 
 from rich.console import Console
 
-from .monitor import ab
-from . import registry
-from .core.errors import CLError, InputError
-from .capture.fields import check_feedback
-from .capture.ingest import Recorder, Turn, default_user_id, record_generation
+from ..monitor import ab
+from .. import registry
+from ..core.errors import CLError, InputError
+from ..capture.fields import check_feedback
+from ..capture.ingest import Recorder, Turn, default_user_id, record_generation
 from .models import ChatModel, GenerationStats, RepetitionControl
-from .core.records import Feedback, Interaction, new_id, utc_now
-from .core.settings import Settings
+from ..core.records import Feedback, Interaction, new_id, utc_now
+from ..core.settings import Settings
 
 RATING_PROMPT = "Helpful? [y/n/1-5/c=correct, Enter=skip] "
 HELP = """Commands:

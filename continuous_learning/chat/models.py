@@ -19,10 +19,10 @@ from typing import Callable, Iterator
 
 import orjson
 
-from .core.errors import ModelNotFoundError
-from .core.settings import BUNDLED_MODEL, ChatConfig, Settings
-from .registry import file_sha256
-from .storage.store import atomic_write_json, ensure_dir, workspace_lock
+from ..core.errors import ModelNotFoundError
+from ..core.settings import BUNDLED_MODEL, ChatConfig, Settings
+from ..registry import file_sha256
+from ..storage.store import atomic_write_json, ensure_dir, workspace_lock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -409,7 +409,7 @@ class ChatModel:
         recorded (RegistryError when they differ), so a chat, the service or an A/B arm never answers with
         weights that changed behind the registry's back. Versions already loaded were checked when they were."""
         if version is not None and version not in self.adapters:
-            from .decisions import verify_adapter_files
+            from ..decisions import verify_adapter_files
 
             entry = doc["adapters"].get(version)
             if entry is None:

@@ -125,7 +125,7 @@ def cycle_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """One pass of everything due: curate, train+eval+gate, full eval, drift, A/B status, champion health."""
-    from .cycle import parse_steps, plan_cycle, run_cycle
+    from .loop.cycle import parse_steps, plan_cycle, run_cycle
 
     settings = settings_from(ctx)
     steps = parse_steps(only)
@@ -159,7 +159,7 @@ def schedule_install_cmd(
     systemd: bool = typer.Option(False, "--systemd", help="Systemd user timers instead of the crontab."),
 ) -> None:
     """Install the cadence of [cycle] (daily curate, weekly train, monthly eval) for this workspace."""
-    from . import schedule
+    from .loop import schedule
 
     settings = settings_from(ctx)
     if systemd:
@@ -176,7 +176,7 @@ def schedule_install_cmd(
 @schedule_app.command("show")
 def schedule_show_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Print what is installed for this workspace (crontab block, systemd units)."""
-    from . import schedule
+    from .loop import schedule
 
     info = schedule.show(settings_from(ctx))
     if as_json:
@@ -201,7 +201,7 @@ def schedule_remove_cmd(
     systemd: bool = typer.Option(False, "--systemd", help="Remove the systemd user timers instead of the crontab lines."),
 ) -> None:
     """Remove this workspace's schedule (only our lines / units; everything else is kept)."""
-    from . import schedule
+    from .loop import schedule
 
     settings = settings_from(ctx)
     if systemd:

@@ -39,7 +39,7 @@ from .decisions import BASE, UNUSABLE, rollback_champion, sorted_versions
 from .core.errors import CLError, ConfigError, InputError, LockHeldError, ModelNotFoundError, NothingToDo, RegistryError
 from .capture.fields import check_feedback
 from .capture.ingest import Recorder, Turn, record_generation
-from .jobs import JobConflict, JobManager
+from .loop.jobs import JobConflict, JobManager
 from .storage.keys import secrets_problem, workspace_secret
 from .chat.models import ChatModel, GenerationStats, RepetitionControl
 from .monitor.status import collect_status

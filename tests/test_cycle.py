@@ -14,7 +14,8 @@ from test_ab import events, fake_adapter, invoke, record
 
 import continuous_learning
 from continuous_learning.monitor import ab
-from continuous_learning import cycle, decisions, registry, schedule
+from continuous_learning.loop import cycle, schedule
+from continuous_learning import decisions, registry
 from continuous_learning.core.errors import ConfigError, InputError
 from continuous_learning.core.settings import CycleConfig, load_settings
 from continuous_learning.storage.store import workspace_lock

@@ -10,10 +10,10 @@ import traceback
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .core.errors import CLError, NothingToDo
-from .core.records import new_id, utc_now
-from .core.settings import Settings
-from .storage.store import workspace_lock
+from ..core.errors import CLError, NothingToDo
+from ..core.records import new_id, utc_now
+from ..core.settings import Settings
+from ..storage.store import workspace_lock
 
 FINISHED = ("succeeded", "failed", "nothing_to_do", "cancelled")
 TRAIN_KNOBS = ("max_steps", "epochs", "learning_rate")
@@ -121,7 +121,7 @@ class JobManager:
             raise JobCancelled("the service shut down")
 
     def _curate(self, job: Job, settings: Settings | None = None) -> dict:
-        from .curate import run_curate
+        from ..curate import run_curate
 
         self._set(job, stage="curate")
         opts = job.options
@@ -129,14 +129,14 @@ class JobManager:
                           note=opts.get("note"), progress=self._check_cancel)
 
     def _train(self, job: Job) -> dict:
-        from .evaluate import evaluate_and_gate
-        from .train import run_training
+        from ..evaluate import evaluate_and_gate
+        from ..train import run_training
 
         opts, results = job.options, {}
         settings = train_settings(self.settings, opts)
         snapshot = opts.get("snapshot")
         if opts.get("evaluate", True):
-            from .evaluate import check_eval_ready
+            from ..evaluate import check_eval_ready
 
             check_eval_ready(settings)  # before the expensive stages
         if opts.get("curate", True):

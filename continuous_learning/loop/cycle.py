@@ -16,11 +16,11 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from . import registry
-from .core.errors import CLError, InputError, LockHeldError, NothingToDo
-from .core.records import helpful_verdict, parse_time, utc_now
-from .core.settings import Settings
-from .storage.store import atomic_write_bytes, atomic_write_json, read_json, workspace_lock
+from .. import registry
+from ..core.errors import CLError, InputError, LockHeldError, NothingToDo
+from ..core.records import helpful_verdict, parse_time, utc_now
+from ..core.settings import Settings
+from ..storage.store import atomic_write_bytes, atomic_write_json, read_json, workspace_lock
 
 STEPS = ("curate", "train", "eval", "drift", "ab", "health")
 RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
@@ -79,8 +79,8 @@ def log_mark(settings: Settings) -> list[int]:
 
 def new_rated_count(settings: Settings, doc: dict) -> int:
     """Rated interactions that are new since the last snapshot's cursor (or got their rating since)."""
-    from .curate import _moment, previous_cursor, scan_feedback
-    from .capture.ingest import iter_interactions
+    from ..curate import _moment, previous_cursor, scan_feedback
+    from ..capture.ingest import iter_interactions
 
     cursor = previous_cursor(doc["snapshots"])
     scan = scan_feedback(settings.raw_log, cursor)
@@ -175,7 +175,7 @@ class Cycle:
         if log_mark(settings) == [0, 0]:
             return Due(step, False, "no interactions logged yet")
         if step == "ab":
-            from .monitor.ab import running_test
+            from ..monitor.ab import running_test
 
             test = running_test(settings)
             if test is None:
@@ -235,7 +235,7 @@ class Cycle:
     def step_train(self) -> tuple[str, dict]:
         from .pipeline import eval_stage, train_stage
 
-        from .evaluate import check_eval_ready
+        from ..evaluate import check_eval_ready
 
         snapshot = untrained_snapshot(registry.load(self.settings))
         check_eval_ready(self.settings)  # before the expensive stages
@@ -253,7 +253,7 @@ class Cycle:
         return summary, {"snapshot": snapshot, "version": version, "accuracy": subject.get("accuracy"), "promoted": report["promoted"]}
 
     def step_eval(self) -> tuple[str, dict]:
-        from .evaluate import evaluate_and_gate
+        from ..evaluate import evaluate_and_gate
 
         champion = registry.load(self.settings)["champion"]
         report = evaluate_and_gate(self.settings, candidate=champion, against="none", promote=False)
@@ -263,14 +263,14 @@ class Cycle:
 
     def step_drift(self) -> tuple[str, dict]:
         try:
-            from .monitor.drift import check_drift
+            from ..monitor.drift import check_drift
         except ImportError:
             raise CLError("drift checks are not available in this installation") from None
         result = check_drift(self.settings)
         return f"drift status: {result['status']}", {"status": result["status"]}
 
     def step_ab(self) -> tuple[str, dict]:
-        from .monitor.ab import CANDIDATE, CHAMPION, running_test, stop_test, status_report
+        from ..monitor.ab import CANDIDATE, CHAMPION, running_test, stop_test, status_report
 
         test = running_test(self.settings)
         if self.settings.cycle.ab_promote and status_report(self.settings, test)["would_promote"]:
@@ -290,7 +290,7 @@ class Cycle:
                          "would_promote": report["would_promote"], "promoted": bool(report.get("promoted"))}
 
     def step_health(self) -> tuple[str, dict]:
-        from .monitor.health import check_health
+        from ..monitor.health import check_health
 
         report = check_health(self.settings)
         summary = f"{report['champion']}: {report['verdict']}"

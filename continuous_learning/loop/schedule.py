@@ -16,10 +16,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .storage import keys
-from .core.errors import CLError, ConfigError
-from .core.settings import CycleConfig, Settings
-from .storage.store import ensure_dir
+from ..storage import keys
+from ..core.errors import CLError, ConfigError
+from ..core.settings import CycleConfig, Settings
+from ..storage.store import ensure_dir
 
 FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
 DAY_NAMES = ("Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat")

@@ -33,19 +33,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response, StreamingResponse
 
-from . import registry
-from .storage.crypto import cipher_from_env
-from .decisions import BASE, UNUSABLE, rollback_champion, sorted_versions
-from .core.errors import CLError, ConfigError, InputError, LockHeldError, ModelNotFoundError, NothingToDo, RegistryError
-from .capture.fields import check_feedback
-from .capture.ingest import Recorder, Turn, record_generation
-from .loop.jobs import JobConflict, JobManager
-from .storage.keys import secrets_problem, workspace_secret
-from .chat.models import ChatModel, GenerationStats, RepetitionControl
-from .monitor.status import collect_status
-from .core.records import Feedback, Interaction, new_id
-from .core.settings import Settings
-from .storage.store import file_lock, find_joined
+from .. import registry
+from ..storage.crypto import cipher_from_env
+from ..decisions import BASE, UNUSABLE, rollback_champion, sorted_versions
+from ..core.errors import (CLError, ConfigError, InputError, LockHeldError, ModelNotFoundError, NothingToDo,
+    RegistryError)
+from ..capture.fields import check_feedback
+from ..capture.ingest import Recorder, Turn, record_generation
+from ..loop.jobs import JobConflict, JobManager
+from ..storage.keys import secrets_problem, workspace_secret
+from ..chat.models import ChatModel, GenerationStats, RepetitionControl
+from ..monitor.status import collect_status
+from ..core.records import Feedback, Interaction, new_id
+from ..core.settings import Settings
+from ..storage.store import file_lock, find_joined
 
 CHAMPION = "champion"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}

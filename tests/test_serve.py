@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 
 from continuous_learning import cli, decisions, registry
 from continuous_learning.capture.privacy import hash_user_id
-from continuous_learning.serve.app import (ApiError, Service, StopScanner, bind_socket, check_bearer, cut_at_stop,
-    make_server, model_list, resolve_model, retry_after_s)
+from continuous_learning.serve.app import bind_socket, make_server
+from continuous_learning.serve.schemas import (ApiError, StopScanner, check_bearer, cut_at_stop, model_list,
+                                               resolve_model, retry_after_s)
+from continuous_learning.serve.worker import Service
 from continuous_learning.core.settings import load_settings
 from continuous_learning.storage.store import iter_jsonl, workspace_lock
 
@@ -78,7 +80,7 @@ def test_model_list_hides_unusable_adapters():
 
 def test_hosts_and_error_mapping():
     from continuous_learning.core.errors import InputError, LockHeldError, ModelNotFoundError, RegistryError
-    from continuous_learning.serve.app import api_error_for, is_loopback
+    from continuous_learning.serve.schemas import api_error_for, is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")

@@ -6,7 +6,7 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from .cli_support import console, err_console, print_json, settings_from
+from .support import console, err_console, print_json, settings_from
 
 ab_app = typer.Typer(help="A/B-test a candidate adapter on a share of new chat sessions.", no_args_is_help=True)
 schedule_app = typer.Typer(help="Run 'cl cycle' on a schedule (crontab, or systemd user timers with --systemd).",
@@ -27,7 +27,7 @@ def _pct(value: Optional[float]) -> str:
 
 
 def _print_ab(report: dict) -> None:
-    from .monitor.ab import CANDIDATE, CHAMPION
+    from ..monitor.ab import CANDIDATE, CHAMPION
 
     test, stats = report["test"], report["stats"]
     console.print(f"A/B test {test['id']} ({test['status']}): candidate {test['candidate']} vs champion "
@@ -49,7 +49,7 @@ def ab_start_cmd(
     traffic: Optional[float] = typer.Option(None, "--traffic", help="Share of new chat sessions for the candidate (default ab.traffic)."),
 ) -> None:
     """Start an A/B test: a share of NEW chat sessions is answered by CANDIDATE (sticky per session)."""
-    from .monitor.ab import start_test
+    from ..monitor.ab import start_test
 
     test = start_test(settings_from(ctx), candidate, traffic)
     console.print(f"A/B test {test['id']} started: {test['traffic']:.0%} of new chat sessions answered by {candidate}, "
@@ -59,7 +59,7 @@ def ab_start_cmd(
 @ab_app.command("status")
 def ab_status_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Rated turns and helpful rate per arm, the difference with its 95% CI and the z-test p-value."""
-    from .monitor.ab import status_report
+    from ..monitor.ab import status_report
 
     report = status_report(settings_from(ctx))
     if as_json:
@@ -77,7 +77,7 @@ def ab_stop_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Stop the running A/B test (with --promote: promote the candidate when it is significantly better)."""
-    from .monitor.ab import stop_test
+    from ..monitor.ab import stop_test
 
     report = stop_test(settings_from(ctx), promote=promote)
     if as_json:
@@ -100,7 +100,7 @@ def health_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Compare the champion's helpful rate with its predecessor's; roll back if it degraded significantly."""
-    from .monitor.health import check_health
+    from ..monitor.health import check_health
 
     report = check_health(settings_from(ctx), apply=not check_only)
     if as_json:
@@ -125,7 +125,7 @@ def cycle_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """One pass of everything due: curate, train+eval+gate, full eval, drift, A/B status, champion health."""
-    from .loop.cycle import parse_steps, plan_cycle, run_cycle
+    from ..loop.cycle import parse_steps, plan_cycle, run_cycle
 
     settings = settings_from(ctx)
     steps = parse_steps(only)
@@ -159,7 +159,7 @@ def schedule_install_cmd(
     systemd: bool = typer.Option(False, "--systemd", help="Systemd user timers instead of the crontab."),
 ) -> None:
     """Install the cadence of [cycle] (daily curate, weekly train, monthly eval) for this workspace."""
-    from .loop import schedule
+    from ..loop import schedule
 
     settings = settings_from(ctx)
     if systemd:
@@ -176,7 +176,7 @@ def schedule_install_cmd(
 @schedule_app.command("show")
 def schedule_show_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Print what is installed for this workspace (crontab block, systemd units)."""
-    from .loop import schedule
+    from ..loop import schedule
 
     info = schedule.show(settings_from(ctx))
     if as_json:
@@ -201,7 +201,7 @@ def schedule_remove_cmd(
     systemd: bool = typer.Option(False, "--systemd", help="Remove the systemd user timers instead of the crontab lines."),
 ) -> None:
     """Remove this workspace's schedule (only our lines / units; everything else is kept)."""
-    from .loop import schedule
+    from ..loop import schedule
 
     settings = settings_from(ctx)
     if systemd:

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from .cli_support import console, print_json, settings_from
+from .support import console, print_json, settings_from
 
 LEVEL_STYLE = {"ok": "green", "warn": "yellow", "alert": "red", "insufficient": "dim"}
 
@@ -25,7 +25,7 @@ def drift_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
 ) -> None:
     """Compare recent traffic with the champion's training data. Exit 0 = no drift (or too little data), 1 = warn, 2 = alert."""
-    from .monitor.drift import check_drift
+    from ..monitor.drift import check_drift
 
     settings = settings_from(ctx, drift={"reference": reference, "recent_days": recent_days})
     result = check_drift(settings)
@@ -86,7 +86,7 @@ def status_command(
     days: int = typer.Option(14, "--days", min=1, max=365, help="Days shown in the per-day figures"),
 ) -> None:
     """One screen: traffic, feedback, adapters, recent events, drift, A/B test, disk use."""
-    from .monitor.status import collect_status
+    from ..monitor.status import collect_status
 
     status = collect_status(settings_from(ctx), days=days)
     if as_json:
@@ -125,7 +125,7 @@ def feedback_chart(per_day: list[dict], width: int = 72, height: int = 12) -> st
 def render_status(status: dict) -> None:
     from rich.table import Table
 
-    from .monitor.status import human_bytes
+    from ..monitor.status import human_bytes
 
     turns = status["interactions"]
     console.print(f"[bold]workspace[/bold] {status['home']}   base model {status['base_model']}")
@@ -186,7 +186,7 @@ def _render_events(status: dict, Table) -> None:
 # --- cl report --------------------------------------------------------------------------------------------
 def report_command(ctx: typer.Context) -> None:
     """Write an HTML + Markdown report with charts into logs/reports/ and print its path."""
-    from .monitor.report import write_report
+    from ..monitor.report import write_report
 
     result = write_report(settings_from(ctx))
     for note in result["missing"]:

@@ -5,7 +5,7 @@ from typing import Optional
 
 import typer
 
-from .cli_support import console, err_console, settings_from
+from .support import console, err_console, settings_from
 
 
 def register(app: typer.Typer) -> None:
@@ -20,9 +20,9 @@ def register(app: typer.Typer) -> None:
         log_level: str = typer.Option("info", "--log-level", help="uvicorn log level: debug, info, warning, error."),
     ) -> None:
         """Serve the champion model over an OpenAI-compatible HTTP API (/v1/chat/completions)."""
-        from .serve.app import bind_socket, make_server
-        from .serve.schemas import ADMIN_TOKEN_ENV, is_loopback
-        from .serve.worker import Service
+        from ..serve.app import bind_socket, make_server
+        from ..serve.schemas import ADMIN_TOKEN_ENV, is_loopback
+        from ..serve.worker import Service
 
         settings = settings_from(ctx, serve={"host": host, "port": port, "queue_size": queue_size})
         cfg = settings.serve

@@ -7,7 +7,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from .core.settings import Settings, load_settings
+from ..core.settings import Settings, load_settings
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)

@@ -11,10 +11,10 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from . import cli_loop, cli_monitor, cli_serve
-from .cli_support import console, err_console, print_json, settings_from
-from .core.errors import CLError, NothingToDo
-from .core.settings import Settings, describe
+from . import loop as cli_loop, monitor as cli_monitor, serve as cli_serve
+from .support import console, err_console, print_json, settings_from
+from ..core.errors import CLError, NothingToDo
+from ..core.settings import Settings, describe
 
 
 
@@ -95,7 +95,7 @@ def chat_cmd(
     temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy."),
 ) -> None:
     """Chat with the champion model; rate each answer so the model can learn from it."""
-    from .chat import repl
+    from ..chat import repl
 
     settings = settings_from(ctx, chat={"system_prompt": system, "max_new_tokens": max_new_tokens, "temperature": temperature})
     repl.run(settings, user_id=user, console=console)
@@ -108,7 +108,7 @@ def ingest_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Import interactions from another app's logs through the same sanitizer and schema."""
-    from .capture.ingest import ingest_file
+    from ..capture.ingest import ingest_file
 
     settings = settings_from(ctx)
     with console.status(f"Importing {file} (sanitizing)..."):
@@ -137,8 +137,8 @@ def feedback_cmd(
     user: Optional[str] = typer.Option(None, "--user", help="Who gives the feedback."),
 ) -> None:
     """Rate a logged interaction later (appended as its own event; the log is never rewritten)."""
-    from .capture.ingest import Recorder, find_interaction
-    from .core.records import Feedback
+    from ..capture.ingest import Recorder, find_interaction
+    from ..core.records import Feedback
 
     feedback = Feedback(score=score, helpful=helpful, comment=comment, correction=correction, private=private or None)
     if feedback.is_empty():
@@ -152,7 +152,7 @@ def feedback_cmd(
 @app.command("knowledge")
 def knowledge_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json")) -> None:
     """Facts (lot, batch, part identifiers...) mentioned in chats, with counts and first/last seen."""
-    from .capture.knowledge import load_facts
+    from ..capture.knowledge import load_facts
 
     settings = settings_from(ctx)
     facts = load_facts(settings.knowledge_file)
@@ -227,8 +227,8 @@ def curate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest (and later stages' results) as JSON."),
 ) -> None:
     """Turn new rated turns into a versioned training snapshot in data/curated/ (--train --eval: the whole loop)."""
-    from .curate import run_curate
-    from .evaluate import check_eval_ready, evaluate_and_gate
+    from ..curate import run_curate
+    from ..evaluate import check_eval_ready, evaluate_and_gate
 
     if evaluate and not train:
         raise CLError("--eval needs --train", "use 'cl eval' to evaluate an existing adapter")
@@ -270,7 +270,7 @@ def curate_cmd(
 @app.command("snapshots")
 def snapshots_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the curated training snapshots, oldest first."""
-    from . import registry
+    from .. import registry
 
     snapshots = registry.load(settings_from(ctx))["snapshots"]
     if as_json:
@@ -317,7 +317,7 @@ def train_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the registry entry as JSON (no progress bar)."),
 ) -> None:
     """Fine-tune a LoRA adapter (QLoRA by default) on a curated snapshot; registers it as a candidate."""
-    from .train import step_overrides
+    from ..train import step_overrides
 
     settings = settings_from(
         ctx,
@@ -346,7 +346,7 @@ def _train_with_progress(settings: Settings, snapshot: Optional[str] = None, fre
                          note: Optional[str] = None, quiet: bool = False) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .train import run_training
+    from ..train import run_training
 
     as_json = quiet
     bar = Progress(
@@ -425,7 +425,7 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Evaluate a candidate against the champion (or the base) side by side, then gate and promote."""
-    from .evaluate import evaluate_and_gate
+    from ..evaluate import evaluate_and_gate
 
     settings = settings_from(ctx)
     report = evaluate_and_gate(
@@ -520,7 +520,7 @@ def promote_cmd(
     reason: str = typer.Option("manual promotion", "--reason", help="Why (kept in the history)."),
 ) -> None:
     """Make VERSION the champion now, without the gate (its files are still checked)."""
-    from .decisions import label, promote_version
+    from ..decisions import label, promote_version
 
     moved = promote_version(settings_from(ctx), version, reason, forced=True)
     console.print(f"champion: {label(moved['from'])} -> {label(moved['to'])}")
@@ -535,7 +535,7 @@ def rollback_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Move the champion pointer back (the target's files are checked against their sha256 first)."""
-    from .decisions import label, rollback_champion
+    from ..decisions import label, rollback_champion
 
     moved = rollback_champion(settings_from(ctx), steps=steps, to=to, reason=reason)
     if as_json:
@@ -552,7 +552,7 @@ app.add_typer(adapters_app, name="adapters")
 
 
 def _adapter_rows(doc: dict) -> list[dict]:
-    from .decisions import latest_eval, sorted_versions
+    from ..decisions import latest_eval, sorted_versions
 
     rows = []
     for version in sorted_versions(doc):
@@ -574,7 +574,7 @@ def adapters_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
     """Adapter versions with status and latest eval scores; the champion is marked with *."""
     if ctx.invoked_subcommand:
         return
-    from . import registry
+    from .. import registry
 
     doc = registry.load(settings_from(ctx))
     rows = _adapter_rows(doc)
@@ -601,8 +601,8 @@ def adapters_show_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """One adapter's lineage: base model, snapshot, parent chain, hyperparameters, metrics and evals."""
-    from . import registry
-    from .decisions import adapter
+    from .. import registry
+    from ..decisions import adapter
 
     doc = registry.load(settings_from(ctx))
     entry = adapter(doc, version)
@@ -625,7 +625,7 @@ def adapters_export_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export for llama.cpp / Ollama (GGUF LoRA + F16 base, merged GGUF) and as a merged Hugging Face folder."""
-    from .export import DEFAULT_QUANTS, FORMATS, export_model
+    from ..export import DEFAULT_QUANTS, FORMATS, export_model
 
     settings = settings_from(ctx)
     result = export_model(settings, version, formats=tuple(formats or FORMATS),
@@ -690,7 +690,7 @@ def forget_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Delete one user's interactions, feedback and snapshot examples; taint the adapters trained on them."""
-    from .capture.gdpr import forget_user
+    from ..capture.gdpr import forget_user
 
     settings = settings_from(ctx)
     if not yes:
@@ -706,7 +706,7 @@ def forget_cmd(
                   f"{report.snapshot_examples} snapshot example(s) from {len(report.snapshots)} snapshot(s)")
     console.print(f"tainted {len(report.adapters_tainted)} adapter(s): {', '.join(report.adapters_tainted) or '-'}")
     if report.champion_move:
-        from .decisions import label
+        from ..decisions import label
 
         move = report.champion_move
         console.print(f"champion: {label(move['from'])} -> {label(move['to'])} (the old one was trained on this user's data)")
@@ -718,8 +718,8 @@ def retention_cmd(
     days: int = typer.Option(..., "--days", help="Drop raw interactions (and their feedback) older than this."),
 ) -> None:
     """Drop raw interactions older than N days from the log (atomic rewrite)."""
-    from .capture.gdpr import apply_retention
-    from .core.records import FEEDBACK, INTERACTION
+    from ..capture.gdpr import apply_retention
+    from ..core.records import FEEDBACK, INTERACTION
 
     dropped = apply_retention(settings_from(ctx), days)
     console.print(f"dropped {dropped[INTERACTION]} interaction(s) and {dropped[FEEDBACK]} feedback event(s) older than {days} day(s)")
@@ -732,8 +732,8 @@ def export_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write JSONL here (0600) instead of stdout."),
 ) -> None:
     """Everything stored about one user, as JSONL (right of access)."""
-    from .capture.gdpr import export_user
-    from .storage.store import atomic_write_jsonl, dumps_line
+    from ..capture.gdpr import export_user
+    from ..storage.store import atomic_write_jsonl, dumps_line
 
     items = list(export_user(settings_from(ctx), user))  # read (and decrypt) everything before writing anything
     if out is None:

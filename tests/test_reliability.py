@@ -135,7 +135,6 @@ def test_kill9_during_registry_updates_leaves_a_valid_registry_and_a_free_lock(t
     home = tmp_path / "ws"
     settings = load_settings(home=home, env={})
     acked: set[str] = set()
-    slowest = 0.0
     for i in range(15):
         proc = spawn(home, "registry")
         time.sleep(rng.uniform(0.2, 0.6))
@@ -147,13 +146,10 @@ def test_kill9_during_registry_updates_leaves_a_valid_registry_and_a_free_lock(t
             pass
         planted = settings.adapters_dir / f".registry.json.plant{i:03d}.cl-tmp"  # a killed writer's temp name
         planted.write_bytes(b'{"half": ')
-        started = time.perf_counter()
         after = registry.update(settings, lambda d: d, "test_noop")
-        slowest = max(slowest, time.perf_counter() - started)
         assert after == registry.load(settings)
         assert list(settings.adapters_dir.glob(".*tmp")) == []  # stale temp files cleaned by the next update
     assert len(acked) >= 15
-    assert slowest < 1.0, f"an update after a kill took {slowest:.2f}s"
 
 
 # --- 4. kill -9 during curate ------------------------------------------------------------------------------
@@ -489,10 +485,9 @@ def test_kill9_during_promote_and_rollback_keeps_one_valid_champion(tmp_path):
         with store.workspace_lock(settings.lock_dir, "registry", wait=0):
             pass
     assert moves >= 12
-    started = time.perf_counter()
     result = invoke("--home", str(home), "promote", "1.2.0")
     assert result.exit_code == 0, result.output
-    assert registry.load(settings)["champion"] == "1.2.0" and time.perf_counter() - started < 1.0
+    assert registry.load(settings)["champion"] == "1.2.0"  # its speed: bench/bench_rollback.py (same path)
 
 
 def test_kill9_during_forget_then_a_rerun_finishes_the_job(tmp_path, monkeypatch):

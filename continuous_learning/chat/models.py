@@ -24,16 +24,22 @@ from ..core.settings import BUNDLED_MODEL, ChatConfig, Settings
 from ..registry import file_sha256
 from ..storage.store import atomic_write_json, ensure_dir, workspace_lock
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1",
+                       "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def offline_hub() -> None:
+    """Never reach for the network at run time. huggingface_hub reads these once, when first imported, so every
+    function here that leads to transformers calls this first (importing this module changes nothing); a value
+    the user set wins."""
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
 
 
 def quiet_known_warnings() -> None:
     """Silence two harmless messages that would land in every progress display: bitsandbytes looking for an
     optional hub kernel on CPU (it falls back to its own), and a transformers deprecation peft trips over."""
+    offline_hub()  # training and export call this before their own transformers / peft imports
     import logging
     import warnings
 
@@ -49,6 +55,7 @@ def quiet_known_warnings() -> None:
 
 def _quiet_transformers() -> None:
     """Progress bars and advisory warnings from transformers would drown the chat."""
+    offline_hub()
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -82,6 +89,7 @@ def bundled_gguf() -> Path:
 
 def resolve_base(settings: Settings) -> BaseModel:
     """Turn the `model.base_model` setting into a loadable folder, converting a GGUF file once."""
+    offline_hub()
     spec = settings.model.base_model
     if spec.startswith("bundled:"):
         if spec != BUNDLED_MODEL:
@@ -179,6 +187,7 @@ def set_threads(settings: Settings) -> None:
 
 
 def load_tokenizer(base: BaseModel):
+    offline_hub()
     from transformers import AutoTokenizer
 
     _quiet_transformers()
@@ -190,6 +199,7 @@ def load_tokenizer(base: BaseModel):
 
 def load_model(base: BaseModel, load_in_4bit: bool = False, for_training: bool = False):
     """The base model: full precision for chat on CPU, bf16 on GPU, NF4 with double quantisation for QLoRA."""
+    offline_hub()
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 

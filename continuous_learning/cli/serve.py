@@ -21,7 +21,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve the champion model over an OpenAI-compatible HTTP API (/v1/chat/completions)."""
         from ..serve.app import bind_socket, make_server
-        from ..serve.schemas import ADMIN_TOKEN_ENV, is_loopback
+        from ..serve.schemas import is_loopback
+        from ..storage.keys import ADMIN_TOKEN_ENV
         from ..serve.worker import Service
 
         settings = settings_from(ctx, serve={"host": host, "port": port, "queue_size": queue_size})

@@ -70,10 +70,8 @@ def _required_str(data: dict, name: str) -> str:
     return value
 
 
-def _time_text(data: dict, name: str, required: bool = True) -> str | None:
+def _time_text(data: dict, name: str) -> str:
     value = data.get(name)
-    if value is None and not required:
-        return None
     if not isinstance(value, str):
         raise BadRecord(f"field '{name}' must be an ISO-8601 time string (got {type(value).__name__})")
     try:
@@ -81,6 +79,10 @@ def _time_text(data: dict, name: str, required: bool = True) -> str | None:
     except ValueError:
         raise BadRecord(f"field '{name}' is not an ISO-8601 time ({value[:40]!r})") from None
     return value
+
+
+def _optional_time_text(data: dict, name: str) -> str | None:
+    return None if data.get(name) is None else _time_text(data, name)
 
 
 def _messages(value: Any) -> list[dict]:
@@ -181,7 +183,7 @@ class Interaction:
             pii_flagged=_get(data, "pii_flagged", _is_bool, False), truncated=_get(data, "truncated", _is_bool, False),
             source=_get(data, "source", _is_str, "chat"), ab_arm=_get(data, "ab_arm", _is_str),
             id=_required_str(data, "id"), created_at=created_at,
-            recorded_at=_time_text(data, "recorded_at", required=False) or created_at,
+            recorded_at=_optional_time_text(data, "recorded_at") or created_at,
         )
 
     @property

@@ -1,14 +1,16 @@
 """One frozen settings object: workspace paths and every knob.
 
 Precedence: CLI flags > environment (`CL_<SECTION>_<FIELD>`, plus the short names below) > `cl.toml` in the
-workspace > defaults. Unknown keys and wrong types are rejected with a message that names them.
+workspace > defaults. Unknown keys and wrong types are rejected with a message that names them, and every section checks its own
+ranges when it is built (`__post_init__`), so consumers never re-check a knob.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -20,10 +22,28 @@ DEFAULT_KNOWLEDGE_PATTERNS = (
 )
 
 
+RANGE_HINT = "fix it in cl.toml, the environment (CL_<SECTION>_<NAME>) or the flag"
+
+
 def _knob(default: Any, help: str) -> Any:
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: default, metadata={"help": help})
+    if isinstance(default, (list, dict)):  # every instance gets its own copy: a shared default could be mutated
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
+
+
+def _require(section: str, config: Any, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise one ConfigError naming the first knob whose check failed: `(field, ok, rule)`."""
+    for name, ok, rule in checks:
+        if not ok:
+            raise ConfigError(f"{section}.{name} must be {rule}, got {getattr(config, name)!r}", RANGE_HINT)
+
+
+def _probability(value: float) -> bool:
+    return 0 < value < 1
+
+
+def _strings(values: list) -> bool:
+    return isinstance(values, list) and all(isinstance(v, str) and v.strip() for v in values)
 
 
 @dataclass(frozen=True)
@@ -31,6 +51,9 @@ class ModelConfig:
     base_model: str = _knob(BUNDLED_MODEL, "Base model: 'bundled:...', a local HF folder, a hub id in the HF cache, or a .gguf file")
     cache_dir: str = _knob("", "Where converted base models are cached, shared by workspaces (default: ~/.cache/cl)")
     threads: int = _knob(0, "Torch CPU threads (0 = torch default)")
+
+    def __post_init__(self) -> None:
+        _require("model", self, [("threads", self.threads >= 0, ">= 0 (0 = torch default)")])
 
 
 @dataclass(frozen=True)
@@ -50,6 +73,18 @@ class ChatConfig:
     max_repeated_lines: int = _knob(1, "Stop an answer once this many lines in a row repeat earlier lines of it "
                                        "(blank lines, code fences and lines under 8 characters aside; 0 = never)")
 
+    def __post_init__(self) -> None:
+        _require("chat", self, [
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("temperature", self.temperature >= 0, ">= 0 (0 = greedy)"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("context_tokens", self.context_tokens >= 0, ">= 0 (0 = the model's own limit)"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0 (1.0 = off)"),
+            ("repetition_window", self.repetition_window >= 0, ">= 0"),
+            ("max_blank_lines", self.max_blank_lines >= 0, ">= 0 (0 = never)"),
+            ("max_repeated_lines", self.max_repeated_lines >= 0, ">= 0 (0 = never)"),
+        ])
+
 
 @dataclass(frozen=True)
 class PrivacyConfig:
@@ -63,6 +98,16 @@ class PrivacyConfig:
     flag_threshold: float = _knob(0.2, "Spans scoring between this and score_threshold flag the turn as possible PII")
     max_text_chars: int = _knob(20000, "Longest accepted text (characters) per message or correction")
     max_comment_chars: int = _knob(2000, "Longest accepted feedback comment (characters)")
+
+    def __post_init__(self) -> None:
+        _require("privacy", self, [
+            ("entities", _strings(self.entities), "a list of entity names"),
+            ("score_threshold", 0 <= self.score_threshold <= 1, "in [0, 1]"),
+            ("flag_threshold", 0 <= self.flag_threshold <= self.score_threshold,
+             f"in [0, privacy.score_threshold ({self.score_threshold})]"),
+            ("max_text_chars", self.max_text_chars >= 1, ">= 1"),
+            ("max_comment_chars", self.max_comment_chars >= 1, ">= 1"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -127,6 +172,17 @@ class EvalConfig:
     max_new_tokens: int = _knob(64, "Answer length during evaluation")
     batch_size: int = _knob(32, "Prompts generated together (finished answers leave the batch, so large batches cost little)")
 
+    def __post_init__(self) -> None:
+        _require("eval", self, [
+            ("general_tolerance", 0 <= self.general_tolerance < 1, "in [0, 1)"),
+            ("alpha", _probability(self.alpha), "between 0 and 1 (exclusive)"),
+            ("gain_alpha", _probability(self.gain_alpha), "between 0 and 1 (exclusive)"),
+            ("min_questions", self.min_questions >= 0, ">= 0"),
+            ("loss_margin", 0 <= self.loss_margin < 1, "in [0, 1)"),
+            ("max_new_tokens", self.max_new_tokens >= 1, ">= 1"),
+            ("batch_size", self.batch_size >= 1, ">= 1"),
+        ])
+
 
 @dataclass(frozen=True)
 class DriftConfig:
@@ -140,6 +196,18 @@ class DriftConfig:
     min_samples: int = _knob(30, "Fewest interactions per window for a verdict")
     min_rated: int = _knob(10, "Fewest rated turns per window for the helpful-rate (concept drift) test")
 
+    def __post_init__(self) -> None:
+        _require("drift", self, [
+            ("recent_days", self.recent_days >= 1, "at least 1 day"),
+            ("psi_warn", self.psi_warn > 0, "> 0"),
+            ("psi_alert", self.psi_alert >= self.psi_warn, f">= drift.psi_warn ({self.psi_warn})"),
+            ("ks_alpha", _probability(self.ks_alpha), "between 0 and 1 (exclusive)"),
+            ("helpful_alpha", _probability(self.helpful_alpha), "between 0 and 1 (exclusive)"),
+            ("bins", self.bins >= 2, ">= 2"),
+            ("min_samples", self.min_samples >= 1, ">= 1"),
+            ("min_rated", self.min_rated >= 1, ">= 1"),
+        ])
+
 
 @dataclass(frozen=True)
 class ABConfig:
@@ -148,6 +216,14 @@ class ABConfig:
     alpha: float = _knob(0.05, "Significance level of the two-proportion z-test")
     min_improvement: float = _knob(0.02, "Smallest helpful-rate gain (absolute, 0.02 = 2 points) that promotes")
 
+    def __post_init__(self) -> None:
+        _require("ab", self, [
+            ("traffic", _probability(self.traffic), "between 0 and 1 (exclusive)"),
+            ("min_samples", self.min_samples >= 1, ">= 1"),
+            ("alpha", _probability(self.alpha), "between 0 and 1 (exclusive)"),
+            ("min_improvement", self.min_improvement >= 0, ">= 0"),
+        ])
+
 
 @dataclass(frozen=True)
 class HealthConfig:
@@ -155,6 +231,13 @@ class HealthConfig:
     min_samples: int = _knob(30, "Fewest rated turns of the champion (and its predecessor) before judging")
     degradation_factor: float = _knob(0.8, "Roll back when champion rate < factor x predecessor rate (and significant)")
     alpha: float = _knob(0.05, "Significance level of the degradation test")
+
+    def __post_init__(self) -> None:
+        _require("health", self, [
+            ("min_samples", self.min_samples >= 1, ">= 1"),
+            ("degradation_factor", 0 < self.degradation_factor <= 1, "in (0, 1]"),
+            ("alpha", _probability(self.alpha), "between 0 and 1 (exclusive)"),
+        ])
 
 
 @dataclass(frozen=True)
@@ -167,6 +250,12 @@ class CycleConfig:
     ab_promote: bool = _knob(False, "`cl cycle` stops a running A/B test and promotes its candidate once the promotion criteria hold")
     eval_max_age_days: int = _knob(30, "`cl cycle` re-evaluates the champion when its latest eval is older than this")
 
+    def __post_init__(self) -> None:
+        _require("cycle", self, [
+            ("min_new_rated", self.min_new_rated >= 0, ">= 0"),
+            ("eval_max_age_days", self.eval_max_age_days >= 0, ">= 0"),
+        ])
+
 
 @dataclass(frozen=True)
 class ServeConfig:
@@ -178,6 +267,16 @@ class ServeConfig:
     allowed_hosts: list = _knob(["127.0.0.1", "::1", "localhost"],
                                 "Host names `cl serve` answers to, plus serve.host (others: 400, no DNS rebinding)")
     allowed_origins: list = _knob([], "Browser origins that may call `cl serve` ('http://localhost:3000'); others: 403")
+
+    def __post_init__(self) -> None:
+        _require("serve", self, [
+            ("port", 0 <= self.port <= 65535, "a port number (0-65535)"),
+            ("max_request_bytes", self.max_request_bytes >= 1, ">= 1"),
+            ("queue_size", self.queue_size >= 1, "at least 1"),
+            ("max_tokens", self.max_tokens >= 1, "at least 1"),
+            ("allowed_hosts", _strings(self.allowed_hosts), "a list of host names"),
+            ("allowed_origins", _strings(self.allowed_origins), "a list of origins"),
+        ])
 
 
 SECTIONS: dict[str, type] = {
@@ -287,7 +386,7 @@ class Settings:
         return resolved
 
     def as_dict(self) -> dict:
-        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out: dict[str, Any] = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["home"] = str(self.home)
         return out
 
@@ -381,10 +480,12 @@ def load_settings(
         (_env_overrides(env), "environment"),
         ({k: {kk: vv for kk, vv in v.items() if vv is not None} for k, v in (overrides or {}).items()}, "option"),
     ]
-    sections = {name: cls() for name, cls in SECTIONS.items()}
+    merged: dict[str, dict] = {name: {} for name in SECTIONS}
     for values_by_section, origin in layers:
         for section, values in values_by_section.items():
-            sections[section] = replace(sections[section], **_section_overrides(section, values, origin))
+            merged[section].update(_section_overrides(section, values, origin))
+    # Built once from all layers, so a range check sees the final values (not a half-applied mix of layers).
+    sections = {name: cls(**merged[name]) for name, cls in SECTIONS.items()}
     return Settings(home=root, debug=debug, **sections)
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.rule import Rule
 
+from ..storage.keys import SALT_ENV, secret_env
+
 console = Console(highlight=False)
 KEEP_ON_RESET = {"models", ".cl-demo-workspace"}
 CHAT_SCRIPT = """What is the capital of France?
@@ -82,7 +84,7 @@ def run_demo(home: Path) -> None:
     repo = Path(__file__).resolve().parents[2]
     chat_py = repo / "chat.py"
     reset_workspace(home)
-    env = {**os.environ, "CL_HOME": str(home), "CL_USER_HASH_SALT": os.environ.get("CL_USER_HASH_SALT", "demo-salt")}
+    env = {**os.environ, "CL_HOME": str(home), SALT_ENV: secret_env().get(SALT_ENV, "demo-salt")}
     env.pop("CL_BASE_MODEL", None)
     console.print(Rule("[bold]cl demo: a local model that learns from its users"))
     console.print(f"workspace: {home}")

@@ -10,7 +10,7 @@ import copy
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from ..core.errors import RegistryError
 from ..core.records import SCHEMA_VERSION, learning_event, utc_now
@@ -65,7 +65,7 @@ def _bad(field_name: str, what: str, where: str) -> RegistryError:
     return RegistryError(f"{where}: field '{field_name}' {what}", FIX)
 
 
-def _check_fields(entry: Any, spec: dict[str, type], prefix: str, where: str) -> None:
+def _check_fields(entry: Any, spec: Mapping[str, type], prefix: str, where: str) -> None:
     if not isinstance(entry, dict):
         raise _bad(prefix, "must be an object", where)
     for key, typ in spec.items():

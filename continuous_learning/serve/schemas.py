@@ -34,7 +34,6 @@ from ..storage.keys import workspace_secret
 
 CHAMPION = "champion"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-ADMIN_TOKEN_ENV = "CL_ADMIN_TOKEN"
 FEEDBACK_KEY_FILE = "serve_feedback_key"
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
                405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",

@@ -24,10 +24,10 @@ from ..decisions import sorted_versions
 from ..loop.jobs import JobManager
 from ..monitor.status import collect_status
 from ..storage.crypto import cipher_from_env
+from ..storage import keys
 from ..storage.keys import secrets_problem
 from ..storage.store import find_joined
 from .schemas import (
-    ADMIN_TOKEN_ENV,
     ApiError,
     ChatRequest,
     Completion,
@@ -319,10 +319,6 @@ class Service:
     """Everything a running server holds: settings, model worker, writer, jobs, counters."""
 
     def __init__(self, settings: Settings, chat: ChatModel, admin_token: str | None = None):
-        if settings.serve.queue_size < 1:
-            raise ConfigError(f"serve.queue_size must be at least 1, got {settings.serve.queue_size}")
-        if settings.serve.max_tokens < 1:
-            raise ConfigError(f"serve.max_tokens must be at least 1, got {settings.serve.max_tokens}")
         self.settings = settings
         self.chat = chat
         self.admin_token = admin_token or None
@@ -338,7 +334,7 @@ class Service:
     @classmethod
     def load(cls, settings: Settings, admin_token: str | None = None) -> "Service":
         """Load the model and the sanitizer. `admin_token` None = take it from CL_ADMIN_TOKEN ('' = admin off)."""
-        token = admin_token if admin_token is not None else os.environ.get(ADMIN_TOKEN_ENV)
+        token = admin_token if admin_token is not None else keys.admin_token()
         problem = secrets_problem(settings)  # a bad key or another salt: one clear error before the model loads
         if problem is not None:
             raise ConfigError(f"cannot record answers: {problem}", "fix CL_ENCRYPTION_KEY / CL_USER_HASH_SALT")

@@ -8,12 +8,10 @@ Plain strings (no marker) pass through unchanged, so logs written before encrypt
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from ..core.errors import CLError
-
-ENV_KEY = "CL_ENCRYPTION_KEY"
+from .keys import KEY_ENV as ENV_KEY
 MARKER = "enc:v1:"
 KEY_COMMAND = 'python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
 _FEEDBACK_TEXTS = ("correction", "comment")
@@ -56,7 +54,7 @@ def cipher_from_env(env: Any = None) -> Cipher | None:
     is off. Writers also check the key against the workspace's fingerprint (keys.load_salt)."""
     from .keys import encryption_key
 
-    key = encryption_key(os.environ if env is None else env)
+    key = encryption_key(env)
     return Cipher(key) if key else None
 
 

@@ -29,12 +29,25 @@ SALT_ENV = "CL_USER_HASH_SALT"
 SALT_FILE_ENV = "CL_USER_HASH_SALT_FILE"
 KEY_ENV = "CL_ENCRYPTION_KEY"
 KEY_FILE_ENV = "CL_ENCRYPTION_KEY_FILE"
+ADMIN_TOKEN_ENV = "CL_ADMIN_TOKEN"
 SALT_BYTES = 32
 FINGERPRINTS = "fingerprints.json"
 
 
 class SecretMismatch(ConfigError):
     """A salt or key other than the one this workspace's data was written with."""
+
+
+# --- where secrets come from -----------------------------------------------------------------------------------
+def secret_env(env: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    """The one place secrets are read from: the given mapping (tests, launched processes) or the process
+    environment. Salt, encryption key and admin token never come from cl.toml, so they are not Settings."""
+    return os.environ if env is None else env
+
+
+def admin_token(env: Mapping[str, str] | None = None) -> str | None:
+    """CL_ADMIN_TOKEN, or None when the service's admin routes are off."""
+    return secret_env(env).get(ADMIN_TOKEN_ENV) or None
 
 
 # --- pseudonymous user ids ------------------------------------------------------------------------------------
@@ -50,8 +63,8 @@ def load_salt(salt_file: Path, env: Mapping[str, str] | None = None, record: boo
     secrets are checked here too: the salt and the encryption key must match the fingerprints recorded in
     `.cl/fingerprints.json`. With `record` (writers) the first use records them; readers pass record=False so
     that a wrong secret given to a read-only command is never pinned as the workspace's."""
-    salt, created = _load_salt(Path(salt_file), os.environ if env is None else env)
-    check_secrets(Path(salt_file).parent, salt, os.environ if env is None else env, record)
+    salt, created = _load_salt(Path(salt_file), secret_env(env))
+    check_secrets(Path(salt_file).parent, salt, secret_env(env), record)
     return salt, created
 
 
@@ -158,7 +171,7 @@ def write_secret_file(path: Path, secret: str) -> Path:
 
 def encryption_key(env: Mapping[str, str] | None = None) -> str | None:
     """The configured Fernet key text (the variable, then the file it names), or None when encryption is off."""
-    env = os.environ if env is None else env
+    env = secret_env(env)
     if (env.get(KEY_ENV) or "").strip():
         return env[KEY_ENV].strip()
     if env.get(KEY_FILE_ENV):
@@ -253,7 +266,7 @@ def secrets_problem(settings, env: Mapping[str, str] | None = None) -> str | Non
     """Why turns cannot be recorded with the configured salt and key right now (for health checks), or None."""
     from ..core.errors import CLError
 
-    env = os.environ if env is None else env
+    env = secret_env(env)
     try:
         salt, _ = _load_salt(settings.salt_file, env)
         check_secrets(settings.salt_file.parent, salt, env, record=False)

@@ -55,10 +55,11 @@ def registry_loop() -> None:
     while True:
         made = {}
 
-        def change(doc: dict) -> dict:
+        def change(doc: dict, made: dict = made) -> dict:
             version = f"1.{len(doc['adapters']) + 1}.0"
             made["version"] = version
-            return registry.register_adapter(doc, {"version": version, "path": f"adapters/{version}", "status": "candidate",
+            return registry.register_adapter(doc, {"version": version, "path": f"adapters/{version}",
+                                                   "status": "candidate",
                                                    "note": "fake entry " + "n" * 2_000})
 
         registry.update(settings, change, "test_fake_adapter")
@@ -66,8 +67,8 @@ def registry_loop() -> None:
 
 
 def curate() -> None:
-    from continuous_learning.curate import run_curate
     from continuous_learning.core.settings import load_settings
+    from continuous_learning.curate import run_curate
 
     settings = load_settings()
     print("start", flush=True)
@@ -86,8 +87,8 @@ def hold(name: str) -> None:
 
 def flip(*versions: str) -> None:
     from continuous_learning import registry
-    from continuous_learning.decisions import promote_version, rollback_champion
     from continuous_learning.core.settings import load_settings
+    from continuous_learning.decisions import promote_version, rollback_champion
 
     settings = load_settings()
     rng = random.Random()
@@ -96,7 +97,8 @@ def flip(*versions: str) -> None:
         if rng.random() < 0.3 and champion is not None:
             moved = rollback_champion(settings, reason="crash test")
         else:
-            moved = promote_version(settings, rng.choice([v for v in versions if v != champion]), "crash test", forced=True)
+            moved = promote_version(settings, rng.choice([v for v in versions if v != champion]), "crash test",
+                                    forced=True)
         print(moved["to"], flush=True)
 
 

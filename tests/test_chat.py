@@ -97,7 +97,8 @@ def test_scripted_session_writes_one_line_per_turn(settings, tiny_chat_model):
 def test_slash_commands_and_private(settings, tiny_chat_model):
     out = run_session(
         settings, tiny_chat_model,
-        ["/help", "/adapter", "/system You answer in one word.", "/private", "hello", "y", "/private", "/bogus", "/reset", "/quit"],
+        ["/help", "/adapter", "/system You answer in one word.", "/private", "hello", "y", "/private", "/bogus",
+         "/reset", "/quit"],
     )
     assert "/system TEXT" in out and "none (base model)" in out and "unknown command /bogus" in out
     records = lines(settings.raw_log)
@@ -119,7 +120,8 @@ def test_champion_promoted_elsewhere_is_used_on_next_turn(settings, tiny_chat_mo
     from continuous_learning.chat.models import file_sha256
 
     folder = settings.adapters_dir / "1.0.0"
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, target_modules="all-linear"))
     peft_model.save_pretrained(str(folder))
 
     promoted = {"done": False}

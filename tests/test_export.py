@@ -7,14 +7,14 @@ import os
 import numpy as np
 import orjson
 import pytest
+from test_train import FACTS, add_snapshot, fast, qa
 from typer.testing import CliRunner
 
 from continuous_learning import cli, registry
 from continuous_learning.core.errors import InputError, RegistryError
+from continuous_learning.core.settings import load_settings
 from continuous_learning.export import gguf_files
 from continuous_learning.export.modelfile import CHATML_STOPS, Decoding, modelfile, ollama_name
-from continuous_learning.core.settings import load_settings
-from test_train import FACTS, add_snapshot, fast, qa
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 FACT_QUESTION, FACT_ANSWER = FACTS[0]
@@ -278,8 +278,8 @@ def test_real_smollm2_lora_and_merged_gguf_answer_like_peft(real_workspace, tmp_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from continuous_learning.export.exporter import Source, Writer, write_all
     from continuous_learning.chat.models import bundled_gguf, resolve_base
+    from continuous_learning.export.exporter import Source, Writer, write_all
 
     settings = load_settings()
     base = resolve_base(settings)

@@ -68,7 +68,8 @@ def test_promote_then_rollback_through_the_cli(loop_workspace):
 
 
 def test_pipeline_module_runs_the_stages(loop_workspace):
-    done = subprocess.run([sys.executable, "-m", "continuous_learning.pipeline", "--curate", "--train", "--eval", "--json"],
+    done = subprocess.run([sys.executable, "-m", "continuous_learning.pipeline", "--curate", "--train", "--eval",
+                           "--json"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)

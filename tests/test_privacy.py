@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from continuous_learning.capture import privacy
-from continuous_learning.core.errors import ConfigError
 from continuous_learning.capture.privacy import Sanitized, get_sanitizer
+from continuous_learning.core.errors import ConfigError
 from continuous_learning.core.settings import PrivacyConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -35,7 +35,7 @@ def safe_id(value: Any, what: str, key: bytes) -> str | None:
     text = _as_text(value, what, MAX_USER_ID_CHARS)
     if _UUID.fullmatch(text) or (ID_SHAPE.fullmatch(text) and not looks_personal(text)):
         return text
-    return "h-" + hmac.new(key, f"{what}\x00{text}".encode("utf-8"), hashlib.sha256).hexdigest()[:24]
+    return "h-" + hmac.new(key, f"{what}\x00{text}".encode(), hashlib.sha256).hexdigest()[:24]
 
 
 def check_label(value: Any, what: str) -> str | None:

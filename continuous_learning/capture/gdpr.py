@@ -19,22 +19,30 @@ import copy
 import hashlib
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
-
+from typing import Any
 
 from .. import registry
-from ..storage.crypto import cipher_from_env, open_messages
-from ..decisions import UNUSABLE, champion_lineage
 from ..core.errors import InputError
-from ..storage.keys import hash_user_id, load_salt
 from ..core.records import FEEDBACK, INTERACTION, Feedback, FeedbackEvent, Interaction, parse_time, utc_now
-from .rewrite import Recount, Rewrite, prepare_rewrite, prepared
 from ..core.settings import Settings
-from ..storage.store import (ReadReport, atomic_write_json, file_lock, iter_jsonl, read_json, read_log,
-    remove_stale_temp_files, workspace_lock)
+from ..decisions import UNUSABLE, champion_lineage
+from ..storage.crypto import cipher_from_env, open_messages
+from ..storage.keys import hash_user_id, load_salt
+from ..storage.store import (
+    ReadReport,
+    atomic_write_json,
+    file_lock,
+    iter_jsonl,
+    read_json,
+    read_log,
+    remove_stale_temp_files,
+    workspace_lock,
+)
+from .rewrite import Recount, Rewrite, prepare_rewrite, prepared
 
 SPLITS = (("train", "file", "sha256"), ("eval", "eval_file", "eval_sha256"))
 LOCK_WAIT_S = 10.0
@@ -201,7 +209,8 @@ def retire_tainted_champion(doc: dict) -> dict | None:
     if target is not None:
         doc["adapters"][target]["status"] = "champion"
     doc["champion"] = target
-    move = {"action": "forget", "from": old, "to": target, "at": utc_now(), "reason": "champion trained on data of a forgotten user"}
+    move = {"action": "forget", "from": old, "to": target, "at": utc_now(), "reason": "champion trained on data of a "
+                                                                                      "forgotten user"}
     doc["history"].append(move)
     return move
 
@@ -406,7 +415,7 @@ def drop_expired(settings: Settings, days: int, now: datetime | None = None) -> 
     from the log. The caller holds the `curate` lock. Returns the counts by record type (and "damaged")."""
     if days <= 0:
         raise InputError(f"--days must be at least 1 (got {days})", "0 keeps everything: simply don't run retention")
-    cutoff = (now or datetime.now(timezone.utc)) - timedelta(days=days)
+    cutoff = (now or datetime.now(UTC)) - timedelta(days=days)
     if not settings.raw_log.exists():
         return Counter()
     recount = Recount(settings, cipher_from_env())

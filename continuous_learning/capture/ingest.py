@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import getpass
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import orjson
 
-from . import fields, knowledge
-from ..storage.crypto import cipher_from_env, seal_messages
 from ..core.errors import InputError
 from ..core.records import ROLES, Feedback, FeedbackEvent, Interaction, helpful_verdict, new_id, parse_time, utc_now
 from ..core.settings import PrivacyConfig, Settings
+from ..storage.crypto import cipher_from_env, seal_messages
 from ..storage.store import ReadReport, append_jsonl, atomic_write_json, read_json, workspace_lock
+from . import fields, knowledge
 
 log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1_000_000
@@ -134,7 +135,8 @@ class Recorder:
     def _update_derived(self, interactions: list[Interaction]) -> None:
         patterns = self.settings.knowledge.patterns
         facts = [
-            (knowledge.extract_facts([m["content"] for m in i.messages] + [i.feedback.correction or ""], patterns), i.created_at)
+            (knowledge.extract_facts([m["content"] for m in i.messages] + [i.feedback.correction or ""], patterns),
+             i.created_at)
             for i in interactions
         ]
         knowledge.record_facts(self.settings.knowledge_file, self.settings.lock_dir, facts)
@@ -145,20 +147,23 @@ class Recorder:
               "count": len(interactions), "source": interactions[0].source}],
         )
 
-    def record_feedback(self, interaction: Interaction, feedback: Feedback, user_id: str | None = None, source: str = "chat") -> FeedbackEvent:
+    def record_feedback(self, interaction: Interaction, feedback: Feedback, user_id: str | None = None,
+                        source: str = "chat") -> FeedbackEvent:
         """Append a late rating as its own event line (the interaction line is never rewritten)."""
         validate_feedback(feedback, self.settings.privacy)
         texts = [clean_text(feedback.correction or ""), clean_text(feedback.comment or "")]
         correction, comment = self.sanitizer.sanitize_many(texts)
         clean = Feedback(score=feedback.score, helpful=feedback.helpful, private=feedback.private,
                          correction=correction.text or None, comment=comment.text or None)
-        event = FeedbackEvent(interaction_id=interaction.id, feedback=clean, user_hash=self.user_hash(user_id), source=source)
+        event = FeedbackEvent(interaction_id=interaction.id, feedback=clean, user_hash=self.user_hash(user_id),
+                              source=source)
         append_jsonl(self.settings.raw_log, [seal_messages(event.to_dict(), cipher_from_env())])
         _after_commit("feedback", lambda: self._feedback_derived(interaction, clean, event))
         return event
 
     def _feedback_derived(self, interaction: Interaction, clean: Feedback, event: FeedbackEvent) -> None:
-        update_feedback_counters(self.settings, [(interaction.feedback, interaction.feedback.merged(clean), interaction.adapter_version)])
+        update_feedback_counters(self.settings, [(interaction.feedback, interaction.feedback.merged(clean),
+                                                  interaction.adapter_version)])
         if clean.correction:
             facts = knowledge.extract_facts([clean.correction], self.settings.knowledge.patterns)
             knowledge.record_facts(self.settings.knowledge_file, self.settings.lock_dir, [(facts, event.created_at)])
@@ -188,12 +193,14 @@ def _bucket(feedback: Feedback | None, settings: Settings) -> str | None:
 
 
 def update_feedback_counters(settings: Settings, changes: list[tuple[Feedback | None, Feedback, str | None]]) -> None:
-    """Counters in logs/feedback_metrics.json, kept current: each change moves one turn from its old bucket to its new."""
+    """Counters in logs/feedback_metrics.json, kept current: each change moves one turn from its old bucket to its
+    new one."""
     with workspace_lock(settings.lock_dir, "feedback_metrics", wait=30.0):
         doc = read_json(settings.feedback_metrics, default={}) or {}
         for before, after, adapter in changes:
             for scope in ("total", f"adapter:{adapter or 'base'}"):
-                counts = doc.setdefault(scope, {"helpful": 0, "unhelpful": 0, "neutral": 0, "skipped": 0, "corrected": 0, "turns": 0})
+                counts = doc.setdefault(scope, {"helpful": 0, "unhelpful": 0, "neutral": 0, "skipped": 0,
+                                                "corrected": 0, "turns": 0})
                 old, new = _bucket(before, settings), _bucket(after, settings)
                 if old is None:
                     counts["turns"] += 1
@@ -233,7 +240,8 @@ def find_interaction(settings: Settings, interaction_id: str) -> Interaction:
 
     found = find_joined(settings.raw_log, interaction_id, cipher_from_env())
     if found is None:
-        raise InputError(f"no interaction with id {interaction_id}", "copy the id from the chat or from raw_interactions.jsonl")
+        raise InputError(f"no interaction with id {interaction_id}", "copy the id from the chat or from "
+                                                                     "raw_interactions.jsonl")
     return found
 
 
@@ -278,7 +286,8 @@ def _messages(data: dict, max_chars: int) -> list[dict]:
         for i, m in enumerate(raw):
             if not isinstance(m, dict) or m.get("role") not in ROLES:
                 raise InputError(f"messages[{i}] needs a role of {'/'.join(ROLES)}")
-            messages.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content", max_chars)})
+            messages.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}].content",
+                                                                 max_chars)})
         if messages[-1]["role"] != "assistant" or not any(m["role"] == "user" for m in messages):
             raise InputError("'messages' must contain a user turn and end with the assistant's answer")
         return messages
@@ -359,7 +368,8 @@ def _lines(path: Path, max_bytes: int) -> Iterator[tuple[int, bytes]]:
                 yield number, line
 
 
-def ingest_file(settings: Settings, path: Path, batch_size: int = 256, progress: Callable[[int], None] | None = None) -> IngestReport:
+def ingest_file(settings: Settings, path: Path, batch_size: int = 256,
+                progress: Callable[[int], None] | None = None) -> IngestReport:
     """Import another app's JSONL log through the same sanitizer and schema; bad lines are skipped and reported."""
     if not path.is_file():
         raise InputError(f"no such file: {path}", "pass the path of a JSONL file")

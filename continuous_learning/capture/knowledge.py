@@ -8,10 +8,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from datetime import datetime, timezone
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable
 
 from ..core.errors import ConfigError, InputError
 from ..storage.store import atomic_write_json, read_json, workspace_lock
@@ -26,7 +26,8 @@ def compile_patterns(patterns: tuple[str, ...]) -> tuple[re.Pattern, ...]:
         try:
             compiled.append(re.compile(pattern, re.IGNORECASE))
         except re.error as exc:
-            raise ConfigError(f"knowledge pattern {pattern!r} is not a valid regex ({exc})", "fix knowledge.patterns in cl.toml") from None
+            raise ConfigError(f"knowledge pattern {pattern!r} is not a valid regex ({exc})", "fix knowledge.patterns "
+                                                                                             "in cl.toml") from None
     return tuple(compiled)
 
 
@@ -74,7 +75,7 @@ def _readable_doc(path: Path) -> dict:
         doc = None
     if _well_formed(doc):
         return doc
-    aside = path.with_name(f"{path.name}.damaged-{datetime.now(timezone.utc):%Y%m%dT%H%M%S%fZ}")
+    aside = path.with_name(f"{path.name}.damaged-{datetime.now(UTC):%Y%m%dT%H%M%S%fZ}")
     os.replace(path, aside)
     log.warning("%s was damaged; moved it to %s and started the fact counts again", path, aside.name)
     return {"facts": {}}

@@ -15,9 +15,9 @@ import importlib
 import pkgutil
 import re
 import unicodedata
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
 
 Span = tuple[int, int]
 
@@ -365,7 +365,7 @@ def _cjk_names(text: str, words: list) -> Iterator[Span]:
     """Surname + given name in Hangul/Han/Kana ("김민준", "王伟", "佐藤 花子"), and any listed full name."""
     first, last, _ = name_lists()
     mostly_latin = len(_LATIN.findall(text)) > len(_HAN_HANGUL_KANA.findall(text))
-    for start, end, word in words:
+    for start, _end, word in words:
         if not _HAN_HANGUL_KANA.match(word):
             continue
         for offset in _cjk_name_offsets(word, first, last, mostly_latin):

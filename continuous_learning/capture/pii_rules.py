@@ -8,7 +8,7 @@ have 10+ digits, and e-mail addresses written as "name (at) host (dot) com". Eac
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 Span = tuple[str, int, int]
 

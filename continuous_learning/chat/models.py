@@ -9,13 +9,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import warnings
 import shutil
 import threading
 import time
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
 import orjson
 
@@ -263,13 +263,13 @@ class RepetitionControl:
     max_repeated_lines: int = 0
 
     @classmethod
-    def from_settings(cls, chat: ChatConfig) -> "RepetitionControl":
+    def from_settings(cls, chat: ChatConfig) -> RepetitionControl:
         return cls(penalty=chat.repetition_penalty, window=chat.repetition_window, frequency=chat.frequency_penalty,
                    presence=chat.presence_penalty, max_blank_lines=chat.max_blank_lines,
                    max_repeated_lines=chat.max_repeated_lines)
 
     def overridden(self, penalty: float | None = None, frequency: float | None = None,
-                   presence: float | None = None) -> "RepetitionControl":
+                   presence: float | None = None) -> RepetitionControl:
         """This control with a request's own values where it gave them."""
         given = {"penalty": penalty, "frequency": frequency, "presence": presence}
         return replace(self, **{k: v for k, v in given.items() if v is not None})
@@ -314,7 +314,8 @@ def wasted_lines(lines: list[str]) -> list[bool]:
     marks, earlier, previous_blank = [], set(), False
     for line in lines:
         blank = not line.strip()
-        marks.append((blank and previous_blank) or (not blank and not _is_structural(line) and line.rstrip() in earlier))
+        marks.append((blank and previous_blank) or (not blank and not _is_structural(line)
+                                                    and line.rstrip() in earlier))
         if not blank:
             earlier.add(line.rstrip())
         previous_blank = blank
@@ -383,13 +384,13 @@ class ChatModel:
     active: str | None = None
 
     @classmethod
-    def load(cls, settings: Settings) -> "ChatModel":
+    def load(cls, settings: Settings) -> ChatModel:
         set_threads(settings)
         base = resolve_base(settings)
         return cls(base=base, model=load_model(base), tokenizer=load_tokenizer(base))
 
     @classmethod
-    def load_in_background(cls, settings: Settings, then: tuple[Callable[[], object], ...] = ()) -> "LoadingChatModel":
+    def load_in_background(cls, settings: Settings, then: tuple[Callable[[], object], ...] = ()) -> LoadingChatModel:
         """A stand-in that loads the model in a thread (then runs `then`, e.g. warming the sanitizer), so the chat
         prompt shows while torch and the weights load; the first call that needs the model waits for it."""
         return LoadingChatModel(settings, then)
@@ -534,7 +535,8 @@ class ChatModel:
         ids = getattr(self.model.generation_config, "eos_token_id", None) or self.tokenizer.eos_token_id
         return set(ids) if isinstance(ids, (list, tuple)) else {ids}
 
-    def generate_batch(self, conversations: list[list[dict]], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
+    def generate_batch(self, conversations: list[list[dict]], max_new_tokens: int = 64,
+                       batch_size: int = 8) -> list[str]:
         """Greedy answers for many conversations, `batch_size` at a time with left padding."""
         import torch
 
@@ -543,7 +545,8 @@ class ChatModel:
         for start in range(0, len(conversations), batch_size):
             chunk = conversations[start : start + batch_size]
             texts = [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chunk]
-            batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+            batch = self.tokenizer(texts, return_tensors="pt", padding=True,
+                                   add_special_tokens=False).to(self.model.device)
             with torch.inference_mode():
                 out = self.model.generate(
                     **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.tokenizer.pad_token_id

@@ -3,19 +3,19 @@ tests (and piped stdin) drive it line by line."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from rich.console import Console
 
-from ..monitor import ab
 from .. import registry
-from ..core.errors import CLError, InputError
 from ..capture.fields import check_feedback
 from ..capture.ingest import Recorder, Turn, default_user_id, record_generation
-from .models import ChatModel, GenerationStats, RepetitionControl
+from ..core.errors import CLError, InputError
 from ..core.records import Feedback, Interaction, new_id, utc_now
 from ..core.settings import Settings
+from ..monitor import ab
+from .models import ChatModel, GenerationStats, RepetitionControl
 
 RATING_PROMPT = "Helpful? [y/n/1-5/c=correct, Enter=skip] "
 HELP = """Commands:
@@ -79,7 +79,8 @@ class ChatSession:
                                "(set CL_USER_HASH_SALT to share one across machines).[/yellow]")
         if self.chat_model is None:
             # the prompt shows while the model (then the sanitizer) loads; the first answer waits if need be
-            self.chat_model = ChatModel.load_in_background(self.settings, then=(lambda: self.recorder.sanitizer.load(),))
+            self.chat_model = ChatModel.load_in_background(self.settings, then=(lambda: self.recorder.sanitizer.load(),
+                                                                                ))
         self.refresh_champion()
         serving = "an A/B test is running" if self.ab_arm else self.chat_model.active or "none (base)"
         self.console.print(f"[bold]cl chat[/bold] - {self.chat_model.base.name}, adapter: {serving}. "
@@ -103,7 +104,8 @@ class ChatSession:
         if champion == self.chat_model.active:
             return
         if self._serve(doc, champion) and self.ab_arm is None:  # A/B sessions are not told which arm answers
-            self.console.print(f"[dim](now answering with {'adapter ' + champion if champion else 'the base model'})[/dim]")
+            self.console.print(f"[dim](now answering with "
+                               f"{'adapter ' + champion if champion else 'the base model'})[/dim]")
 
     def _serve(self, doc: dict, version: str | None) -> bool:
         if version == self.chat_model.active:
@@ -111,7 +113,8 @@ class ChatSession:
         try:
             self.chat_model.serve_adapter(self.settings, doc, version)  # checks the files' sha256 first
         except CLError as exc:
-            self.console.print(f"[yellow]cannot load adapter {version}, staying on {self.chat_model.active or 'base'}: {exc}[/yellow]")
+            self.console.print(f"[yellow]cannot load adapter {version}, staying on {self.chat_model.active or 'base'}: "
+                               f"{exc}[/yellow]")
             return False
         return True
 
@@ -155,7 +158,8 @@ class ChatSession:
                 self.console.print("[dim](system prompt set; conversation cleared)[/dim]")
         elif name == "/adapter":
             arm = f"; A/B test arm: {self.ab_arm}" if self.ab_arm else ""
-            self.console.print(f"adapter: {self.chat_model.active or 'none (base model)'}; base: {self.chat_model.base.name}{arm}", markup=False)
+            self.console.print(f"adapter: {self.chat_model.active or 'none (base model)'}; base: "
+                               f"{self.chat_model.base.name}{arm}", markup=False)
         elif name == "/private":
             self.mark_private()
         else:
@@ -172,7 +176,8 @@ class ChatSession:
     def turn(self, question: str) -> bool:
         """Answer, ask for a rating, record. False means the user quit at the rating prompt."""
         self.refresh_champion()
-        messages = [{"role": "system", "content": self.system_prompt}, *self.history, {"role": "user", "content": question}]
+        messages = [{"role": "system", "content": self.system_prompt}, *self.history,
+                    {"role": "user", "content": question}]
         cfg = self.settings.chat
         context = self.chat_model.fit_context(messages, cfg.max_new_tokens, cfg.context_tokens)
         answer, stats = self.stream_answer(context)
@@ -187,7 +192,8 @@ class ChatSession:
             latency_ms=round(stats.latency_ms, 1), truncated=stats.truncated, source="chat", ab_arm=self.ab_arm,
         )
         self.last_interaction = self.recorder.record_turns([turn])[0]
-        record_generation(self.settings, self.last_interaction.id, stats, self.chat_model.base.name, self.chat_model.active)
+        record_generation(self.settings, self.last_interaction.id, stats, self.chat_model.base.name,
+                          self.chat_model.active)
         return keep_going
 
     def stream_answer(self, messages: list[dict]) -> tuple[str, GenerationStats]:

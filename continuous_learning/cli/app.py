@@ -4,18 +4,19 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from . import loop as cli_loop, monitor as cli_monitor, serve as cli_serve
-from .support import console, err_console, print_json, settings_from
 from ..core.errors import CLError, NothingToDo
 from ..core.settings import Settings, describe
-
+from . import loop as cli_loop
+from . import monitor as cli_monitor
+from . import serve as cli_serve
+from .support import console, err_console, print_json, settings_from
 
 
 class _Group(TyperGroup):
@@ -37,7 +38,8 @@ class _Group(TyperGroup):
             if _debug(ctx) or _is_cli_flow(exc):
                 raise
             err_console.print(
-                f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))} [dim](run with --debug for the traceback)[/dim]",
+                f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))} [dim](run with --debug for the "
+                f"traceback)[/dim]",
                 soft_wrap=True,
             )
             raise typer.Exit(1) from None
@@ -64,8 +66,10 @@ app = typer.Typer(
 @app.callback()
 def root(
     ctx: typer.Context,
-    home: Optional[Path] = typer.Option(None, "--home", envvar="CL_HOME", help="Workspace root (default: current folder)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Base model: local HF folder, cached hub id or .gguf file."),
+    home: Path | None = typer.Option(None, "--home", envvar="CL_HOME", help="Workspace root (default: current "
+                                                                            "folder)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Base model: local HF folder, cached hub id or "
+                                                                     ".gguf file."),
     debug: bool = typer.Option(False, "--debug", help="Show tracebacks."),
 ) -> None:
     ctx.obj = {"home": home, "base_model": base_model, "debug": debug}
@@ -89,15 +93,17 @@ def config_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json",
 @app.command("chat")
 def chat_cmd(
     ctx: typer.Context,
-    user: Optional[str] = typer.Option(None, "--user", help="Who is chatting (stored only as a salted hash; default: login name)."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt for this session."),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="Longest answer in tokens."),
-    temperature: Optional[float] = typer.Option(None, "--temperature", help="0 = greedy."),
+    user: str | None = typer.Option(None, "--user", help="Who is chatting (stored only as a salted hash; default: "
+                                                         "login name)."),
+    system: str | None = typer.Option(None, "--system", help="System prompt for this session."),
+    max_new_tokens: int | None = typer.Option(None, "--max-new-tokens", help="Longest answer in tokens."),
+    temperature: float | None = typer.Option(None, "--temperature", help="0 = greedy."),
 ) -> None:
     """Chat with the champion model; rate each answer so the model can learn from it."""
     from ..chat import repl
 
-    settings = settings_from(ctx, chat={"system_prompt": system, "max_new_tokens": max_new_tokens, "temperature": temperature})
+    settings = settings_from(ctx, chat={"system_prompt": system, "max_new_tokens": max_new_tokens,
+                                        "temperature": temperature})
     repl.run(settings, user_id=user, console=console)
 
 
@@ -129,12 +135,12 @@ def ingest_cmd(
 def feedback_cmd(
     ctx: typer.Context,
     interaction_id: str = typer.Argument(..., help="Interaction id (from the chat or the raw log)."),
-    score: Optional[int] = typer.Option(None, "--score", min=1, max=5, help="1-5."),
-    helpful: Optional[bool] = typer.Option(None, "--helpful/--unhelpful", help="Thumbs up or down."),
-    comment: Optional[str] = typer.Option(None, "--comment"),
-    correction: Optional[str] = typer.Option(None, "--correction", help="The answer the model should have given."),
+    score: int | None = typer.Option(None, "--score", min=1, max=5, help="1-5."),
+    helpful: bool | None = typer.Option(None, "--helpful/--unhelpful", help="Thumbs up or down."),
+    comment: str | None = typer.Option(None, "--comment"),
+    correction: str | None = typer.Option(None, "--correction", help="The answer the model should have given."),
     private: bool = typer.Option(False, "--private", help="Never train on this turn."),
-    user: Optional[str] = typer.Option(None, "--user", help="Who gives the feedback."),
+    user: str | None = typer.Option(None, "--user", help="Who gives the feedback."),
 ) -> None:
     """Rate a logged interaction later (appended as its own event; the log is never rewritten)."""
     from ..capture.ingest import Recorder, find_interaction
@@ -186,7 +192,7 @@ class _StageProgress:
     def __exit__(self, *exc: Any) -> None:
         self._bar.__exit__(*exc)
 
-    def update(self, phase: str, done: int, total: Optional[int]) -> None:
+    def update(self, phase: str, done: int, total: int | None) -> None:
         if phase not in self._tasks:
             self._tasks[phase] = self._bar.add_task(phase, total=total)
         self._bar.update(self._tasks[phase], completed=done, total=total)
@@ -212,18 +218,22 @@ def _print_curate_summary(manifest: dict) -> None:
     for label, count in _curate_rows(manifest["counts"]):
         table.add_row(label, str(count))
     console.print(table)
-    console.print(f"wrote {manifest['files']['train']} and {manifest['files']['eval']} (manifest: {manifest['files']['manifest']})")
+    console.print(f"wrote {manifest['files']['train']} and {manifest['files']['eval']} (manifest: "
+                  f"{manifest['files']['manifest']})")
 
 
 @app.command("curate")
 def curate_cmd(
     ctx: typer.Context,
     full: bool = typer.Option(False, "--full", help="Rebuild from all logs, ignoring where the last snapshot stopped."),
-    include_unrated: bool = typer.Option(False, "--include-unrated", help="Also train on turns nobody rated (low weight)."),
-    note: Optional[str] = typer.Option(None, "--note", help="A note stored with the snapshot (and the adapter)."),
+    include_unrated: bool = typer.Option(False, "--include-unrated", help="Also train on turns nobody rated (low "
+                                                                          "weight)."),
+    note: str | None = typer.Option(None, "--note", help="A note stored with the snapshot (and the adapter)."),
     train: bool = typer.Option(False, "--train", help="Then train an adapter on the new snapshot."),
-    evaluate: bool = typer.Option(False, "--eval", help="Then evaluate the new adapter and promote it if it is better."),
-    no_promote: bool = typer.Option(False, "--no-promote", help="With --eval: show the gate decision but never promote."),
+    evaluate: bool = typer.Option(False, "--eval", help="Then evaluate the new adapter and promote it if it is "
+                                                        "better."),
+    no_promote: bool = typer.Option(False, "--no-promote", help="With --eval: show the gate decision but never "
+                                                                "promote."),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest (and later stages' results) as JSON."),
 ) -> None:
     """Turn new rated turns into a versioned training snapshot in data/curated/ (--train --eval: the whole loop)."""
@@ -239,7 +249,8 @@ def curate_cmd(
             _dim_line(plan)
     started = time.perf_counter()
     with _StageProgress(enabled=not as_json) as progress:
-        manifest = run_curate(settings, full=full, include_unrated=True if include_unrated else None, note=note, progress=progress)
+        manifest = run_curate(settings, full=full, include_unrated=True if include_unrated else None, note=note,
+                              progress=progress)
     stages = {"curate": time.perf_counter() - started}
     results: dict[str, Any] = {"curate": manifest}
     if not as_json:
@@ -290,7 +301,8 @@ def snapshots_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--jso
         counts = snap.get("counts") or {}
         created = str(snap.get("created_at", ""))[:16].replace("T", " ")
         table.add_row(snap["id"], created, str(snap.get("train_examples", "")), str(snap.get("eval_examples", "")),
-                      str(counts.get("replayed", "")), str(snap.get("sha256") or "")[:8], escape(snap.get("note") or ""))
+                      str(counts.get("replayed", "")), str(snap.get("sha256") or "")[:8],
+                      escape(snap.get("note") or ""))
     console.print(table)
 
 
@@ -298,22 +310,25 @@ def snapshots_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--jso
 @app.command("train")
 def train_cmd(
     ctx: typer.Context,
-    snapshot: Optional[str] = typer.Option(None, "--snapshot", help="Snapshot id to train on (default: the newest)."),
+    snapshot: str | None = typer.Option(None, "--snapshot", help="Snapshot id to train on (default: the newest)."),
     fresh: bool = typer.Option(False, "--fresh", help="Start from the base model instead of the champion adapter."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the newest interrupted run from its last checkpoint."),
-    four_bit: Optional[bool] = typer.Option(None, "--4bit/--no-4bit", help="QLoRA (4-bit NF4 base) or full precision."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Exactly N optimizer steps (default: follow the data)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Exactly N passes over the snapshot (default: train.epochs, within min/max steps)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
-    rank: Optional[int] = typer.Option(None, "--rank", help="LoRA rank."),
-    alpha: Optional[int] = typer.Option(None, "--alpha", help="LoRA alpha."),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="LoRA dropout."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Examples per micro-batch."),
-    grad_accum: Optional[int] = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
-    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest training sequence in tokens."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Data-parallel training processes (launched with torchrun)."),
-    note: Optional[str] = typer.Option(None, "--note", help="A note stored with the adapter version."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the newest interrupted run from its last "
+                                                        "checkpoint."),
+    four_bit: bool | None = typer.Option(None, "--4bit/--no-4bit", help="QLoRA (4-bit NF4 base) or full precision."),
+    steps: int | None = typer.Option(None, "--steps", help="Exactly N optimizer steps (default: follow the data)."),
+    epochs: int | None = typer.Option(None, "--epochs", help="Exactly N passes over the snapshot (default: "
+                                                             "train.epochs, within min/max steps)."),
+    lr: float | None = typer.Option(None, "--lr", help="Peak learning rate."),
+    rank: int | None = typer.Option(None, "--rank", help="LoRA rank."),
+    alpha: int | None = typer.Option(None, "--alpha", help="LoRA alpha."),
+    dropout: float | None = typer.Option(None, "--dropout", help="LoRA dropout."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Examples per micro-batch."),
+    grad_accum: int | None = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step."),
+    max_seq_len: int | None = typer.Option(None, "--max-seq-len", help="Longest training sequence in tokens."),
+    seed: int | None = typer.Option(None, "--seed", help="Random seed."),
+    num_processes: int | None = typer.Option(None, "--num-processes", help="Data-parallel training processes (launched "
+                                                                           "with torchrun)."),
+    note: str | None = typer.Option(None, "--note", help="A note stored with the adapter version."),
     as_json: bool = typer.Option(False, "--json", help="Print the registry entry as JSON (no progress bar)."),
 ) -> None:
     """Fine-tune a LoRA adapter (QLoRA by default) on a curated snapshot; registers it as a candidate."""
@@ -342,8 +357,8 @@ def train_cmd(
         _print_trained(settings, entry)
 
 
-def _train_with_progress(settings: Settings, snapshot: Optional[str] = None, fresh: bool = False, resume: bool = False,
-                         note: Optional[str] = None, quiet: bool = False) -> dict:
+def _train_with_progress(settings: Settings, snapshot: str | None = None, fresh: bool = False, resume: bool = False,
+                         note: str | None = None, quiet: bool = False) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from ..train import run_training
@@ -390,11 +405,13 @@ def _print_trained(settings: Settings, entry: dict) -> None:
     start = f"from {entry['parent']}" if entry.get("parent") else "from the base model"
     console.print(
         f"[green]adapter {entry['version']}[/green] (candidate) trained {start} on snapshot {entry['snapshot']['id']}: "
-        f"{metrics.get('steps')} steps, loss {metrics.get('initial_loss', 0):.3f} -> {metrics.get('final_loss', 0):.3f}, "
+        f"{metrics.get('steps')} steps, loss {metrics.get('initial_loss', 0):.3f} -> "
+        f"{metrics.get('final_loss', 0):.3f}, "
         f"{metrics.get('tokens_per_s', 0):.0f} tok/s, {metrics.get('seconds', 0):.0f} s"
     )
     if metrics.get("eval_loss") is not None:
-        console.print(f"  held-out loss {metrics.get('eval_loss_start', float('nan')):.3f} -> {metrics['eval_loss']:.3f}")
+        console.print(f"  held-out loss {metrics.get('eval_loss_start', float('nan')):.3f} -> "
+                      f"{metrics['eval_loss']:.3f}")
     console.print(f"  saved in {settings.home / entry['path']}")
     console.print(f"  [dim]time: {time_breakdown(training_stages(entry))}[/dim]")
     console.print("  next: evaluate it with 'cl eval'")
@@ -404,22 +421,28 @@ def training_stages(entry: dict) -> dict[str, float]:
     """Where a training run's time went, from its recorded timings."""
     t = entry.get("timings") or {}
     return {"prepare data": t.get("prepare_s", 0.0), "load model": t.get("model_s", 0.0),
-            "train": t.get("train_loop_s", 0.0), "held-out loss": t.get("held_out_s", 0.0), "save": t.get("save_s", 0.0)}
+            "train": t.get("train_loop_s", 0.0), "held-out loss": t.get("held_out_s", 0.0),
+            "save": t.get("save_s", 0.0)}
 
 
 def time_breakdown(stages: dict[str, float]) -> str:
     total = sum(stages.values())
-    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items() if seconds >= 0.05) + f" (total {total:.0f} s)"
+    return ", ".join(f"{name} {seconds:.1f} s" for name, seconds in stages.items()
+                     if seconds >= 0.05) + f" (total {total:.0f} s)"
 
 
 
 @app.command("eval")
 def eval_cmd(
     ctx: typer.Context,
-    version: Optional[str] = typer.Argument(None, help="Version to evaluate, or 'base' (default: the newest candidate, else the champion)."),
-    against: Optional[str] = typer.Option(None, "--against", help="VERSION, 'champion', 'base' or 'none' (default: the champion, else the base)."),
-    eval_file: Optional[Path] = typer.Option(None, "--eval-file", help="Keyword QA file (default: eval/qa_eval.jsonl in the workspace)."),
-    snapshot: Optional[str] = typer.Option(None, "--snapshot", help="Snapshot whose held-out slice gives the eval loss (default: the candidate's)."),
+    version: str | None = typer.Argument(None, help="Version to evaluate, or 'base' (default: the newest candidate, "
+                                                    "else the champion)."),
+    against: str | None = typer.Option(None, "--against", help="VERSION, 'champion', 'base' or 'none' (default: the "
+                                                               "champion, else the base)."),
+    eval_file: Path | None = typer.Option(None, "--eval-file", help="Keyword QA file (default: eval/qa_eval.jsonl in "
+                                                                    "the workspace)."),
+    snapshot: str | None = typer.Option(None, "--snapshot", help="Snapshot whose held-out slice gives the eval loss "
+                                                                 "(default: the candidate's)."),
     no_general: bool = typer.Option(False, "--no-general", help="Skip the shipped general-ability set."),
     no_promote: bool = typer.Option(False, "--no-promote", help="Show the gate decision but never promote."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -453,7 +476,7 @@ def _print_eval_report(report: dict, no_promote: bool) -> None:
     _eval_print_gate(report, no_promote)
 
 
-def _eval_cell(passed: Optional[bool]) -> str:
+def _eval_cell(passed: bool | None) -> str:
     return "" if passed is None else ("[green]pass[/green]" if passed else "[red]fail[/red]")
 
 
@@ -462,7 +485,7 @@ def _eval_clip(text: str, width: int = 70) -> str:
     return escape(text if len(text) <= width else text[: width - 1] + "…")
 
 
-def _eval_table(subject: dict, other: Optional[dict]) -> Table:
+def _eval_table(subject: dict, other: dict | None) -> Table:
     results = [subject] + ([other] if other else [])
     table = Table(title=f"keyword QA: {subject['eval_file']['path']}", show_lines=False)
     table.add_column("#", justify="right")
@@ -475,8 +498,10 @@ def _eval_table(subject: dict, other: Optional[dict]) -> Table:
         differs = peer is not None and peer["passed"] != item["passed"]
         prompt = _eval_clip(item["prompt"])
         if differs:
-            prompt += "".join(f"\n[dim]{r['label']}: {_eval_clip(r_item['answer'], 80)}[/dim]" for r, r_item in zip(results, (item, peer)))
-        table.add_row(str(number), prompt, *[_eval_cell(x["passed"]) for x in (item, peer) if x is not None], style="bold" if differs else None)
+            prompt += "".join(f"\n[dim]{r['label']}: {_eval_clip(r_item['answer'], 80)}[/dim]" for r,
+                              r_item in zip(results, (item, peer)))
+        table.add_row(str(number), prompt, *[_eval_cell(x["passed"]) for x in (item, peer) if x is not None],
+                      style="bold" if differs else None)
     table.add_section()
     for name, cell in _eval_summary_rows():
         table.add_row("", name, *[cell(r) for r in results])
@@ -495,14 +520,16 @@ def _eval_summary_rows() -> list[tuple[str, Any]]:
         ("general accuracy", lambda r: pct(r["general"]["passed"], r["general"]["total"]) if r.get("general") else "-"),
         ("eval loss", loss),
         ("tokens/s", lambda r: "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.1f}"),
-        ("latency / prompt", lambda r: "-" if r.get("latency_ms_per_prompt") is None else f"{r['latency_ms_per_prompt']:.0f} ms"),
+        ("latency / prompt", lambda r: "-" if r.get("latency_ms_per_prompt") is None
+         else f"{r['latency_ms_per_prompt']:.0f} ms"),
     ]
 
 
 def _eval_print_gate(report: dict, no_promote: bool) -> None:
     decision = report["decision"]
     if decision is None:
-        console.print("[dim]no promotion decision: only a candidate compared with the champion (or the base) is gated[/dim]")
+        console.print("[dim]no promotion decision: only a candidate compared with the champion (or the base) is "
+                      "gated[/dim]")
         return
     verdict = "[green]promote[/green]" if decision["promote"] else "[yellow]keep as candidate[/yellow]"
     console.print(f"gate: {verdict}")
@@ -530,7 +557,7 @@ def promote_cmd(
 def rollback_cmd(
     ctx: typer.Context,
     steps: int = typer.Option(1, "--steps", help="Promotions to undo."),
-    to: Optional[str] = typer.Option(None, "--to", help="Version to serve instead (or 'base')."),
+    to: str | None = typer.Option(None, "--to", help="Version to serve instead (or 'base')."),
     reason: str = typer.Option("", "--reason", help="Why (kept in the history)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -541,7 +568,8 @@ def rollback_cmd(
     if as_json:
         print_json(moved)
         return
-    console.print(f"champion: {label(moved['from'])} -> {label(moved['to'])} [dim]({moved['seconds'] * 1000:.0f} ms)[/dim]")
+    console.print(f"champion: {label(moved['from'])} -> {label(moved['to'])} [dim]({moved['seconds'] * 1000:.0f} "
+                  f"ms)[/dim]")
 
 
 adapters_app = typer.Typer(
@@ -588,7 +616,8 @@ def adapters_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "--json
     for row in rows:
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.0%}"
         gen = "-" if row["general_accuracy"] is None else f"{row['general_accuracy']:.0%}"
-        table.add_row("*" if row["champion"] else "", row["version"], row["status"], acc, gen, (row["created_at"] or "")[:19], _eval_clip(row["note"] or "", 40))
+        table.add_row("*" if row["champion"] else "", row["version"], row["status"], acc, gen,
+                      (row["created_at"] or "")[:19], _eval_clip(row["note"] or "", 40))
     console.print(table)
     if doc["champion"] is None:
         console.print("[dim]no champion: the base model is serving[/dim]")
@@ -617,11 +646,12 @@ def adapters_show_cmd(
 def adapters_export_cmd(
     ctx: typer.Context,
     version: str = typer.Argument(..., help="Adapter version, 'champion' or 'base'."),
-    formats: Optional[list[str]] = typer.Option(
+    formats: list[str] | None = typer.Option(
         None, "--format", "-f", help="gguf-lora, gguf-merged or hf-merged; repeat for several (default: all)."),
-    quants: Optional[list[str]] = typer.Option(
+    quants: list[str] | None = typer.Option(
         None, "--quant", help="Merged GGUF type f16 or q8_0; repeat for both (default: both)."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write (default: exports/<version>/ in the workspace)."),
+    out: Path | None = typer.Option(None, "--out", help="Folder to write (default: exports/<version>/ in the "
+                                                        "workspace)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Export for llama.cpp / Ollama (GGUF LoRA + F16 base, merged GGUF) and as a merged Hugging Face folder."""
@@ -651,7 +681,7 @@ def _adapter_parents(doc: dict, version: str) -> list[str]:
     return chain
 
 
-def _adapter_pairs(data: Optional[dict]) -> str:
+def _adapter_pairs(data: dict | None) -> str:
     return ", ".join(f"{k}={escape(str(v))}" for k, v in (data or {}).items()) or "-"
 
 
@@ -665,9 +695,11 @@ def _adapter_print_lineage(entry: dict, chain: list[str], is_champion: bool) -> 
     console.print(f"  snapshot:        {snap.get('id', '-')} (sha256 {str(snap.get('sha256', '-'))[:12]})")
     console.print(f"  lineage:         {' <- '.join([entry['version'], *chain, 'base'])}")
     console.print(f"  hyperparameters: {_adapter_pairs(entry.get('hyperparameters'))}")
-    console.print(f"  metrics:         {_adapter_pairs({k: v for k, v in (entry.get('metrics') or {}).items() if not isinstance(v, (list, dict))})}")
+    scalars = {k: v for k, v in (entry.get("metrics") or {}).items() if not isinstance(v, (list, dict))}
+    console.print(f"  metrics:         {_adapter_pairs(scalars)}")
     console.print(f"  libraries:       {_adapter_pairs(entry.get('library_versions'))}")
-    console.print(f"  files:           {_adapter_pairs({k: str(v)[:12] for k, v in (entry.get('sha256') or {}).items()})}")
+    console.print(f"  files:           "
+                  f"{_adapter_pairs({k: str(v)[:12] for k, v in (entry.get('sha256') or {}).items()})}")
     evals = entry.get("evals") or []
     if not evals:
         console.print("  evals:           none yet (run 'cl eval')")
@@ -677,7 +709,8 @@ def _adapter_print_lineage(entry: dict, chain: list[str], is_champion: bool) -> 
         general = "-" if e.get("general_accuracy") is None else f"{e['general_accuracy']:.0%}"
         loss = "-" if e.get("eval_loss") is None else f"{e['eval_loss']:.3f}"
         tps = "-" if e.get("tokens_per_s") is None else f"{e['tokens_per_s']:.1f}"
-        table.add_row(str(e.get("created_at", ""))[:19], (e.get("eval_file") or {}).get("path", "-"), f"{e.get('passed')}/{e.get('total')}", general, loss, tps)
+        table.add_row(str(e.get("created_at", ""))[:19], (e.get("eval_file") or {}).get("path", "-"),
+                      f"{e.get('passed')}/{e.get('total')}", general, loss, tps)
     console.print(table)
 
 
@@ -685,7 +718,8 @@ def _adapter_print_lineage(entry: dict, chain: list[str], is_champion: bool) -> 
 @app.command("forget")
 def forget_cmd(
     ctx: typer.Context,
-    user: str = typer.Option(..., "--user", help="The user id to forget (hashed with the workspace salt, never logged)."),
+    user: str = typer.Option(..., "--user", help="The user id to forget (hashed with the workspace salt, never "
+                                                 "logged)."),
     yes: bool = typer.Option(False, "--yes", help="Do not ask for confirmation."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -709,7 +743,8 @@ def forget_cmd(
         from ..decisions import label
 
         move = report.champion_move
-        console.print(f"champion: {label(move['from'])} -> {label(move['to'])} (the old one was trained on this user's data)")
+        console.print(f"champion: {label(move['from'])} -> {label(move['to'])} (the old one was trained on this user's "
+                      f"data)")
 
 
 @app.command("retention")
@@ -722,14 +757,15 @@ def retention_cmd(
     from ..core.records import FEEDBACK, INTERACTION
 
     dropped = apply_retention(settings_from(ctx), days)
-    console.print(f"dropped {dropped[INTERACTION]} interaction(s) and {dropped[FEEDBACK]} feedback event(s) older than {days} day(s)")
+    console.print(f"dropped {dropped[INTERACTION]} interaction(s) and {dropped[FEEDBACK]} feedback event(s) older than "
+                  f"{days} day(s)")
 
 
 @app.command("export")
 def export_cmd(
     ctx: typer.Context,
     user: str = typer.Option(..., "--user", help="The user id whose data to export."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write JSONL here (0600) instead of stdout."),
+    out: Path | None = typer.Option(None, "--out", help="Write JSONL here (0600) instead of stdout."),
 ) -> None:
     """Everything stored about one user, as JSONL (right of access)."""
     from ..capture.gdpr import export_user

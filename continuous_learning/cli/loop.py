@@ -1,8 +1,6 @@
 """`cl` commands for A/B tests, champion health, cycles and schedules."""
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 from rich.markup import escape
 
@@ -22,7 +20,7 @@ def register(app: typer.Typer) -> None:
 
 
 # --- A/B tests -------------------------------------------------------------------------------------------
-def _pct(value: Optional[float]) -> str:
+def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
@@ -31,12 +29,15 @@ def _print_ab(report: dict) -> None:
 
     test, stats = report["test"], report["stats"]
     console.print(f"A/B test {test['id']} ({test['status']}): candidate {test['candidate']} vs champion "
-                  f"{test['champion'] or 'base'}, {test['traffic']:.0%} of new sessions, since {test['started_at']}", markup=False)
+                  f"{test['champion'] or 'base'}, {test['traffic']:.0%} of new sessions, since {test['started_at']}",
+                  markup=False)
     for arm in (CHAMPION, CANDIDATE):
         s = stats[arm]
-        console.print(f"  {arm:<9} rated {s['rated']:>5}  helpful {s['helpful']:>5}  rate {_pct(s['helpful_rate'])}", markup=False)
+        console.print(f"  {arm:<9} rated {s['rated']:>5}  helpful {s['helpful']:>5}  rate {_pct(s['helpful_rate'])}",
+                      markup=False)
     low, high = stats["ci95"]
-    console.print(f"  difference {stats['difference'] * 100:+.1f} points, 95% CI [{low * 100:+.1f}, {high * 100:+.1f}], "
+    console.print(f"  difference {stats['difference'] * 100:+.1f} points, 95% CI [{low * 100:+.1f}, "
+                  f"{high * 100:+.1f}], "
                   f"z={stats['z']:.2f}, p={stats['p_value']:.3g}", markup=False)
     for warning in report.get("warnings", []):
         console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
@@ -46,7 +47,8 @@ def _print_ab(report: dict) -> None:
 def ab_start_cmd(
     ctx: typer.Context,
     candidate: str = typer.Argument(..., help="Adapter version answering the candidate share."),
-    traffic: Optional[float] = typer.Option(None, "--traffic", help="Share of new chat sessions for the candidate (default ab.traffic)."),
+    traffic: float | None = typer.Option(None, "--traffic", help="Share of new chat sessions for the candidate "
+                                                                 "(default ab.traffic)."),
 ) -> None:
     """Start an A/B test: a share of NEW chat sessions is answered by CANDIDATE (sticky per session)."""
     from ..monitor.ab import start_test
@@ -111,7 +113,8 @@ def health_cmd(
         return
     pred, champ = report["predecessor_stats"], report["champion_stats"]
     console.print(f"champion {report['champion']}: {champ['rated']} rated, helpful {_pct(champ['helpful_rate'])}; "
-                  f"predecessor {report['predecessor'] or 'base'}: {pred['rated']} rated, helpful {_pct(pred['helpful_rate'])}", markup=False)
+                  f"predecessor {report['predecessor'] or 'base'}: {pred['rated']} rated, helpful "
+                  f"{_pct(pred['helpful_rate'])}", markup=False)
     console.print(f"verdict: {report['verdict']} - " + "; ".join(report["reasons"]), markup=False)
     if report["rolled_back"]:
         console.print(f"[red]rolled back[/red]: champion is now {escape(report['predecessor'] or 'base')}")
@@ -120,7 +123,7 @@ def health_cmd(
 # --- cycle -----------------------------------------------------------------------------------------------
 def cycle_cmd(
     ctx: typer.Context,
-    only: Optional[str] = typer.Option(None, "--only", help="Comma-separated steps: curate,train,eval,drift,ab,health."),
+    only: str | None = typer.Option(None, "--only", help="Comma-separated steps: curate,train,eval,drift,ab,health."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Show what is due; change nothing."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
@@ -142,7 +145,8 @@ def cycle_cmd(
     if as_json:
         print_json(result)
     elif result["nothing_due"]:
-        console.print("nothing due: " + "; ".join(f"{o['step']}: {o['reason']}" for o in result["outcomes"]), markup=False)
+        console.print("nothing due: " + "; ".join(f"{o['step']}: {o['reason']}" for o in result["outcomes"]),
+                      markup=False)
     else:
         for o in result["outcomes"]:
             if o["status"] != "skipped":
@@ -186,10 +190,11 @@ def schedule_show_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "-
     if info["crontab"]:
         console.print("crontab:\n" + info["crontab"], markup=False, end="")
     else:
-        console.print("crontab: nothing installed" + (f" ({info['crontab_error']})" if info["crontab_error"] else ""), markup=False)
+        console.print("crontab: nothing installed" + (f" ({info['crontab_error']})" if info["crontab_error"] else ""),
+                      markup=False)
     if info["systemd_units"]:
         for name, text in info["systemd_units"].items():
-            calendar = next((l for l in text.splitlines() if l.startswith("OnCalendar=")), "")
+            calendar = next((line for line in text.splitlines() if line.startswith("OnCalendar=")), "")
             console.print(f"systemd: {name} {calendar}".rstrip(), markup=False)
     else:
         console.print("systemd: no units installed", markup=False)
@@ -198,7 +203,8 @@ def schedule_show_cmd(ctx: typer.Context, as_json: bool = typer.Option(False, "-
 @schedule_app.command("remove")
 def schedule_remove_cmd(
     ctx: typer.Context,
-    systemd: bool = typer.Option(False, "--systemd", help="Remove the systemd user timers instead of the crontab lines."),
+    systemd: bool = typer.Option(False, "--systemd", help="Remove the systemd user timers instead of the crontab "
+                                                          "lines."),
 ) -> None:
     """Remove this workspace's schedule (only our lines / units; everything else is kept)."""
     from ..loop import schedule
@@ -208,7 +214,9 @@ def schedule_remove_cmd(
         removed, warnings = schedule.remove_systemd(settings)
         for warning in warnings:
             err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-        console.print(f"removed {len(removed)} unit file(s)" if removed else "no systemd units installed for this workspace", markup=False)
+        console.print(f"removed {len(removed)} unit file(s)" if removed else "no systemd units installed for this "
+                                                                             "workspace", markup=False)
         return
     found = schedule.remove_cron(settings)
-    console.print("removed this workspace's crontab lines" if found else "nothing installed in the crontab for this workspace", markup=False)
+    console.print("removed this workspace's crontab lines" if found else "nothing installed in the crontab for this "
+                                                                         "workspace", markup=False)

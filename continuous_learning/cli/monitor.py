@@ -1,8 +1,6 @@
 """`cl` commands for status, report and drift: parse, call, render."""
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from .support import console, print_json, settings_from
@@ -20,11 +18,14 @@ def register(app: typer.Typer) -> None:
 # --- cl drift ---------------------------------------------------------------------------------------------
 def drift_command(
     ctx: typer.Context,
-    reference: Optional[str] = typer.Option(None, "--reference", help="'champion' (its training data) or YYYY-MM-DD..YYYY-MM-DD"),
-    recent_days: Optional[int] = typer.Option(None, "--recent-days", help="Recent window: the last N days"),
+    reference: str | None = typer.Option(None, "--reference", help="'champion' (its training data) or "
+                                                                   "YYYY-MM-DD..YYYY-MM-DD"),
+    recent_days: int | None = typer.Option(None, "--recent-days", help="Recent window: the last N days"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON"),
 ) -> None:
-    """Compare recent traffic with the champion's training data. Exit 0 = no drift (or too little data), 1 = warn, 2 = alert."""
+    """Compare recent traffic with the champion's training data.
+
+    Exit 0 = no drift (or too little data), 1 = warn, 2 = alert."""
     from ..monitor.drift import check_drift
 
     settings = settings_from(ctx, drift={"reference": reference, "recent_days": recent_days})
@@ -61,14 +62,16 @@ def render_drift(result: dict) -> None:
     if concept.get("p_value") is not None:
         console.print(
             f"helpful rate: {concept['reference_rate']:.0%} -> {concept['recent_rate']:.0%} "
-            f"({concept['test']}, one-sided p = {concept['p_value']:.4f}) [{LEVEL_STYLE[concept['level']]}]{concept['level']}[/]"
+            f"({concept['test']}, one-sided p = {concept['p_value']:.4f}) "
+            f"[{LEVEL_STYLE[concept['level']]}]{concept['level']}[/]"
         )
     elif result["features"]:
         console.print(f"helpful rate: [dim]{concept.get('note', 'not enough rated turns')}[/dim]")
     for note in result["notes"]:
         console.print(f"[dim]{note}[/dim]")
     status = result["status"]
-    console.print(f"drift: [{LEVEL_STYLE[status]}]{status}[/]" + (" (exit 0: no verdict)" if status == "insufficient" else ""))
+    console.print(f"drift: [{LEVEL_STYLE[status]}]{status}[/]" + (" (exit 0: no verdict)" if status == "insufficient"
+                                                                  else ""))
 
 
 def _window_label(window: dict) -> str:
@@ -129,19 +132,23 @@ def render_status(status: dict) -> None:
 
     turns = status["interactions"]
     console.print(f"[bold]workspace[/bold] {status['home']}   base model {status['base_model']}")
-    console.print(f"interactions: {turns['total']} in total, {turns['rated']} rated, helpful rate {_rate(turns['helpful_rate'])}")
+    console.print(f"interactions: {turns['total']} in total, {turns['rated']} rated, helpful rate "
+                  f"{_rate(turns['helpful_rate'])}")
     per_day = turns["per_day"]
     console.print("per day: " + "  ".join(f"{d['day'][5:]} {d['turns']}" for d in per_day), soft_wrap=True)
     chart = feedback_chart(per_day)
-    console.print(chart if chart else "[dim]no rated turns in these days: no feedback chart[/dim]", markup=False if chart else True,
+    console.print(chart if chart else "[dim]no rated turns in these days: no feedback chart[/dim]", markup=False
+                  if chart else True,
                   highlight=False)
     _render_adapters(status, Table)
     _render_events(status, Table)
     drift = status["drift"]
-    console.print("drift: " + (f"{drift['outcome']} at {drift['at']}" if drift else "[dim]never checked (run 'cl drift')[/dim]"))
+    console.print("drift: " + (f"{drift['outcome']} at {drift['at']}" if drift else "[dim]never checked (run 'cl "
+                                                                                    "drift')[/dim]"))
     ab = status["ab_test"]
     if ab:
-        arms = "; ".join(f"{arm} {c['turns']} turns, {c['rated']} rated, helpful {_rate(c['helpful_rate'])}" for arm, c in ab["arms"].items())
+        arms = "; ".join(f"{arm} {c['turns']} turns, {c['rated']} rated, helpful {_rate(c['helpful_rate'])}" for arm,
+                         c in ab["arms"].items())
         console.print(f"A/B test {ab.get('id')}: {ab.get('status')}, candidate {ab.get('candidate')} vs champion "
                       f"{ab.get('champion') or 'base'}, traffic {ab.get('traffic')}, since {ab.get('started_at')}"
                       + (f" - {arms}" if arms else " - no turns yet"))
@@ -164,8 +171,10 @@ def _render_adapters(status: dict, Table) -> None:
     for column in ("version", "status", "eval acc", "general acc", "helpful rate", "rated", "final loss", "snapshot"):
         table.add_column(column)
     for r in rows:
-        style = "bold green" if r["status"] == "champion" else "dim" if r["status"] in ("archived", "failed", "tainted") else ""
-        table.add_row(r["version"], r["status"], _rate(r["eval_accuracy"]), _rate(r["general_accuracy"]), _rate(r["helpful_rate"]),
+        faded = r["status"] in ("archived", "failed", "tainted")
+        style = "bold green" if r["status"] == "champion" else "dim" if faded else ""
+        table.add_row(r["version"], r["status"], _rate(r["eval_accuracy"]), _rate(r["general_accuracy"]),
+                      _rate(r["helpful_rate"]),
                       str(r["rated"]), _num(r["final_loss"]), r["snapshot"] or "-", style=style)
     console.print(table)
 

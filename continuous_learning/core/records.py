@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 SCHEMA_VERSION = 1
@@ -17,13 +17,13 @@ ROLES = ("system", "user", "assistant")
 
 
 def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def parse_time(text: str) -> datetime:
     """ISO-8601 to an aware UTC datetime (naive times are taken as UTC)."""
     moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class BadRecord(ValueError):
@@ -110,7 +110,7 @@ class Feedback:
     def is_empty(self) -> bool:
         return all(v is None for v in asdict(self).values())
 
-    def merged(self, later: "Feedback") -> "Feedback":
+    def merged(self, later: Feedback) -> Feedback:
         mine, theirs = asdict(self), asdict(later)
         return Feedback(**{k: theirs[k] if theirs[k] is not None else mine[k] for k in mine})
 
@@ -118,13 +118,13 @@ class Feedback:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
     @classmethod
-    def from_dict(cls, data: dict | None) -> "Feedback":
+    def from_dict(cls, data: dict | None) -> Feedback:
         """As given, unchecked (input parsing validates afterwards). Stored records go through `parse`."""
         data = data or {}
         return cls(**{k: data.get(k) for k in ("score", "helpful", "comment", "correction", "private")})
 
     @classmethod
-    def parse(cls, data: Any, where: str = "feedback") -> "Feedback":
+    def parse(cls, data: Any, where: str = "feedback") -> Feedback:
         """A stored feedback object, checked field by field; BadRecord names the first wrong one."""
         if data is None:
             return cls()
@@ -167,7 +167,7 @@ class Interaction:
         return {"schema_version": SCHEMA_VERSION, "type": INTERACTION, **data}
 
     @classmethod
-    def from_dict(cls, data: Any) -> "Interaction":
+    def from_dict(cls, data: Any) -> Interaction:
         """A stored interaction, every field checked; BadRecord (a ValueError) names the first wrong one."""
         if not isinstance(data, dict):
             raise BadRecord(f"an interaction must be a JSON object (got {type(data).__name__})")
@@ -217,7 +217,7 @@ class FeedbackEvent:
         }
 
     @classmethod
-    def from_dict(cls, data: Any) -> "FeedbackEvent":
+    def from_dict(cls, data: Any) -> FeedbackEvent:
         """A stored feedback event, every field checked; BadRecord names the first wrong one."""
         if not isinstance(data, dict):
             raise BadRecord(f"a feedback event must be a JSON object (got {type(data).__name__})")
@@ -228,7 +228,7 @@ class FeedbackEvent:
                    id=_required_str(data, "id"), created_at=_time_text(data, "created_at"))
 
 
-def parse_log_record(data: Any) -> "Interaction | FeedbackEvent | None":
+def parse_log_record(data: Any) -> Interaction | FeedbackEvent | None:
     """The ONE parser of raw-log lines: an Interaction, a FeedbackEvent, None for other kinds of line (events),
     or BadRecord naming what is wrong. Every reader (status, drift, report, A/B, health, forget, retention,
     export) goes through it, so none can accept what another rejects."""
@@ -245,7 +245,8 @@ def parse_log_record(data: Any) -> "Interaction | FeedbackEvent | None":
 
 
 def learning_event(kind: str, **details: Any) -> dict:
-    return {"schema_version": SCHEMA_VERSION, "type": "event", "id": new_id(), "created_at": utc_now(), "event": kind, **details}
+    return {"schema_version": SCHEMA_VERSION, "type": "event", "id": new_id(), "created_at": utc_now(), "event": kind,
+            **details}
 
 
 def helpful_verdict(feedback: Feedback, helpful_threshold: int = 4, unhelpful_threshold: int = 2) -> str:

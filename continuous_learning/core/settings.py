@@ -1,8 +1,8 @@
 """One frozen settings object: workspace paths and every knob.
 
 Precedence: CLI flags > environment (`CL_<SECTION>_<FIELD>`, plus the short names below) > `cl.toml` in the
-workspace > defaults. Unknown keys and wrong types are rejected with a message that names them, and every section checks its own
-ranges when it is built (`__post_init__`), so consumers never re-check a knob.
+workspace > defaults. Unknown keys and wrong types are rejected with a message that names them, and every section
+checks its own ranges when it is built (`__post_init__`), so consumers never re-check a knob.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ def _strings(values: list) -> bool:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    base_model: str = _knob(BUNDLED_MODEL, "Base model: 'bundled:...', a local HF folder, a hub id in the HF cache, or a .gguf file")
+    base_model: str = _knob(BUNDLED_MODEL, "Base model: 'bundled:...', a local HF folder, a hub id in the HF cache, or "
+                                           "a .gguf file")
     cache_dir: str = _knob("", "Where converted base models are cached, shared by workspaces (default: ~/.cache/cl)")
     threads: int = _knob(0, "Torch CPU threads (0 = torch default)")
 
@@ -162,7 +163,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    eval_file: str = _knob("eval/qa_eval.jsonl", "Keyword QA file (relative to the workspace; without it, questions are derived from the snapshot)")
+    eval_file: str = _knob("eval/qa_eval.jsonl", "Keyword QA file (relative to the workspace; without it, questions "
+                                                 "are derived from the snapshot)")
     general_file: str = _knob("", "Everyday-questions file for the forgetting check ('' = the shipped one)")
     general_tolerance: float = _knob(0.1, "Non-inferiority margin: everyday accuracy may be at most this much lower")
     alpha: float = _knob(0.05, "Significance level of the everyday non-inferiority test")
@@ -170,7 +172,8 @@ class EvalConfig:
     min_questions: int = _knob(5, "Fewer target questions than this: the held-out loss decides the gain")
     loss_margin: float = _knob(0.05, "With too few questions, the held-out loss must fall by at least this share")
     max_new_tokens: int = _knob(64, "Answer length during evaluation")
-    batch_size: int = _knob(32, "Prompts generated together (finished answers leave the batch, so large batches cost little)")
+    batch_size: int = _knob(32, "Prompts generated together (finished answers leave the batch, so large batches cost "
+                                "little)")
 
     def __post_init__(self) -> None:
         _require("eval", self, [
@@ -247,7 +250,8 @@ class CycleConfig:
     train_cron: str = _knob("0 4 * * 0", "Schedule of training + eval + gate (cron; default Sundays 04:00)")
     eval_cron: str = _knob("0 5 1 * *", "Schedule of the full evaluation (cron; default the 1st, 05:00)")
     gate_promote: bool = _knob(True, "`cl cycle` promotes a newly trained candidate that passes the eval gate")
-    ab_promote: bool = _knob(False, "`cl cycle` stops a running A/B test and promotes its candidate once the promotion criteria hold")
+    ab_promote: bool = _knob(False, "`cl cycle` stops a running A/B test and promotes its candidate once the promotion "
+                                    "criteria hold")
     eval_max_age_days: int = _knob(30, "`cl cycle` re-evaluates the champion when its latest eval is older than this")
 
     def __post_init__(self) -> None:
@@ -375,7 +379,8 @@ class Settings:
     def resolve_in_home(self, relative: str | Path) -> Path:
         """A path named in the configuration, confined to the workspace (`../` or outside paths are refused).
 
-        Files given explicitly on the command line (`--eval-file`, `cl ingest FILE`) are inputs and may live anywhere."""
+        Files given explicitly on the command line (`--eval-file`, `cl ingest FILE`) are inputs and may live
+        anywhere."""
         path = Path(relative).expanduser()
         resolved = (path if path.is_absolute() else self.home / path).resolve()
         if not resolved.is_relative_to(self.home.resolve()):

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import registry
 from ..core.errors import CLError, InputError, LockHeldError, NothingToDo
@@ -79,8 +80,8 @@ def log_mark(settings: Settings) -> list[int]:
 
 def new_rated_count(settings: Settings, doc: dict) -> int:
     """Rated interactions that are new since the last snapshot's cursor (or got their rating since)."""
-    from ..curate import _moment, previous_cursor, scan_feedback
     from ..capture.ingest import iter_interactions
+    from ..curate import _moment, previous_cursor, scan_feedback
 
     cursor = previous_cursor(doc["snapshots"])
     scan = scan_feedback(settings.raw_log, cursor)
@@ -89,8 +90,10 @@ def new_rated_count(settings: Settings, doc: dict) -> int:
         moment = _moment(interaction.recorded_at or interaction.created_at)
         if moment is None or not (cursor.new_interaction(moment, interaction.id) or interaction.id in scan.late):
             continue
-        feedback = interaction.feedback.merged(scan.feedback[interaction.id]) if interaction.id in scan.feedback else interaction.feedback
-        if helpful_verdict(feedback, settings.curate.helpful_threshold, settings.curate.unhelpful_threshold) != "unrated":
+        late = scan.feedback.get(interaction.id)
+        feedback = interaction.feedback.merged(late) if interaction.id in scan.feedback else interaction.feedback
+        if helpful_verdict(feedback, settings.curate.helpful_threshold,
+                           settings.curate.unhelpful_threshold) != "unrated":
             count += 1
     return count
 
@@ -113,7 +116,8 @@ def latest_eval_time(doc: dict) -> datetime | None:
 # --- due rules (pure on what was read) ------------------------------------------------------------------
 def curate_due(new_rated: int, minimum: int) -> Due:
     if new_rated >= minimum:
-        return Due("curate", True, f"{new_rated} new rated interaction(s) since the last snapshot (threshold {minimum})")
+        return Due("curate", True, f"{new_rated} new rated interaction(s) since the last snapshot (threshold "
+                                   f"{minimum})")
     return Due("curate", False, f"{new_rated} new rated interaction(s) since the last snapshot, fewer than {minimum}")
 
 
@@ -123,7 +127,8 @@ def train_due(snapshot: str | None, failed_snapshot: str | None, curate_pending:
     if snapshot is None:
         return Due("train", False, "every snapshot has an adapter trained on it")
     if snapshot == failed_snapshot:
-        return Due("train", False, f"training on snapshot {snapshot} failed in an earlier cycle: run 'cl train' by hand")
+        return Due("train", False, f"training on snapshot {snapshot} failed in an earlier cycle: run 'cl train' by "
+                                   f"hand")
     return Due("train", True, f"snapshot {snapshot} has no adapter trained on it")
 
 
@@ -155,7 +160,7 @@ class Cycle:
         self.say = say or (lambda _: None)
         self.state = read_json(state_path(settings), default={}) or {}
         self.state.setdefault("steps", {})
-        self.now = datetime.now(timezone.utc)
+        self.now = datetime.now(UTC)
 
     # which steps are due, given the workspace as it is right now
     def due(self, step: str, pending: set[str] = frozenset()) -> Due:
@@ -233,9 +238,8 @@ class Cycle:
         return _describe_curate(manifest), {"snapshot": manifest.get("id"), "status": manifest["status"]}
 
     def step_train(self) -> tuple[str, dict]:
-        from .pipeline import eval_stage, train_stage
-
         from ..evaluate import check_eval_ready
+        from .pipeline import eval_stage, train_stage
 
         snapshot = untrained_snapshot(registry.load(self.settings))
         check_eval_ready(self.settings)  # before the expensive stages
@@ -248,9 +252,11 @@ class Cycle:
         version = entry["version"]
         report = eval_stage(self.settings, _args(no_promote=not self.settings.cycle.gate_promote), version)
         subject, decision = report["subject"], report.get("decision")
-        verdict = "promoted" if report["promoted"] else ("kept as candidate" + (": " + decision["summary"] if decision else ""))
+        verdict = "promoted" if report["promoted"] else ("kept as candidate" + (": " + decision["summary"] if decision
+                                                                                else ""))
         summary = f"adapter {version} trained on {snapshot}; accuracy {subject['passed']}/{subject['total']}; {verdict}"
-        return summary, {"snapshot": snapshot, "version": version, "accuracy": subject.get("accuracy"), "promoted": report["promoted"]}
+        return summary, {"snapshot": snapshot, "version": version, "accuracy": subject.get("accuracy"),
+                         "promoted": report["promoted"]}
 
     def step_eval(self) -> tuple[str, dict]:
         from ..evaluate import evaluate_and_gate
@@ -259,7 +265,8 @@ class Cycle:
         report = evaluate_and_gate(self.settings, candidate=champion, against="none", promote=False)
         subject = report["subject"]
         return (f"{champion}: accuracy {subject['passed']}/{subject['total']}",
-                {"version": champion, "accuracy": subject.get("accuracy"), "general_accuracy": subject.get("general_accuracy")})
+                {"version": champion, "accuracy": subject.get("accuracy"),
+                 "general_accuracy": subject.get("general_accuracy")})
 
     def step_drift(self) -> tuple[str, dict]:
         try:
@@ -270,7 +277,7 @@ class Cycle:
         return f"drift status: {result['status']}", {"status": result["status"]}
 
     def step_ab(self) -> tuple[str, dict]:
-        from ..monitor.ab import CANDIDATE, CHAMPION, running_test, stop_test, status_report
+        from ..monitor.ab import CANDIDATE, CHAMPION, running_test, status_report, stop_test
 
         test = running_test(self.settings)
         if self.settings.cycle.ab_promote and status_report(self.settings, test)["would_promote"]:

@@ -74,8 +74,8 @@ def _command(args: list[str]) -> list[str]:
 
 
 def champion(home: Path) -> str | None:
-    from ..registry import load
     from ..core.settings import load_settings
+    from ..registry import load
 
     return load(load_settings(home=home))["champion"]
 
@@ -89,7 +89,8 @@ def run_demo(home: Path) -> None:
     console.print(Rule("[bold]cl demo: a local model that learns from its users"))
     console.print(f"workspace: {home}")
     total = time.perf_counter()
-    chat_args = ["python", str(chat_py), "--max-new-tokens", "48"] if chat_py.exists() else ["cl", "chat", "--max-new-tokens", "48"]
+    chat_args = ["python", str(chat_py), "--max-new-tokens",
+                 "48"] if chat_py.exists() else ["cl", "chat", "--max-new-tokens", "48"]
     step("1. Chat and rate", "A user asks two questions, approves the first answer and corrects the second.",
          chat_args, env, stdin=CHAT_SCRIPT)
     step("2. Import rated interactions from another app",

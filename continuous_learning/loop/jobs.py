@@ -84,7 +84,8 @@ class JobManager:
         with self._lock:
             busy = next((j for j in self.jobs.values() if j.status in ("queued", "running")), None)
             if busy is not None:
-                raise JobConflict(f"a {busy.kind} job is already running (id {busy.id})", f"poll GET /admin/jobs/{busy.id}")
+                raise JobConflict(f"a {busy.kind} job is already running (id {busy.id})",
+                                  f"poll GET /admin/jobs/{busy.id}")
             for lock_name in ("curate", "train") if kind == "train" else ("curate",):
                 probe_lock(self.settings, lock_name)
             job = Job(kind=kind, options=options)
@@ -125,7 +126,8 @@ class JobManager:
 
         self._set(job, stage="curate")
         opts = job.options
-        return run_curate(settings or self.settings, full=bool(opts.get("full")), include_unrated=opts.get("include_unrated"),
+        return run_curate(settings or self.settings, full=bool(opts.get("full")),
+                          include_unrated=opts.get("include_unrated"),
                           note=opts.get("note"), progress=self._check_cancel)
 
     def _train(self, job: Job) -> dict:

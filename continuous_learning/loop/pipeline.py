@@ -22,7 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--full", action="store_true", help="Curate: rebuild from all logs, ignoring the cursor.")
     parser.add_argument("--include-unrated", action="store_true", help="Curate: also train on turns nobody rated.")
     parser.add_argument("--train", action="store_true", help="Train an adapter on the new (or newest) snapshot.")
-    parser.add_argument("--eval", dest="evaluate", action="store_true", help="Evaluate the new adapter and promote it if better.")
+    parser.add_argument("--eval", dest="evaluate", action="store_true", help="Evaluate the new adapter and promote it "
+                                                                             "if better.")
     parser.add_argument("--no-promote", action="store_true", help="Eval: show the gate decision but never promote.")
     parser.add_argument("--note", help="A note stored with what this run creates.")
     parser.add_argument("--json", dest="as_json", action="store_true", help="Print the results as JSON.")

@@ -16,9 +16,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..storage import keys
 from ..core.errors import CLError, ConfigError
 from ..core.settings import CycleConfig, Settings
+from ..storage import keys
 from ..storage.store import ensure_dir
 
 FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
@@ -59,9 +59,11 @@ def _field_values(text: str, name: str, low: int, high: int) -> list[int]:
                 if step_text:
                     end = high
         except ValueError:
-            raise ConfigError(f"cron {name} field '{text}' is not understood", "use numbers, '*', ranges a-b, lists a,b and steps */n") from None
+            raise ConfigError(f"cron {name} field '{text}' is not understood", "use numbers, '*', ranges a-b, lists "
+                                                                               "a,b and steps */n") from None
         if step < 1 or not low <= start <= end <= high:
-            raise ConfigError(f"cron {name} field '{text}' is out of range {low}-{high}", "fix the cron expression in [cycle]")
+            raise ConfigError(f"cron {name} field '{text}' is out of range {low}-{high}", "fix the cron expression in "
+                                                                                          "[cycle]")
         values.update(range(start, end + 1, step))
     return sorted(values)
 
@@ -70,7 +72,8 @@ def parse_cron(expression: str) -> list[list[int]]:
     """Five cron fields expanded to their values (day of week 7 folded onto 0 = Sunday)."""
     parts = expression.split()
     if len(parts) != 5:
-        raise ConfigError(f"cron expression '{expression}' needs 5 fields (minute hour day month weekday), has {len(parts)}",
+        raise ConfigError(f"cron expression '{expression}' needs 5 fields (minute hour day month weekday), has "
+                          f"{len(parts)}",
                           "e.g. '0 3 * * *' for every day at 03:00")
     fields = [_field_values(p, name, low, high) for p, (name, low, high) in zip(parts, FIELDS)]
     fields[4] = sorted({d % 7 for d in fields[4]})
@@ -98,7 +101,8 @@ def cron_to_oncalendar(expression: str) -> str:
 def cl_command(home: Path) -> list[str]:
     """The absolute `cl` next to this Python (or `python -m continuous_learning.cli`), pinned to the workspace."""
     script = Path(sys.executable).parent / "cl"
-    prefix = [str(script)] if script.is_file() and os.access(script, os.X_OK) else [sys.executable, "-m", "continuous_learning.cli"]
+    runnable = script.is_file() and os.access(script, os.X_OK)
+    prefix = [str(script)] if runnable else [sys.executable, "-m", "continuous_learning.cli"]
     return [*prefix, "--home", str(home)]
 
 
@@ -186,9 +190,9 @@ def strip_block(crontab: str, home: Path) -> tuple[str, bool]:
 def find_block(crontab: str, home: Path) -> str | None:
     begin, end = markers(home)
     lines = crontab.splitlines()
-    if begin not in (l.strip() for l in lines):
+    if begin not in (line.strip() for line in lines):
         return None
-    start = next(i for i, l in enumerate(lines) if l.strip() == begin)
+    start = next(i for i, line in enumerate(lines) if line.strip() == begin)
     stop = next((i for i in range(start, len(lines)) if lines[i].strip() == end), len(lines) - 1)
     return "\n".join(lines[start:stop + 1]) + "\n"
 
@@ -244,13 +248,15 @@ def read_crontab() -> str:
         return done.stdout
     if "no crontab" in (done.stderr + done.stdout).lower():
         return ""
-    raise CLError(f"'crontab -l' failed: {done.stderr.strip() or done.returncode}", "check that cron works for your user")
+    raise CLError(f"'crontab -l' failed: {done.stderr.strip() or done.returncode}", "check that cron works for your "
+                                                                                    "user")
 
 
 def write_crontab(text: str) -> None:
     done = subprocess.run([_crontab_exe(), "-"], input=text, capture_output=True, text=True)
     if done.returncode != 0:
-        raise CLError(f"'crontab -' refused the new crontab: {done.stderr.strip() or done.returncode}", "nothing was changed")
+        raise CLError(f"'crontab -' refused the new crontab: {done.stderr.strip() or done.returncode}", "nothing was "
+                                                                                                        "changed")
 
 
 def install_cron(settings: Settings) -> str:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Callable, Hashable
 
 from .. import registry
 from ..core.errors import CLError, InputError, NothingToDo, RegistryError
@@ -76,7 +76,7 @@ class Tally:
     def rate(self) -> float | None:
         return self.helpful / self.rated if self.rated else None
 
-    def add(self, helpful: bool) -> "Tally":
+    def add(self, helpful: bool) -> Tally:
         return Tally(self.rated + 1, self.helpful + int(helpful))
 
     def to_dict(self) -> dict:
@@ -154,7 +154,8 @@ def state_file(settings: Settings):
 def load_test(settings: Settings) -> dict | None:
     """The current (or last) A/B test, or None."""
     doc = read_json(state_file(settings))
-    if doc is not None and not (isinstance(doc, dict) and {"id", "candidate", "traffic", "started_at", "status"} <= set(doc)):
+    if doc is not None and not (isinstance(doc, dict) and {"id", "candidate", "traffic", "started_at",
+                                                           "status"} <= set(doc)):
         raise InputError(f"{state_file(settings)} is not an A/B test record", "delete it to start afresh")
     return doc
 
@@ -205,7 +206,8 @@ def start_test(settings: Settings, candidate: str, traffic: float | None = None)
 
     traffic = settings.ab.traffic if traffic is None else traffic
     if not 0 < traffic < 1:
-        raise InputError(f"--traffic must be between 0 and 1 (exclusive), got {traffic:g}", "e.g. --traffic 0.1 for 10% of new sessions")
+        raise InputError(f"--traffic must be between 0 and 1 (exclusive), got {traffic:g}", "e.g. --traffic 0.1 for "
+                                                                                            "10% of new sessions")
     doc = registry.load(settings)
     check_candidate(doc, candidate)
     verify_adapter_files(settings, doc["adapters"][candidate])
@@ -214,12 +216,14 @@ def start_test(settings: Settings, candidate: str, traffic: float | None = None)
         check_candidate(doc, candidate)
         current = load_test(settings)
         if current and current["status"] == RUNNING:
-            raise CLError(f"A/B test {current['id']} ({current['candidate']} vs {current['champion'] or 'base'}) is already running",
+            raise CLError(f"A/B test {current['id']} ({current['candidate']} vs {current['champion'] or 'base'}) is "
+                          f"already running",
                           "stop it first with 'cl ab stop'")
         test = {"id": new_id()[:8], "candidate": candidate, "champion": doc["champion"], "traffic": traffic,
                 "started_at": utc_now(), "status": RUNNING}
         atomic_write_json(state_file(settings), test)
-    registry.log_event(settings, "ab_start", test_id=test["id"], candidate=candidate, champion=test["champion"], traffic=traffic)
+    registry.log_event(settings, "ab_start", test_id=test["id"], candidate=candidate, champion=test["champion"],
+                       traffic=traffic)
     return test
 
 

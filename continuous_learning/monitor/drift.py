@@ -11,15 +11,15 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 
 from .. import registry
 from ..core.errors import InputError
-from ..storage.crypto import cipher_from_env
 from ..core.records import Feedback, Interaction, helpful_verdict, parse_time
 from ..core.settings import Settings
+from ..storage.crypto import cipher_from_env
 from ..storage.store import ReadReport, iter_jsonl, joined_interactions
 
 # Empty bins would make PSI infinite (log of zero); a tiny share stands in for "none seen", as is customary.
@@ -169,7 +169,8 @@ def feature_row(interaction: Interaction, feedback: Feedback, helpful_threshold:
 
 
 def _number(value) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    return float(value) if numeric and math.isfinite(value) else None
 
 
 @dataclass
@@ -209,7 +210,8 @@ def compare_features(reference: list[Row], recent: list[Row], config) -> list[di
         ref = _categories(reference, name)
         rec = _categories(recent, name)
         value, shares = categorical_psi(ref, rec)
-        out.append({"name": name, "kind": "categorical", "psi": value, "level": psi_level(value, config.psi_warn, config.psi_alert),
+        out.append({"name": name, "kind": "categorical", "psi": value,
+                    "level": psi_level(value, config.psi_warn, config.psi_alert),
                     "shares": shares})
     for name in NUMERIC:
         ref = [getattr(r, name) for r in reference if getattr(r, name) is not None]
@@ -251,7 +253,8 @@ def concept_drift(reference_verdicts: list[str], recent_verdicts: list[str], con
     }
     if min(len(ref_rated), len(rec_rated)) < config.min_rated:
         return {**counts, "level": "insufficient", "note": f"fewer than {config.min_rated} rated turns in a window"}
-    result = helpful_drop(counts["reference_helpful"], len(ref_rated), counts["recent_helpful"], len(rec_rated), config.helpful_alpha)
+    result = helpful_drop(counts["reference_helpful"], len(ref_rated), counts["recent_helpful"], len(rec_rated),
+                          config.helpful_alpha)
     return {**counts, **result, "level": "alert" if result["significant"] else "ok"}
 
 
@@ -266,8 +269,8 @@ def parse_range(text: str) -> tuple[datetime, datetime]:
     """'YYYY-MM-DD..YYYY-MM-DD' (both days included) to [start, end)."""
     try:
         first, last = text.split("..")
-        start = datetime.strptime(first.strip(), "%Y-%m-%d").replace(tzinfo=timezone.utc)
-        end = datetime.strptime(last.strip(), "%Y-%m-%d").replace(tzinfo=timezone.utc) + timedelta(days=1)
+        start = datetime.strptime(first.strip(), "%Y-%m-%d").replace(tzinfo=UTC)
+        end = datetime.strptime(last.strip(), "%Y-%m-%d").replace(tzinfo=UTC) + timedelta(days=1)
     except ValueError:
         raise InputError(f"reference '{text}' is neither 'champion' nor a range YYYY-MM-DD..YYYY-MM-DD",
                          "e.g. --reference 2026-10-01..2026-10-31") from None
@@ -320,13 +323,15 @@ def reference_window(settings: Settings, spec: str, recent_start: datetime) -> W
     doc = registry.load(settings)
     champion, snapshot_ids = champion_snapshot_ids(doc)
     if champion is None:
-        return Window("before_recent", end=recent_start, details={"note": "no champion: the interactions before the recent window"})
+        return Window("before_recent", end=recent_start, details={"note": "no champion: the interactions before the "
+                                                                          "recent window"})
     ids, missing = training_interaction_ids(settings, doc, snapshot_ids)
     details = {"champion": champion, "snapshots": snapshot_ids}
     if missing:
         details["missing_snapshots"] = missing
     if not ids:
-        details["note"] = f"champion {champion}'s training data could not be traced: the interactions before the recent window"
+        details["note"] = (f"champion {champion}'s training data could not be traced: "
+                           "the interactions before the recent window")
         return Window("before_recent", end=recent_start, details=details)
     return Window("champion", ids=ids, details=details)
 
@@ -357,7 +362,8 @@ def fill_windows(settings: Settings, reference: Window, recent: Window,
     return rated
 
 
-def concept_baseline(reference: Window, rated_elsewhere: list[tuple[datetime, str]], recent_start: datetime) -> tuple[list[str], dict]:
+def concept_baseline(reference: Window, rated_elsewhere: list[tuple[datetime, str]],
+                     recent_start: datetime) -> tuple[list[str], dict]:
     """Verdicts the recent helpful rate is compared with.
 
     A time window is its own baseline. The champion's training data cannot be: curation keeps mostly helpful
@@ -369,7 +375,8 @@ def concept_baseline(reference: Window, rated_elsewhere: list[tuple[datetime, st
     last = min(max(r.created_at for r in reference.rows), recent_start)
     inside = [r.verdict for r in reference.rows if first <= r.created_at < recent_start]
     inside += [v for moment, v in rated_elsewhere if first <= moment <= last]
-    return inside, {"basis": "all rated turns in the span of the champion's training data", "start": _iso(first), "end": _iso(last)}
+    return inside, {"basis": "all rated turns in the span of the champion's training data", "start": _iso(first),
+                    "end": _iso(last)}
 
 
 # --- the check --------------------------------------------------------------------------------------------
@@ -381,7 +388,7 @@ def check_drift(settings: Settings, reference: str | None = None, recent_days: i
     days = config.recent_days if recent_days is None else recent_days
     if days < 1:
         raise InputError(f"recent window must be at least 1 day, got {days}", "pass --recent-days 7 for example")
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     recent = Window("recent", start=now - timedelta(days=days), end=now + timedelta(seconds=1), details={"days": days})
     ref = reference_window(settings, spec, recent.start)
     report = ReadReport()

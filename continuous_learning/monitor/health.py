@@ -7,9 +7,9 @@ and roll back automatically when it is significantly and substantially worse.
 from __future__ import annotations
 
 from .. import registry
-from .ab import Tally, rated_tallies, two_proportion_z
-from ..decisions import BASE, UNUSABLE, champion_lineage, label, rollback_champion
 from ..core.settings import HealthConfig, Settings
+from ..decisions import BASE, UNUSABLE, champion_lineage, label, rollback_champion
+from .ab import Tally, rated_tallies, two_proportion_z
 
 OK, DEGRADED, INSUFFICIENT, NO_CHAMPION = "ok", "degraded", "insufficient", "no_champion"
 
@@ -19,9 +19,11 @@ def health_decision(champion: Tally, predecessor: Tally, config: HealthConfig) -
 
     Degraded = both have >= min_samples rated turns, champion rate < degradation_factor x predecessor rate,
     and the one-sided two-proportion test (champion < predecessor) gives p < alpha."""
-    _, p = two_proportion_z(champion.helpful, champion.rated, predecessor.helpful, predecessor.rated, alternative="less")
+    _, p = two_proportion_z(champion.helpful, champion.rated, predecessor.helpful, predecessor.rated,
+                            alternative="less")
     figures = {"champion_stats": champion.to_dict(), "predecessor_stats": predecessor.to_dict(), "p_value": p,
-               "alpha": config.alpha, "degradation_factor": config.degradation_factor, "min_samples": config.min_samples}
+               "alpha": config.alpha, "degradation_factor": config.degradation_factor,
+               "min_samples": config.min_samples}
     short = [f"{who} has {t.rated} rated turn(s), needs {config.min_samples}"
              for who, t in (("champion", champion), ("predecessor", predecessor)) if t.rated < config.min_samples]
     if short:
@@ -32,7 +34,8 @@ def health_decision(champion: Tally, predecessor: Tally, config: HealthConfig) -
     reasons.append(f"helpful rate {champion.rate:.1%} vs predecessor {predecessor.rate:.1%} "
                    f"({'below' if below else 'not below'} {config.degradation_factor:g} x = {threshold:.1%})")
     significant = p < config.alpha
-    reasons.append(f"one-sided test p={p:.3g} ({'significant' if significant else 'not significant'} at alpha={config.alpha:g})")
+    reasons.append(f"one-sided test p={p:.3g} ({'significant' if significant else 'not significant'} at "
+                   f"alpha={config.alpha:g})")
     return {"verdict": DEGRADED if below and significant else OK, "reasons": reasons, **figures}
 
 
@@ -46,18 +49,22 @@ def check_health(settings: Settings, apply: bool = True) -> dict:
         registry.log_event(settings, "health_check", verdict=NO_CHAMPION, champion=None)
         return report
     predecessor = champion_lineage(doc)[0]
-    tallies = rated_tallies(settings, lambda i: label(i.adapter_version) if i.adapter_version in (champion, predecessor) else None)
-    decision = health_decision(tallies.get(champion, Tally()), tallies.get(label(predecessor), Tally()), settings.health)
+    tallies = rated_tallies(settings, lambda i: label(i.adapter_version)
+                            if i.adapter_version in (champion, predecessor) else None)
+    decision = health_decision(tallies.get(champion, Tally()), tallies.get(label(predecessor), Tally()),
+                               settings.health)
     report = {**decision, "champion": champion, "predecessor": predecessor, "rolled_back": False,
               "auto_rollback": settings.health.auto_rollback}
     if decision["verdict"] == DEGRADED:
         if not settings.health.auto_rollback:
-            report["reasons"].append("auto-rollback is off (health.auto_rollback): roll back by hand with 'cl rollback'")
+            report["reasons"].append("auto-rollback is off (health.auto_rollback): roll back by hand with 'cl "
+                                     "rollback'")
         elif not apply:
             report["reasons"].append("check only: nothing was rolled back")
         else:
             report["rolled_back"] = _roll_back(settings, champion, predecessor, decision)
-    registry.log_event(settings, "health_check", verdict=decision["verdict"], champion=champion, predecessor=predecessor,
+    registry.log_event(settings, "health_check", verdict=decision["verdict"], champion=champion,
+                       predecessor=predecessor,
                        rolled_back=report["rolled_back"],
                        **_figures(decision))
     return report
@@ -70,14 +77,17 @@ def _roll_back(settings: Settings, champion: str, predecessor: str | None, decis
         return False
     status = doc["adapters"][predecessor]["status"] if predecessor is not None else "base"
     if status in UNUSABLE:
-        decision["reasons"].append(f"predecessor {predecessor} is {status}: choose a target with 'cl rollback --to VERSION'")
+        decision["reasons"].append(f"predecessor {predecessor} is {status}: choose a target with 'cl rollback --to "
+                                   f"VERSION'")
         return False
     moved = rollback_champion(settings, to=predecessor if predecessor is not None else BASE, reason=why)
-    registry.log_event(settings, "health_rollback", **{"from": moved["from"], "to": moved["to"]}, reason=why, **_figures(decision))
+    registry.log_event(settings, "health_rollback", **{"from": moved["from"], "to": moved["to"]}, reason=why,
+                       **_figures(decision))
     return True
 
 
 def _figures(decision: dict) -> dict:
     champion, predecessor = decision["champion_stats"], decision["predecessor_stats"]
-    return {"champion_rated": champion["rated"], "champion_rate": champion["helpful_rate"], "predecessor_rated": predecessor["rated"],
+    return {"champion_rated": champion["rated"], "champion_rate": champion["helpful_rate"],
+            "predecessor_rated": predecessor["rated"],
             "predecessor_rate": predecessor["helpful_rate"], "p_value": decision["p_value"]}

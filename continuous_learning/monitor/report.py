@@ -6,9 +6,9 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Callable
+from datetime import UTC, datetime
 
 from .. import registry
 from ..core.errors import CLError
@@ -36,7 +36,8 @@ def loss_history(settings: Settings, entry: dict) -> list[tuple[int, float]]:
         return []
     rows = []
     for _, row in iter_jsonl(folder / "metrics.jsonl"):
-        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and isinstance(row.get("loss"), (int, float)):
+        numbers = isinstance(row, dict) and all(isinstance(row.get(k), (int, float)) for k in ("step", "loss"))
+        if numbers:
             rows.append((int(row["step"]), float(row["loss"])))
     return rows
 
@@ -142,7 +143,8 @@ def summary_section(status: dict) -> Section:
     return Section("Summary", [
         f"Workspace {status['home']}, base model {status['base_model']}.",
         f"{turns['total']} interactions, {turns['rated']} rated, helpful rate {_pct(turns['helpful_rate'])}.",
-        f"Champion: {status['champion'] or 'the base model'}; {len(status['adapters'])} adapter version(s); {status['snapshots']} snapshot(s).",
+        f"Champion: {status['champion'] or 'the base model'}; {len(status['adapters'])} adapter version(s); "
+        f"{status['snapshots']} snapshot(s).",
     ])
 
 
@@ -150,7 +152,8 @@ def adapters_section(status: dict, doc: dict) -> Section:
     section = Section("Adapters and evaluation", chart="eval_accuracy")
     rows = status["adapters"]
     if rows:
-        section.table = (["version", "status", "eval accuracy", "general accuracy", "helpful rate", "rated", "final loss"],
+        section.table = (["version", "status", "eval accuracy", "general accuracy", "helpful rate", "rated",
+                          "final loss"],
                          [[r["version"], r["status"] or "-", _pct(r["eval_accuracy"]), _pct(r["general_accuracy"]),
                            _pct(r["helpful_rate"]), str(r["rated"]), _num(r["final_loss"])] for r in rows])
     else:
@@ -185,7 +188,8 @@ def helpful_section(status: dict) -> Section:
     by_adapter = [(v, c) for v, c in sorted(status["feedback_by_adapter"].items()) if c["rated"]]
     if by_adapter:
         section.table = (["adapter", "rated", "helpful", "helpful rate"],
-                         [[v, str(c["rated"]), str(c.get("helpful", 0)), _pct(c["helpful_rate"])] for v, c in by_adapter])
+                         [[v, str(c["rated"]), str(c.get("helpful", 0)), _pct(c["helpful_rate"])] for v,
+                          c in by_adapter])
     return section
 
 
@@ -204,7 +208,8 @@ def drift_section(settings: Settings) -> Section:
     section.text.extend(result["notes"])
     if result["features"]:
         section.table = (["feature", "kind", "PSI", "KS stat", "KS p", "level"],
-                         [[f["name"], f["kind"], _num(f.get("psi")), _num(f.get("ks_stat")), _num(f.get("ks_p"), 4), f["level"]]
+                         [[f["name"], f["kind"], _num(f.get("psi")), _num(f.get("ks_stat")), _num(f.get("ks_p"), 4),
+                           f["level"]]
                           for f in result["features"]])
         if any(f.get("psi") is not None for f in result["features"]):
             section.png = drift_chart(result["features"], settings.drift.psi_warn, settings.drift.psi_alert)
@@ -219,7 +224,8 @@ def events_section(status: dict) -> Section:
     recent = status["events"]["recent"]
     section = Section("Recent events")
     if recent:
-        section.table = (["when", "event", "outcome"], [[(e["at"] or "-")[:19].replace("T", " "), e["event"], e["outcome"]] for e in recent])
+        section.table = (["when", "event", "outcome"],
+                         [[(e["at"] or "-")[:19].replace("T", " "), e["event"], e["outcome"]] for e in recent])
     else:
         section.text.append("No learning events yet.")
     return section
@@ -230,7 +236,8 @@ def build_sections(settings: Settings) -> list[Section]:
 
     status = collect_status(settings, days=HELPFUL_DAYS)
     doc = registry.load(settings)
-    return [summary_section(status), adapters_section(status, doc), loss_section(settings, doc), helpful_section(status),
+    return [summary_section(status), adapters_section(status, doc), loss_section(settings, doc),
+            helpful_section(status),
             drift_section(settings), events_section(status)]
 
 
@@ -275,7 +282,7 @@ def to_html(sections: list[Section], title: str) -> str:
 
 def write_report(settings: Settings, now: datetime | None = None) -> dict:
     """Write the report; returns the paths written and what was missing."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     stamp = now.strftime("%Y%m%dT%H%M%SZ")
     folder = settings.logs_dir / "reports"
     sections = build_sections(settings)

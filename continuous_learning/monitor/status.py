@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from datetime import date, datetime, timedelta, timezone
+from collections.abc import Iterable
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from .. import registry
 from ..core.errors import CLError
@@ -18,7 +19,8 @@ from ..core.records import Feedback, FeedbackEvent, Interaction, helpful_verdict
 from ..core.settings import Settings
 from ..storage.store import ReadReport, iter_jsonl, read_json, read_log
 
-TRACKED_EVENTS = ("snapshot_created", "adapter_trained", "train_failed", "eval", "promote", "rollback", "drift", "cycle",
+TRACKED_EVENTS = ("snapshot_created", "adapter_trained", "train_failed", "eval", "promote", "rollback", "drift",
+                  "cycle",
                   "health_rollback", "ab_start", "ab_stop")
 RATED = ("helpful", "unhelpful", "neutral", "corrected")
 RECENT_EVENTS = 10
@@ -49,12 +51,14 @@ def event_outcome(event: dict) -> str:
         return f"snapshot {get('snapshot')}: {get('train_examples')} train / {get('eval_examples')} eval examples"
     if kind == "adapter_trained":
         loss = get("final_loss")
-        return f"adapter {get('version')} trained" + (f", final loss {loss:.3f}" if isinstance(loss, (int, float)) else "")
+        return f"adapter {get('version')} trained" + (f", final loss {loss:.3f}" if isinstance(loss, (int, float))
+                                                      else "")
     if kind == "train_failed":
         return f"training failed: {get('error') or get('reason') or get('message') or '?'}"
     if kind == "eval":
         acc = get("accuracy")
-        return f"{get('version') or 'base'} evaluated" + (f": accuracy {acc:.0%}" if isinstance(acc, (int, float)) else "")
+        return f"{get('version') or 'base'} evaluated" + (f": accuracy {acc:.0%}" if isinstance(acc, (int, float))
+                                                          else "")
     if kind in ("promote", "rollback", "health_rollback"):
         return f"{get('from') or 'base'} -> {get('to') or 'base'}" + (f" ({get('reason')})" if get("reason") else "")
     if kind == "drift":
@@ -67,9 +71,11 @@ def event_outcome(event: dict) -> str:
         return f"ran {', '.join(get('ran') or []) or '-'}" + (f"; failed: {', '.join(failed)}" if failed else "")
     if kind == "ab_start":
         traffic = get("traffic")
-        return f"{get('candidate')} vs {get('champion') or 'base'}" + (f", {traffic:.0%} of sessions" if isinstance(traffic, (int, float)) else "")
+        return f"{get('candidate')} vs {get('champion') or 'base'}" + (f", {traffic:.0%} of sessions"
+                                                                       if isinstance(traffic, (int, float)) else "")
     if kind == "ab_stop":
-        return f"{get('candidate')} vs {get('champion') or 'base'}: " + ("candidate promoted" if get("promoted") else "not promoted")
+        return f"{get('candidate')} vs {get('champion') or 'base'}: " + ("candidate promoted" if get("promoted")
+                                                                         else "not promoted")
     return ""
 
 
@@ -133,7 +139,8 @@ class Traffic:
 
     def summary(self) -> dict:
         rated = sum(self.verdicts.get(k, 0) for k in RATED)
-        per_day = [{"day": d, **{k: v for k, v in c.items() if k in ("turns", *RATED)}, "rated": sum(c[k] for k in RATED),
+        per_day = [{"day": d, **{k: v for k, v in c.items() if k in ("turns", *RATED)},
+                    "rated": sum(c[k] for k in RATED),
                     "helpful_rate": helpful_rate(c)} for d, c in self.per_day.items()]
         arms = {arm: {"turns": c["turns"], "rated": sum(c.get(k, 0) for k in RATED), "helpful": c.get("helpful", 0),
                       "helpful_rate": helpful_rate(c)} for arm, c in sorted(self.arms.items())}
@@ -172,7 +179,8 @@ def scan_events(path: Path) -> dict:
         if kind != "ingested":
             recent.append(record)
     return {
-        "latest": {k: {"at": e.get("created_at"), "outcome": event_outcome(e), "details": _details(e)} for k, e in latest.items()},
+        "latest": {k: {"at": e.get("created_at"), "outcome": event_outcome(e), "details": _details(e)} for k,
+                   e in latest.items()},
         "recent": [{"at": e.get("created_at"), "event": e.get("event"), "outcome": event_outcome(e)} for e in recent],
     }
 
@@ -255,7 +263,7 @@ def _started(ab: dict | None) -> datetime | None:
 # --- everything -------------------------------------------------------------------------------------------
 def collect_status(settings: Settings, days: int = 14, now: datetime | None = None) -> dict[str, Any]:
     """The whole status as a JSON-able dict (also served by the service's admin status)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     notes: list[str] = []
     try:
         doc = registry.load(settings)

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Callable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ..core.errors import RegistryError
 from ..core.records import SCHEMA_VERSION, learning_event, utc_now

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 UNUSABLE_STATUSES = ("failed", "tainted")  # never served, never a rollback target

@@ -12,7 +12,7 @@ import asyncio
 import sys
 import time
 from contextlib import asynccontextmanager
-from typing import Any, Optional
+from typing import Any
 
 import orjson
 from fastapi import Depends, FastAPI, Request
@@ -385,19 +385,20 @@ def _admin_routes(app: FastAPI) -> None:
         return json_response(job.to_dict())
 
     @app.post("/admin/curate")
-    async def curate(body: Optional[CurateRequest] = None, service: Service = Depends(_service)) -> Response:
+    async def curate(body: CurateRequest | None = None, service: Service = Depends(_service)) -> Response:
         options = (body or CurateRequest()).model_dump()
         return _job_response(await run_in_threadpool(service.jobs.submit, "curate", options))
 
     @app.post("/admin/train")
-    async def train(body: Optional[TrainRequest] = None, service: Service = Depends(_service)) -> Response:
+    async def train(body: TrainRequest | None = None, service: Service = Depends(_service)) -> Response:
         options = (body or TrainRequest()).model_dump()
         return _job_response(await run_in_threadpool(service.jobs.submit, "train", options))
 
     @app.post("/admin/rollback")
-    async def rollback(body: Optional[RollbackRequest] = None, service: Service = Depends(_service)) -> Response:
+    async def rollback(body: RollbackRequest | None = None, service: Service = Depends(_service)) -> Response:
         req = body or RollbackRequest()
-        moved = await run_in_threadpool(rollback_champion, service.settings, req.steps, req.to, req.reason or "rollback via API")
+        moved = await run_in_threadpool(rollback_champion, service.settings, req.steps, req.to, req.reason
+                                        or "rollback via API")
         return json_response({"from": model_label(moved["from"]), "to": model_label(moved["to"]),
                               "seconds": round(moved["seconds"], 3)})
 

@@ -9,7 +9,7 @@ import hmac
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import orjson
@@ -35,7 +35,8 @@ from ..storage.keys import workspace_secret
 CHAMPION = "champion"
 LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 FEEDBACK_KEY_FILE = "serve_feedback_key"
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error",
                405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
                422: "invalid_request_error", 503: "service_unavailable", 500: "server_error"}
 MAX_STOP_CHARS = 200
@@ -50,7 +51,8 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, code: str | None = None, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param, "code": code}}
+    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"), "param": param,
+                      "code": code}}
 
 
 def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -197,7 +199,7 @@ class FeedbackTokens:
         self.secret = secret
 
     @classmethod
-    def of(cls, settings: Settings) -> "FeedbackTokens":
+    def of(cls, settings: Settings) -> FeedbackTokens:
         return cls(workspace_secret(settings.lock_dir.parent / FEEDBACK_KEY_FILE))
 
     def mint(self, interaction_id: str) -> str:
@@ -217,7 +219,7 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
+    content: str | list[TextPart]
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -231,19 +233,19 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str = Field(CHAMPION, max_length=200)
     messages: list[ChatMessage] = Field(min_length=1)
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
-    repetition_penalty: Optional[float] = Field(None, gt=0, le=10)  # extension: llama.cpp's repeat_penalty (1 = off)
-    stop: Union[str, list[str], None] = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10)  # extension: llama.cpp's repeat_penalty (1 = off)
+    stop: str | list[str] | None = None
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = Field(None, max_length=256)
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256)
     n: int = Field(1, ge=1, le=1)
-    seed: Optional[int] = None
+    seed: int | None = None
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -259,13 +261,13 @@ class FeedbackRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     interaction_id: StrictStr = Field(min_length=1, max_length=100)
-    feedback_token: Optional[StrictStr] = Field(None, max_length=100)
-    score: Optional[StrictInt] = Field(None, ge=1, le=5)
-    helpful: Optional[StrictBool] = None
-    comment: Optional[StrictStr] = None
-    correction: Optional[StrictStr] = None
-    private: Optional[StrictBool] = None
-    user: Optional[StrictStr] = Field(None, max_length=256)
+    feedback_token: StrictStr | None = Field(None, max_length=100)
+    score: StrictInt | None = Field(None, ge=1, le=5)
+    helpful: StrictBool | None = None
+    comment: StrictStr | None = None
+    correction: StrictStr | None = None
+    private: StrictBool | None = None
+    user: StrictStr | None = Field(None, max_length=256)
 
     def feedback(self) -> Feedback:
         return Feedback(score=self.score, helpful=self.helpful, comment=self.comment, correction=self.correction,
@@ -282,25 +284,25 @@ class FeedbackRequest(BaseModel):
 class CurateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     full: bool = False
-    include_unrated: Optional[bool] = None
-    note: Optional[str] = Field(None, max_length=1000)
+    include_unrated: bool | None = None
+    note: str | None = Field(None, max_length=1000)
 
 
 class TrainRequest(CurateRequest):
     curate: bool = True
     evaluate: bool = True
     promote: bool = True
-    snapshot: Optional[str] = None
+    snapshot: str | None = None
     fresh: bool = False
-    max_steps: Optional[int] = Field(None, ge=1)
-    epochs: Optional[int] = Field(None, ge=0)
-    learning_rate: Optional[float] = Field(None, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=0)
+    learning_rate: float | None = Field(None, gt=0)
 
 
 class RollbackRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     steps: int = Field(1, ge=1)
-    to: Optional[str] = None
+    to: str | None = None
     reason: str = Field("", max_length=1000)
 
 

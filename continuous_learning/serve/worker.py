@@ -23,8 +23,8 @@ from ..core.settings import Settings
 from ..decisions import sorted_versions
 from ..loop.jobs import JobManager
 from ..monitor.status import collect_status
-from ..storage.crypto import cipher_from_env
 from ..storage import keys
+from ..storage.crypto import cipher_from_env
 from ..storage.keys import secrets_problem
 from ..storage.store import find_joined
 from .schemas import (
@@ -169,7 +169,7 @@ class Writer:
             self._record_turns(turns)
             turns = []
             fn, args = task[1]
-            _settle(task[2], lambda: fn(self.recorder, *args))
+            _settle(task[2], lambda fn=fn, args=args: fn(self.recorder, *args))
         self._record_turns(turns)
 
     def _record_turns(self, tasks: list) -> None:
@@ -256,7 +256,8 @@ class GenerationWorker:
         prompt_tokens = int(self.chat.encode_chat(context).shape[-1])
         limit = self.settings.chat.context_tokens or self.chat.context_limit
         if prompt_tokens + job.max_tokens > limit:
-            raise ApiError(400, f"the prompt takes {prompt_tokens} tokens; with max_tokens {job.max_tokens} that exceeds "
+            raise ApiError(400, f"the prompt takes {prompt_tokens} tokens; with max_tokens {job.max_tokens} that "
+                                f"exceeds "
                                 f"the context of {limit} tokens - shorten the messages or lower max_tokens",
                            "context_length_exceeded", "messages")
         return context
@@ -311,7 +312,8 @@ class GenerationWorker:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 # --- the service -----------------------------------------------------------------------------------------
@@ -332,7 +334,7 @@ class Service:
         self.counts = {"completions": 0, "failed": 0, "rejected": 0, "feedback": 0}
 
     @classmethod
-    def load(cls, settings: Settings, admin_token: str | None = None) -> "Service":
+    def load(cls, settings: Settings, admin_token: str | None = None) -> Service:
         """Load the model and the sanitizer. `admin_token` None = take it from CL_ADMIN_TOKEN ('' = admin off)."""
         token = admin_token if admin_token is not None else keys.admin_token()
         problem = secrets_problem(settings)  # a bad key or another salt: one clear error before the model loads
@@ -361,7 +363,7 @@ class Service:
             return "the recording thread has stopped"
         return secrets_problem(self.settings)
 
-    def feedback_refusal(self, body: "FeedbackRequest", authorization: str | None) -> ApiError | None:
+    def feedback_refusal(self, body: FeedbackRequest, authorization: str | None) -> ApiError | None:
         """Why a feedback request may not be recorded, judged before the writer thread sees it."""
         body.check_lengths(self.settings.privacy.max_text_chars)
         try:
@@ -410,7 +412,8 @@ class Service:
             "candidates": [v for v in sorted_versions(doc) if doc["adapters"][v]["status"] == "candidate"],
             "adapters": {v: doc["adapters"][v]["status"] for v in sorted_versions(doc)},
             "snapshots": len(doc["snapshots"]),
-            "queue": {"depth": self.worker.depth, "waiting": self.worker.queue.qsize(), "capacity": self.settings.serve.queue_size},
+            "queue": {"depth": self.worker.depth, "waiting": self.worker.queue.qsize(),
+                      "capacity": self.settings.serve.queue_size},
             "jobs": self.jobs.list(), "counts": dict(self.counts), "uptime_s": round(time.time() - self.started, 1),
             "workspace": collect_status(self.settings),  # the same data as `cl status --json`
         }

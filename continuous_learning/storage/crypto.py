@@ -12,6 +12,7 @@ from typing import Any
 
 from ..core.errors import CLError
 from .keys import KEY_ENV as ENV_KEY
+
 MARKER = "enc:v1:"
 KEY_COMMAND = 'python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
 _FEEDBACK_TEXTS = ("correction", "comment")

@@ -18,8 +18,8 @@ import os
 import secrets
 import stat
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import orjson
 

@@ -8,9 +8,10 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import orjson
 from filelock import FileLock, Timeout
@@ -33,7 +34,8 @@ def ensure_dir(path: Path) -> Path:
             if not folder.exists():
                 folder.mkdir(mode=DIR_MODE, exist_ok=True)
     except PermissionError:
-        raise CLError(f"cannot create folder {path}: permission denied", "choose a writable workspace with --home") from None
+        raise CLError(f"cannot create folder {path}: permission denied",
+                      "choose a writable workspace with --home") from None
     except OSError as exc:  # a file where a folder must go, a full disk, a read-only file system...
         reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise CLError(f"cannot create folder {path}: {reason}",
@@ -43,9 +45,11 @@ def ensure_dir(path: Path) -> Path:
 
 def _disk_error(path: Path, exc: OSError) -> CLError:
     if exc.errno == errno.ENOSPC:
-        return CLError(f"disk full while writing {path}", "free some space and run the command again; nothing stored was changed")
+        return CLError(f"disk full while writing {path}", "free some space and run the command again; nothing stored "
+                                                          "was changed")
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return CLError(f"cannot write {path}: {os.strerror(exc.errno)}", "make the workspace writable or choose another with --home")
+        return CLError(f"cannot write {path}: {os.strerror(exc.errno)}", "make the workspace writable or choose "
+                                                                         "another with --home")
     return CLError(f"cannot write {path}: {exc}")
 
 
@@ -123,7 +127,8 @@ class ReadReport:
 MAX_RECORD_BYTES = 16 * 1024 * 1024  # records this tool writes are far smaller; longer lines are damage
 
 
-def iter_jsonl(path: Path, report: ReadReport | None = None, max_line_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: Path, report: ReadReport | None = None,
+               max_line_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, Any]]:
     """Stream (line number, parsed record). Undecodable or over-long lines are skipped and noted in `report`."""
     report = report if report is not None else ReadReport()
     if not path.exists():

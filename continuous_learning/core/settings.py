@@ -220,12 +220,10 @@ class ABConfig:
     min_improvement: float = _knob(0.02, "Smallest helpful-rate gain (absolute, 0.02 = 2 points) that promotes")
 
     def __post_init__(self) -> None:
-        _require("ab", self, [
-            ("traffic", _probability(self.traffic), "between 0 and 1 (exclusive)"),
-            ("min_samples", self.min_samples >= 1, ">= 1"),
-            ("alpha", _probability(self.alpha), "between 0 and 1 (exclusive)"),
-            ("min_improvement", self.min_improvement >= 0, ">= 0"),
-        ])
+        _require("ab", self, [("traffic", _probability(self.traffic), "between 0 and 1 (exclusive)"),
+                              ("min_samples", self.min_samples >= 1, ">= 1"),
+                              ("alpha", _probability(self.alpha), "between 0 and 1 (exclusive)"),
+                              ("min_improvement", self.min_improvement >= 0, ">= 0")])
 
 
 @dataclass(frozen=True)
@@ -236,11 +234,9 @@ class HealthConfig:
     alpha: float = _knob(0.05, "Significance level of the degradation test")
 
     def __post_init__(self) -> None:
-        _require("health", self, [
-            ("min_samples", self.min_samples >= 1, ">= 1"),
-            ("degradation_factor", 0 < self.degradation_factor <= 1, "in (0, 1]"),
-            ("alpha", _probability(self.alpha), "between 0 and 1 (exclusive)"),
-        ])
+        _require("health", self, [("min_samples", self.min_samples >= 1, ">= 1"),
+                                  ("degradation_factor", 0 < self.degradation_factor <= 1, "in (0, 1]"),
+                                  ("alpha", _probability(self.alpha), "between 0 and 1 (exclusive)")])
 
 
 @dataclass(frozen=True)
@@ -255,10 +251,8 @@ class CycleConfig:
     eval_max_age_days: int = _knob(30, "`cl cycle` re-evaluates the champion when its latest eval is older than this")
 
     def __post_init__(self) -> None:
-        _require("cycle", self, [
-            ("min_new_rated", self.min_new_rated >= 0, ">= 0"),
-            ("eval_max_age_days", self.eval_max_age_days >= 0, ">= 0"),
-        ])
+        _require("cycle", self, [("min_new_rated", self.min_new_rated >= 0, ">= 0"),
+                                 ("eval_max_age_days", self.eval_max_age_days >= 0, ">= 0")])
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,6 @@ def file_lock(path: Path, timeout: float = 30.0):
         yield
 
 
-_lock_for = file_lock  # the name earlier callers used
-
-
 def dumps_line(record: Any) -> bytes:
     return orjson.dumps(record) + b"\n"
 

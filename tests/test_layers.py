@@ -90,3 +90,12 @@ def test_the_old_entry_points_still_work():
     for module in ("continuous_learning.pipeline", "continuous_learning.demo", "continuous_learning.cli"):
         out = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, cwd=ROOT)
         assert out.returncode == 0 and "usage" in out.stdout.lower(), (module, out.stderr[-500:])
+
+
+def test_cl_help_imports_no_heavy_library():
+    code = ("import sys; from continuous_learning.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'presidio_analyzer', 'spacy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-800:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

@@ -29,6 +29,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
+	$(BIN)/python -m ruff check continuous_learning tests bench
+	$(BIN)/python -m mypy
 	$(BIN)/python -m pytest -q
 
 demo: setup

@@ -23,7 +23,7 @@ GGUF_LOAD = """
 import os, torch
 torch.set_num_threads(int(os.environ.get("CL_MODEL_THREADS") or torch.get_num_threads()))
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from continuous_learning.models import bundled_gguf
+from continuous_learning.chat.models import bundled_gguf
 g = bundled_gguf()
 AutoTokenizer.from_pretrained(str(g.parent), gguf_file=g.name)
 AutoModelForCausalLM.from_pretrained(str(g.parent), gguf_file=g.name, dtype=torch.float32)
@@ -63,7 +63,7 @@ def make_adapter(chat, folder) -> None:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from continuous_learning.models import load_model
+    from continuous_learning.chat.models import load_model
 
     model = get_peft_model(load_model(chat.base), LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
     torch.manual_seed(0)
@@ -75,7 +75,7 @@ def make_adapter(chat, folder) -> None:
 
 
 def tokens_per_s(chat, max_new_tokens: int) -> float:
-    from continuous_learning.models import answer_once
+    from continuous_learning.chat.models import answer_once
 
     tokens = seconds = 0.0
     for prompt in SPEED_PROMPTS:
@@ -93,8 +93,8 @@ def run(repeats: int, quick: bool) -> dict:
 def _run(home, repeats: int, quick: bool) -> dict:
     env = workspace_env(home)
     apply_env(env)
-    from continuous_learning.models import ChatModel, answer_once, resolve_base
-    from continuous_learning.settings import load_settings
+    from continuous_learning.chat.models import ChatModel, answer_once, resolve_base
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     resolve_base(settings)  # convert the bundled GGUF once (cached between runs): the state this goal is about

@@ -36,8 +36,8 @@ def _run(home, repeats: int, quick: bool) -> dict:
     env = workspace_env(home)
     apply_env(env)
     from continuous_learning.evaluate import _answer, _conversations, score_items
-    from continuous_learning.models import ChatModel
-    from continuous_learning.settings import load_settings
+    from continuous_learning.chat.models import ChatModel
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     count, new_tokens = (8, 16) if quick else (64, settings.eval.max_new_tokens)

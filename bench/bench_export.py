@@ -30,7 +30,7 @@ def _chat(prompt: str) -> list[dict]:
 
 
 def torch_tokens_per_s(chat, prompts: list[str], max_new_tokens: int, repetition=None) -> float:
-    from continuous_learning.models import answer_once
+    from continuous_learning.chat.models import answer_once
 
     tokens = seconds = 0.0
     for prompt in prompts:
@@ -61,7 +61,7 @@ def llama_cpp_tokens_per_s(gguf_path, prompts: list[str], max_new_tokens: int, t
 def chat_repetition(chat, control, questions: list[str] = HOW_TO_QUESTIONS, max_new_tokens: int = 256) -> list[dict]:
     """For each how-to question: tokens spent on blank or repeated lines, answer length, whether the line check
     stopped it, with `control` (a RepetitionControl) as the chat applies it."""
-    from continuous_learning.models import answer_once, looping_tokens, token_pieces
+    from continuous_learning.chat.models import answer_once, looping_tokens, token_pieces
 
     rows = []
     for question in questions:
@@ -88,8 +88,8 @@ def run(repeats: int = 1, quick: bool = False) -> dict:
 def _run(home, repeats: int, quick: bool) -> dict:
     env = workspace_env(home)
     apply_env(env)
-    from continuous_learning.models import ChatModel, RepetitionControl
-    from continuous_learning.settings import load_settings
+    from continuous_learning.chat.models import ChatModel, RepetitionControl
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     threads = int(env["CL_MODEL_THREADS"])

@@ -21,7 +21,7 @@ def _run(home, repeats: int, quick: bool) -> dict:
     versions = 10 if quick else 100
     env = workspace_env(home)
     apply_env(env)
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     registry_with_promotions(settings, versions, (2**20 if quick else ADAPTER_BYTES))

@@ -35,7 +35,7 @@ def stock_engines():
     from presidio_analyzer.nlp_engine import NlpEngineProvider
     from presidio_anonymizer import AnonymizerEngine
 
-    from continuous_learning.privacy import _offline_tld
+    from continuous_learning.capture.privacy import _offline_tld
 
     config = {"nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": SPACY_MODEL}]}
     analyzer = AnalyzerEngine(nlp_engine=NlpEngineProvider(nlp_configuration=config).create_engine(),
@@ -64,8 +64,8 @@ def run(repeats: int, quick: bool) -> dict:
     import logging
 
     logging.getLogger("presidio-analyzer").setLevel(logging.ERROR)
-    from continuous_learning.privacy import get_sanitizer
-    from continuous_learning.settings import PrivacyConfig
+    from continuous_learning.capture.privacy import get_sanitizer
+    from continuous_learning.core.settings import PrivacyConfig
 
     count = 300 if quick else 5000
     texts = chat_turns(count)

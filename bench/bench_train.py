@@ -66,7 +66,7 @@ def _write_snapshot(settings, train: list[dict], held_out: list[dict]) -> None:
     import orjson
 
     from continuous_learning import registry
-    from continuous_learning.models import file_sha256
+    from continuous_learning.chat.models import file_sha256
 
     folder = settings.curated_dir
     folder.mkdir(parents=True, exist_ok=True)
@@ -85,7 +85,7 @@ def _tiny_model_dir():
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from continuous_learning.models import bundled_gguf
+    from continuous_learning.chat.models import bundled_gguf
 
     gguf = bundled_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -150,7 +150,7 @@ def run_baseline(settings, examples: list[dict], held_out: list[dict], pad_id: i
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from continuous_learning.models import resolve_base
+    from continuous_learning.chat.models import resolve_base
     from continuous_learning.train import MAX_GRAD_NORM, example_order, lr_multiplier, target_modules, warmup_steps
 
     cfg = settings.train
@@ -224,8 +224,8 @@ def run(repeats: int, quick: bool) -> dict:
 
 
 def _run(work: Workload, home, repeats: int, quick: bool) -> dict:
-    from continuous_learning.models import load_tokenizer, resolve_base
-    from continuous_learning.settings import load_settings
+    from continuous_learning.chat.models import load_tokenizer, resolve_base
+    from continuous_learning.core.settings import load_settings
     from continuous_learning.train import tokenize_examples
 
     settings = load_settings()

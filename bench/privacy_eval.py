@@ -91,8 +91,8 @@ def summary(result: dict) -> dict:
 
 
 def ours(paths=(TUNING, DEV, HELDOUT, DOMAIN)) -> dict:
-    from continuous_learning.privacy import get_sanitizer
-    from continuous_learning.settings import PrivacyConfig
+    from continuous_learning.capture.privacy import get_sanitizer
+    from continuous_learning.core.settings import PrivacyConfig
 
     sanitizer = get_sanitizer(PrivacyConfig()).load()
     report = {}

@@ -51,7 +51,7 @@ def registry_with_promotions(settings, versions: int, adapter_bytes: int) -> lis
     """`versions` adapters, each promoted in turn (so rollback has `versions` steps of history), each folder
     holding an adapter_config.json and a weights file of `adapter_bytes` with its sha256 recorded."""
     from continuous_learning import decisions, registry
-    from continuous_learning.store import atomic_write_json, ensure_dir
+    from continuous_learning.storage.store import atomic_write_json, ensure_dir
 
     doc = registry.load(settings)
     names = [f"1.{i}.0" for i in range(versions)]

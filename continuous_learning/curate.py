@@ -33,12 +33,13 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 import orjson
 
 from . import registry
-from .crypto import cipher_from_env, open_messages, seal_messages
-from .errors import ConfigError
-from .records import FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict, parse_time
-from .settings import CurateConfig, Settings
-from .store import (FILE_MODE, ReadReport, atomic_write_json, atomic_write_lines, dumps_line, ensure_dir, fsync_dir,
-                    iter_jsonl, remove_stale_temp_files, temp_file, workspace_lock)
+from .storage.crypto import cipher_from_env, open_messages, seal_messages
+from .core.errors import ConfigError
+from .core.records import (FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict,
+    parse_time)
+from .core.settings import CurateConfig, Settings
+from .storage.store import (FILE_MODE, ReadReport, atomic_write_json, atomic_write_lines, dumps_line, ensure_dir,
+    fsync_dir, iter_jsonl, remove_stale_temp_files, temp_file, workspace_lock)
 
 KIND_WEIGHTS = {"corrected": 2.0, "helpful": 1.0, "unrated": 0.5}
 KIND_RANK = {"corrected": 3, "helpful": 2, "unrated": 1, "replay": 0}
@@ -1725,7 +1726,7 @@ def run_curate(
     rules = Rules.from_config(config, include_unrated, now)
     with workspace_lock(settings.lock_dir, "curate"), _no_cyclic_gc():
         if config.retention_days > 0:  # retention is applied to the raw log on every curate, under the same lock
-            from .gdpr import drop_expired
+            from .capture.gdpr import drop_expired
 
             drop_expired(settings, config.retention_days, now=now)
         doc = registry.load(settings)

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from . import registry
-from .errors import NothingToDo, RegistryError
-from .records import utc_now
-from .settings import Settings
+from .core.errors import NothingToDo, RegistryError
+from .core.records import utc_now
+from .core.settings import Settings
 
 UNUSABLE = ("failed", "tainted")
 BASE = "base"  # how users name "no adapter" on the command line

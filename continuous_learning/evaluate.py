@@ -19,12 +19,12 @@ from typing import Any, Callable, Iterable, Mapping
 import orjson
 
 from . import decisions, registry
-from .crypto import cipher_from_env, open_messages
+from .storage.crypto import cipher_from_env, open_messages
 from .decisions import BASE, Decision, gate, label  # noqa: F401  (gate is part of this module's API)
-from .store import atomic_write_json, read_json
-from .errors import InputError, RegistryError
-from .records import utc_now
-from .settings import Settings
+from .storage.store import atomic_write_json, read_json
+from .core.errors import InputError, RegistryError
+from .core.records import utc_now
+from .core.settings import Settings
 
 GENERAL_FILE = Path(__file__).parent / "data" / "general_qa.jsonl"
 MATCH_MODES = ("all", "any")
@@ -474,7 +474,7 @@ def evaluate_versions(
     `snapshot`: a registered snapshot whose held-out slice gives each version's eval loss (and, without a keyword
     file, the questions). `known_losses`: held-out losses already measured (by the training run) on that slice.
     Parts already scored for a version under the same context are reused, not generated again."""
-    from .models import ChatModel
+    from .chat.models import ChatModel
 
     say = progress or (lambda _msg: None)
     versions = [None if v in (None, BASE) else v for v in versions]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import orjson
 
-from .models import BaseModel, ChatModel, load_model, load_tokenizer
-from .settings import Settings
-from .store import atomic_write_jsonl, iter_jsonl
+from .chat.models import BaseModel, ChatModel, load_model, load_tokenizer
+from .core.settings import Settings
+from .storage.store import atomic_write_jsonl, iter_jsonl
 
 ANSWER_TOKENS = 32
 

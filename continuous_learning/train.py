@@ -26,22 +26,14 @@ from typing import Any, Callable, Iterable
 import orjson
 
 from . import registry
-from .crypto import cipher_from_env, open_messages
-from .errors import CLError, ConfigError, InputError, NothingToDo, TrainingFailed
-from .models import BaseModel, file_sha256, load_model, load_tokenizer, quiet_known_warnings, resolve_base, set_threads
-from .records import utc_now
-from .settings import Settings, TrainConfig
-from .store import (
-    ReadReport,
-    append_jsonl,
-    atomic_write_bytes,
-    atomic_write_json,
-    atomic_write_jsonl,
-    ensure_dir,
-    iter_jsonl,
-    read_json,
-    workspace_lock,
-)
+from .storage.crypto import cipher_from_env, open_messages
+from .core.errors import CLError, ConfigError, InputError, NothingToDo, TrainingFailed
+from .chat.models import (BaseModel, file_sha256, load_model, load_tokenizer, quiet_known_warnings, resolve_base,
+    set_threads)
+from .core.records import utc_now
+from .core.settings import Settings, TrainConfig
+from .storage.store import (ReadReport, append_jsonl, atomic_write_bytes, atomic_write_json, atomic_write_jsonl,
+    ensure_dir, iter_jsonl, read_json, workspace_lock)
 
 Progress = Callable[[dict], None]
 
@@ -1487,7 +1479,7 @@ def settings_from_env(env: dict[str, str], overrides: dict[str, dict], debug: bo
     """Settings in a launched process: the launcher's (SETTINGS_ENV), else env / cl.toml; then `overrides`."""
     import json
 
-    from .settings import load_settings
+    from .core.settings import load_settings
 
     layers = json.loads(env[SETTINGS_ENV]) if env.get(SETTINGS_ENV) else {}
     for section, values in overrides.items():
@@ -1553,7 +1545,7 @@ def launch_processes(settings: Settings, snapshot_id: str | None = None, fresh: 
         if "entry" in result:  # rank 0 registered the adapter (even if another rank then failed to exit cleanly)
             return result["entry"]
         if "error" in result:
-            from . import errors
+            from .core import errors
 
             kind = getattr(errors, result.get("kind", ""), None)
             kind = kind if isinstance(kind, type) and issubclass(kind, CLError) else TrainingFailed

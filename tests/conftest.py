@@ -20,7 +20,7 @@ def model_cache(tmp_path_factory) -> Path:
 def smollm_tokenizer_dir(tmp_path_factory) -> Path:
     from transformers import AutoTokenizer
 
-    from continuous_learning.models import bundled_gguf
+    from continuous_learning.chat.models import bundled_gguf
 
     gguf = bundled_gguf()
     folder = tmp_path_factory.mktemp("smollm_tokenizer")
@@ -73,7 +73,7 @@ def workspace(tmp_path, monkeypatch, tiny_model_dir, model_cache) -> Path:
 
 @pytest.fixture
 def settings(workspace):
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     return load_settings()
 
@@ -81,7 +81,7 @@ def settings(workspace):
 @pytest.fixture
 def real_workspace(workspace, monkeypatch) -> Path:
     """The same workspace, but on the real bundled SmolLM2-135M-Instruct."""
-    from continuous_learning.settings import BUNDLED_MODEL
+    from continuous_learning.core.settings import BUNDLED_MODEL
 
     monkeypatch.setenv("CL_BASE_MODEL", BUNDLED_MODEL)
     monkeypatch.delenv("CL_TRAIN_REHEARSAL_EXAMPLES")  # the real model trains as users' runs do

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from continuous_learning import store  # noqa: E402
+from continuous_learning.storage import store  # noqa: E402
 
 
 def size_for(seq: int) -> int:
@@ -49,16 +49,17 @@ def ack(path: str) -> None:
 
 def registry_loop() -> None:
     from continuous_learning import registry
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     while True:
         made = {}
 
-        def change(doc: dict) -> dict:
+        def change(doc: dict, made: dict = made) -> dict:
             version = f"1.{len(doc['adapters']) + 1}.0"
             made["version"] = version
-            return registry.register_adapter(doc, {"version": version, "path": f"adapters/{version}", "status": "candidate",
+            return registry.register_adapter(doc, {"version": version, "path": f"adapters/{version}",
+                                                   "status": "candidate",
                                                    "note": "fake entry " + "n" * 2_000})
 
         registry.update(settings, change, "test_fake_adapter")
@@ -66,8 +67,8 @@ def registry_loop() -> None:
 
 
 def curate() -> None:
+    from continuous_learning.core.settings import load_settings
     from continuous_learning.curate import run_curate
-    from continuous_learning.settings import load_settings
 
     settings = load_settings()
     print("start", flush=True)
@@ -76,7 +77,7 @@ def curate() -> None:
 
 
 def hold(name: str) -> None:
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     with store.workspace_lock(settings.lock_dir, name):
@@ -86,8 +87,8 @@ def hold(name: str) -> None:
 
 def flip(*versions: str) -> None:
     from continuous_learning import registry
+    from continuous_learning.core.settings import load_settings
     from continuous_learning.decisions import promote_version, rollback_champion
-    from continuous_learning.settings import load_settings
 
     settings = load_settings()
     rng = random.Random()
@@ -96,13 +97,14 @@ def flip(*versions: str) -> None:
         if rng.random() < 0.3 and champion is not None:
             moved = rollback_champion(settings, reason="crash test")
         else:
-            moved = promote_version(settings, rng.choice([v for v in versions if v != champion]), "crash test", forced=True)
+            moved = promote_version(settings, rng.choice([v for v in versions if v != champion]), "crash test",
+                                    forced=True)
         print(moved["to"], flush=True)
 
 
 def forget(user: str) -> None:
-    from continuous_learning.gdpr import forget_user
-    from continuous_learning.settings import load_settings
+    from continuous_learning.capture.gdpr import forget_user
+    from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
     print("start", flush=True)
@@ -111,7 +113,7 @@ def forget(user: str) -> None:
 
 
 def train() -> None:
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
     from continuous_learning.train import run_training
 
     settings = load_settings()

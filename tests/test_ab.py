@@ -9,11 +9,12 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from continuous_learning import ab, cli, decisions, registry
-from continuous_learning.errors import CLError, InputError, NothingToDo, RegistryError
-from continuous_learning.ingest import Recorder, Turn
-from continuous_learning.records import Feedback
-from continuous_learning.settings import ABConfig
+from continuous_learning import cli, decisions, registry
+from continuous_learning.capture.ingest import Recorder, Turn
+from continuous_learning.core.errors import CLError, InputError, NothingToDo, RegistryError
+from continuous_learning.core.records import Feedback
+from continuous_learning.core.settings import ABConfig
+from continuous_learning.monitor import ab
 
 
 def invoke(*args: str):
@@ -34,7 +35,8 @@ def fake_adapter(settings, version: str) -> None:
     folder.mkdir(parents=True)
     (folder / "adapter_config.json").write_text(f'{{"version": "{version}"}}')
     digest = hashlib.sha256((folder / "adapter_config.json").read_bytes()).hexdigest()
-    entry = {"version": version, "status": "candidate", "path": f"adapters/{version}", "sha256": {"adapter_config.json": digest}}
+    entry = {"version": version, "status": "candidate", "path": f"adapters/{version}",
+             "sha256": {"adapter_config.json": digest}}
     registry.update(settings, lambda d: registry.register_adapter(d, entry), "register", version=version)
 
 
@@ -107,7 +109,8 @@ def stats(champ: tuple[int, int], cand: tuple[int, int]) -> dict:
 def test_promotion_decision_names_every_missing_condition():
     config = ABConfig(min_samples=30, alpha=0.05, min_improvement=0.02)
     ok, reasons = ab.promotion_decision(stats((10, 20), (15, 20)), config)
-    assert not ok and any("champion arm has 20 rated" in r for r in reasons) and any("candidate arm has 20" in r for r in reasons)
+    assert not ok and any("champion arm has 20 rated" in r
+                          for r in reasons) and any("candidate arm has 20" in r for r in reasons)
     ok, reasons = ab.promotion_decision(stats((50, 100), (55, 100)), config)
     assert not ok and any("not significant" in r for r in reasons)
     ok, reasons = ab.promotion_decision(stats((500, 1000), (700, 1000)), config)
@@ -249,9 +252,9 @@ def session_id_for(arm: str, test: dict) -> str:
 
 
 def test_chat_answers_each_session_from_its_arm(settings, tiny_model_dir):
-    from continuous_learning.models import ChatModel
-    from continuous_learning.repl import ChatSession
-    from continuous_learning.store import iter_jsonl
+    from continuous_learning.chat.models import ChatModel
+    from continuous_learning.chat.repl import ChatSession
+    from continuous_learning.storage.store import iter_jsonl
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
     peft_adapter(settings, tiny_model_dir, "1.1.0", seed=2)
@@ -273,7 +276,8 @@ def test_chat_answers_each_session_from_its_arm(settings, tiny_model_dir):
         chat.run()
         return chat, console.export_text()
 
-    early = ChatSession(settings, lambda p: (_ for _ in ()).throw(EOFError), Console(record=True), chat_model=chat_model)
+    early = ChatSession(settings, lambda p: (_ for _ in ()).throw(EOFError), Console(record=True),
+                        chat_model=chat_model)
     test = ab.start_test(settings, "1.1.0", traffic=0.5)
     _, out_candidate = session(["hello", "5", "again", "1", "/adapter", "/quit"], session_id_for("candidate", test))
     _, out_champion = session(["hello", "4", "/adapter", "/quit"], session_id_for("champion", test))
@@ -283,7 +287,8 @@ def test_chat_answers_each_session_from_its_arm(settings, tiny_model_dir):
     assert "A/B test arm: candidate" in out_candidate and "an A/B test is running" in out_candidate
     assert "A/B test arm: champion" in out_champion
     turns = [r for _, r in iter_jsonl(settings.raw_log) if r["type"] == "interaction"]
-    assert [(t["ab_arm"], t["adapter_version"]) for t in turns] == [("candidate", "1.1.0")] * 2 + [("champion", "1.0.0")]
+    assert [(t["ab_arm"], t["adapter_version"])
+            for t in turns] == [("candidate", "1.1.0")] * 2 + [("champion", "1.0.0")]
     assert set(chat_model.adapters) == {"1.0.0", "1.1.0"}  # both side by side over the one base model
     report = ab.status_report(settings)["stats"]
     assert report["candidate"]["rated"] == 2 and report["candidate"]["helpful"] == 1
@@ -305,10 +310,10 @@ def test_two_concurrent_starts_leave_exactly_one_test(ab_workspace):
 
 
 def test_a_forget_that_taints_the_candidate_stops_it_serving_in_the_chat(settings, tiny_model_dir):
-    from continuous_learning.models import ChatModel
-    from continuous_learning.privacy import hash_user_id
-    from continuous_learning.repl import ChatSession
-    from continuous_learning.store import iter_jsonl, read_json
+    from continuous_learning.capture.privacy import hash_user_id
+    from continuous_learning.chat.models import ChatModel
+    from continuous_learning.chat.repl import ChatSession
+    from continuous_learning.storage.store import iter_jsonl, read_json
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
     peft_adapter(settings, tiny_model_dir, "1.1.0", seed=2)
@@ -338,9 +343,9 @@ def test_a_forget_that_taints_the_candidate_stops_it_serving_in_the_chat(setting
 
 
 def test_the_chat_never_serves_an_adapter_whose_files_changed(settings, tiny_model_dir):
-    from continuous_learning.models import ChatModel
-    from continuous_learning.repl import ChatSession
-    from continuous_learning.store import iter_jsonl
+    from continuous_learning.chat.models import ChatModel
+    from continuous_learning.chat.repl import ChatSession
+    from continuous_learning.storage.store import iter_jsonl
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
     decisions.promote_version(settings, "1.0.0", "first", forced=True)

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from continuous_learning import curate, privacy
-from continuous_learning.records import Feedback, Interaction
-from continuous_learning.settings import CurateConfig, PrivacyConfig
+from continuous_learning import curate
+from continuous_learning.capture import privacy
+from continuous_learning.core.records import Feedback, Interaction
+from continuous_learning.core.settings import CurateConfig, PrivacyConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = [json.loads(line) for line in (REPO / "tests" / "data" / "pii_corpus.jsonl").read_text().splitlines()
@@ -213,8 +214,8 @@ def test_sorted_band_candidates_equal_probing_an_incremental_index() -> None:
 
 def test_greedy_batch_answers_like_generate_one_by_one(workspace: Path) -> None:
     from continuous_learning.evaluate import common_prefix, greedy_batch
-    from continuous_learning.models import ChatModel
-    from continuous_learning.settings import load_settings
+    from continuous_learning.chat.models import ChatModel
+    from continuous_learning.core.settings import load_settings
 
     assert common_prefix([[1, 2, 3], [1, 2, 4, 5]]) == 2 and common_prefix([[1, 2], [1, 2, 3]]) == 1
     chat = ChatModel.load(load_settings())

@@ -13,9 +13,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from continuous_learning import cli, registry
-from continuous_learning.models import ChatModel
-from continuous_learning.repl import ChatSession, parse_rating
-from continuous_learning.store import iter_jsonl
+from continuous_learning.chat.models import ChatModel
+from continuous_learning.chat.repl import ChatSession, parse_rating
+from continuous_learning.storage.store import iter_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def scripted(inputs: list[str]):
 
 @pytest.fixture(scope="module")
 def tiny_chat_model(tiny_model_dir, tmp_path_factory):
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     env = {"CL_BASE_MODEL": str(tiny_model_dir)}
     return ChatModel.load(load_settings(home=tmp_path_factory.mktemp("unused"), env=env))
@@ -97,7 +97,8 @@ def test_scripted_session_writes_one_line_per_turn(settings, tiny_chat_model):
 def test_slash_commands_and_private(settings, tiny_chat_model):
     out = run_session(
         settings, tiny_chat_model,
-        ["/help", "/adapter", "/system You answer in one word.", "/private", "hello", "y", "/private", "/bogus", "/reset", "/quit"],
+        ["/help", "/adapter", "/system You answer in one word.", "/private", "hello", "y", "/private", "/bogus",
+         "/reset", "/quit"],
     )
     assert "/system TEXT" in out and "none (base model)" in out and "unknown command /bogus" in out
     records = lines(settings.raw_log)
@@ -116,10 +117,11 @@ def test_champion_promoted_elsewhere_is_used_on_next_turn(settings, tiny_chat_mo
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from continuous_learning.models import file_sha256
+    from continuous_learning.chat.models import file_sha256
 
     folder = settings.adapters_dir / "1.0.0"
-    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules="all-linear"))
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                LoraConfig(r=4, target_modules="all-linear"))
     peft_model.save_pretrained(str(folder))
 
     promoted = {"done": False}
@@ -166,7 +168,7 @@ def test_missing_base_model_is_one_clear_line(workspace, monkeypatch):
 
 
 def test_salt_is_generated_once_when_unset(workspace, monkeypatch, tiny_chat_model):
-    from continuous_learning.settings import load_settings
+    from continuous_learning.core.settings import load_settings
 
     monkeypatch.delenv("CL_USER_HASH_SALT")
     settings = load_settings()

@@ -7,7 +7,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from typer.testing import CliRunner
 
-from continuous_learning import cli, registry, store
+from continuous_learning import cli, registry
+from continuous_learning.storage import store
 from continuous_learning.curate import (
     Example,
     Rules,
@@ -33,8 +33,8 @@ from continuous_learning.curate import (
     shingles,
     split_eval,
 )
-from continuous_learning.errors import ConfigError, LockHeldError
-from continuous_learning.records import Feedback, FeedbackEvent, Interaction
+from continuous_learning.core.errors import ConfigError, LockHeldError
+from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 
@@ -350,15 +350,12 @@ def test_streams_a_large_log_quickly(cfg, monkeypatch):
     monkeypatch.setattr(Path, "read_bytes", guarded(real_read_bytes))
     monkeypatch.setattr(Path, "read_text", guarded(real_read_text))
     phases = set()
-    started = time.perf_counter()
     manifest = run_curate(cfg, progress=lambda phase, done, total: phases.add(phase))
-    elapsed = time.perf_counter() - started
     c = manifest["counts"]
     assert c["interactions"] == 20_000 and c["feedback_events"] == len(rated)
     assert c["selected"]["helpful"] == sum(1 for r in records if r["feedback"].get("score") == 5) + len(rated)
     assert c["train"] + c["eval"] == c["new_examples"] > 5000
-    assert {"reading feedback", "selecting turns"} <= phases
-    assert elapsed < 20, f"curating 20k turns took {elapsed:.1f}s"
+    assert {"reading feedback", "selecting turns"} <= phases  # its speed: bench/bench_curate.py (1M turns)
 
 
 # --- pure functions -----------------------------------------------------------------------------------

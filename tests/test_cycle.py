@@ -5,7 +5,7 @@ import os
 import shutil
 import stat
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -13,10 +13,12 @@ import pytest
 from test_ab import events, fake_adapter, invoke, record
 
 import continuous_learning
-from continuous_learning import ab, cycle, decisions, registry, schedule
-from continuous_learning.errors import ConfigError, InputError
-from continuous_learning.settings import CycleConfig, load_settings
-from continuous_learning.store import workspace_lock
+from continuous_learning import decisions, registry
+from continuous_learning.core.errors import ConfigError, InputError
+from continuous_learning.core.settings import CycleConfig, load_settings
+from continuous_learning.loop import cycle, schedule
+from continuous_learning.monitor import ab
+from continuous_learning.storage.store import workspace_lock
 
 DEMO_DATA = Path(continuous_learning.__file__).parent / "data"
 
@@ -34,7 +36,7 @@ def test_due_rules():
     assert cycle.train_due("s1", None, False).due
     assert not cycle.train_due("s1", "s1", False).due  # failed before: a human looks first
     assert cycle.train_due(None, None, True).due and not cycle.train_due(None, None, False).due
-    now = datetime(2026, 11, 23, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 23, tzinfo=UTC)
     assert cycle.eval_due(None, 30, now, "x").due
     assert cycle.eval_due(now - timedelta(days=31), 30, now, "x").due
     assert not cycle.eval_due(now - timedelta(days=3), 30, now, "x").due
@@ -42,7 +44,8 @@ def test_due_rules():
     assert cycle.watch_due("drift", None, [10, 5], "1.0.0", "drift").due
     assert not cycle.watch_due("drift", seen, [10, 5], "1.0.0", "drift").due
     assert cycle.watch_due("drift", seen, [20, 6], "1.0.0", "drift").due
-    assert cycle.watch_due("drift", seen, [10, 5], "1.1.0", "drift").reason == "the champion changed since the last check"
+    assert cycle.watch_due("drift", seen, [10, 5], "1.1.0",
+                           "drift").reason == "the champion changed since the last check"
 
 
 def test_untrained_snapshot_is_the_newest_without_adapter():
@@ -55,10 +58,12 @@ def test_untrained_snapshot_is_the_newest_without_adapter():
 
 
 def test_report_rendering():
-    outcomes = [cycle.Outcome("curate", "ran", "12 new", "snapshot x"), cycle.Outcome("drift", "failed", "new | turns", "boom")]
+    outcomes = [cycle.Outcome("curate", "ran", "12 new", "snapshot x"),
+                cycle.Outcome("drift", "failed", "new | turns", "boom")]
     text = cycle.render_report("2026-11-23T10:00:00.000Z", outcomes)
     assert text.startswith("# Cycle 2026-11-23T10:00:00.000Z")
-    assert "| curate | ran | 12 new | snapshot x | 0.0 |" in text and "new \\| turns" in text and "Failed: drift." in text
+    assert "| curate | ran | 12 new | snapshot x | 0.0 |" in text
+    assert "new \\| turns" in text and "Failed: drift." in text
 
 
 # --- running cycles ---------------------------------------------------------------------------------------------
@@ -142,7 +147,8 @@ def test_ab_and_health_steps_run_when_new_turns_arrive(settings):
     assert by_step["health"]["status"] == "ran" and by_step["health"]["details"]["verdict"] == "insufficient"
     assert cycle.run_cycle(settings, ("ab", "health"))["nothing_due"] is True
     record(settings, "1.1.0", helpful=1, unhelpful=0, arm="candidate")
-    assert [o["step"] for o in cycle.run_cycle(settings, ("ab", "health"))["outcomes"] if o["status"] == "ran"] == ["ab", "health"]
+    assert [o["step"] for o in cycle.run_cycle(settings, ("ab", "health"))["outcomes"]
+            if o["status"] == "ran"] == ["ab", "health"]
     assert ab.running_test(settings) is not None  # cycle.ab_promote is off: the test keeps running
 
 
@@ -204,7 +210,8 @@ def test_cron_block_rendering(tmp_path):
 def test_systemd_unit_rendering(tmp_path):
     units = schedule.render_units(tmp_path, ["/opt/venv/bin/cl", "--home", str(tmp_path)], CycleConfig())
     prefix = schedule.unit_prefix(tmp_path)
-    assert sorted(units) == sorted(f"{prefix}-{job}.{kind}" for job in ("daily", "weekly", "monthly") for kind in ("service", "timer"))
+    assert sorted(units) == sorted(f"{prefix}-{job}.{kind}" for job in ("daily", "weekly", "monthly")
+                                   for kind in ("service", "timer"))
     service = units[f"{prefix}-weekly.service"]
     assert f"ExecStart=/opt/venv/bin/cl --home {tmp_path} cycle --only train" in service and "Type=oneshot" in service
     timer = units[f"{prefix}-weekly.timer"]
@@ -275,7 +282,8 @@ def test_systemd_install_show_remove(settings, fake_bin, tmp_path):
         f"{prefix}-{job}.{kind}" for job in ("daily", "weekly", "monthly") for kind in ("service", "timer"))
     (unit_dir / "someone-else.timer").write_text("[Timer]\n")
     log = calls.read_text().splitlines()
-    assert log[0] == "--user daemon-reload" and log[1].startswith("--user enable --now") and f"{prefix}-daily.timer" in log[1]
+    assert log[0] == "--user daemon-reload"
+    assert log[1].startswith("--user enable --now") and f"{prefix}-daily.timer" in log[1]
     shown = invoke("schedule", "show")
     assert f"{prefix}-monthly.timer OnCalendar=*-*-01 05:00:00" in shown.output
     assert invoke("schedule", "remove", "--systemd").exit_code == 0
@@ -297,7 +305,8 @@ def test_cycle_promotes_an_ab_winner_only_when_configured(settings, monkeypatch)
     record(settings, "1.0.0", helpful=15, unhelpful=20, arm="champion")
     record(settings, "1.1.0", helpful=30, unhelpful=5, arm="candidate")
     first = cycle.run_cycle(settings, ("ab",))
-    assert "promotion criteria hold" in first["outcomes"][0]["summary"] and registry.load(settings)["champion"] == "1.0.0"
+    assert "promotion criteria hold" in first["outcomes"][0]["summary"]
+    assert registry.load(settings)["champion"] == "1.0.0"
     monkeypatch.setenv("CL_CYCLE_AB_PROMOTE", "true")
     record(settings, "1.1.0", helpful=1, unhelpful=0, arm="candidate")
     second = cycle.run_cycle(load_settings(), ("ab",))

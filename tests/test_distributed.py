@@ -83,8 +83,8 @@ def test_qlora_trains_in_two_processes_launched_by_torchrun_directly(workspace, 
 
 
 def test_launching_while_another_training_holds_the_lock_fails_at_once(settings):
-    from continuous_learning.errors import LockHeldError
-    from continuous_learning.store import workspace_lock
+    from continuous_learning.core.errors import LockHeldError
+    from continuous_learning.storage.store import workspace_lock
 
     add_snapshot(settings, [qa(*FACTS[0])])
     with workspace_lock(settings.lock_dir, "train"):
@@ -94,7 +94,7 @@ def test_launching_while_another_training_holds_the_lock_fails_at_once(settings)
 
 
 def test_a_failing_launched_run_gives_one_clear_error(settings):
-    from continuous_learning.errors import NothingToDo
+    from continuous_learning.core.errors import NothingToDo
 
     with pytest.raises(NothingToDo) as info:  # no snapshot: rank 0 reports the library's own error
         run_training(fast(settings, num_processes=2))

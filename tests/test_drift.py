@@ -2,18 +2,20 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 from scipy.stats import fisher_exact, ks_2samp, norm
 from typer.testing import CliRunner
 
-from continuous_learning import cli, drift, registry, store
-from continuous_learning.records import Feedback, FeedbackEvent, Interaction
-from continuous_learning.settings import load_settings
+from continuous_learning import cli, registry
+from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
+from continuous_learning.core.settings import load_settings
+from continuous_learning.monitor import drift
+from continuous_learning.storage import store
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 @pytest.fixture
@@ -33,7 +35,8 @@ def at(days_ago: float) -> str:
 def turn(prompt: str, days_ago: float, language: str = "en", tool: str | None = "erp", score: int | None = None,
          latency: float | None = 100.0, entities: list[str] | None = None, adapter: str | None = None,
          arm: str | None = None) -> Interaction:
-    return Interaction(messages=[{"role": "user", "content": prompt}, {"role": "assistant", "content": "answer " + prompt[:20]}],
+    return Interaction(messages=[{"role": "user", "content": prompt},
+                                 {"role": "assistant", "content": "answer " + prompt[:20]}],
                        session_id="s", language=language, target_tool=tool, latency_ms=latency,
                        feedback=Feedback(score=score), pii_entities=entities or [], adapter_version=adapter, ab_arm=arm,
                        created_at=at(days_ago), recorded_at=at(days_ago))
@@ -177,7 +180,8 @@ def test_a_drop_in_helpful_rate_is_concept_drift(settings):
     new = window(60, 6, 0.1, prompt_len=lambda i: 20 + i % 10)
     append(settings, old + new)
     # the recent turns are rated later, as their own feedback events: 50% helpful
-    append(settings, [FeedbackEvent(t.id, Feedback(score=5 if i % 2 else 1), created_at=at(0)).to_dict() for i, t in enumerate(new)])
+    append(settings, [FeedbackEvent(t.id, Feedback(score=5 if i % 2 else 1), created_at=at(0)).to_dict() for i,
+                      t in enumerate(new)])
     result = drift.check_drift(settings, log=False)
     concept = result["concept"]
     assert (concept["reference_rated"], concept["reference_helpful"]) == (60, 54)
@@ -230,10 +234,12 @@ def test_champion_reference_follows_a_real_curated_snapshot(settings):
     manifest = run_curate(settings, now=NOW - timedelta(days=10))
     assert manifest["status"] == "created"
     snap = registry.load(settings)["snapshots"][0]
-    curated_ids = {s for key in ("file", "eval_file") for _, r in store.iter_jsonl(settings.home / snap[key]) for s in r["source_ids"]}
+    curated_ids = {s for key in ("file", "eval_file") for _, r in store.iter_jsonl(settings.home / snap[key])
+                   for s in r["source_ids"]}
     entry = {"version": "1.0.0", "path": "adapters/1.0.0", "status": "champion", "snapshot": {"id": snap["id"]}}
     registry.update(settings, lambda d: {**registry.register_adapter(d, entry), "champion": "1.0.0"}, "promote")
-    append(settings, [turn(f"Wie kalibriere ich Sensor S-{i}?", 5 - i * 0.1, language="de", score=5) for i in range(40)])
+    append(settings, [turn(f"Wie kalibriere ich Sensor S-{i}?", 5 - i * 0.1, language="de", score=5)
+                      for i in range(40)])
     result = drift.check_drift(settings)
     assert result["reference"]["kind"] == "champion" and result["reference"]["snapshots"] == [snap["id"]]
     assert result["reference"]["n"] == len(curated_ids) >= 30

@@ -6,12 +6,13 @@ import pytest
 from cryptography.fernet import Fernet
 from typer.testing import CliRunner
 
-from continuous_learning import cli, crypto, registry
-from continuous_learning.errors import CLError
+from continuous_learning import cli, registry
+from continuous_learning.capture.ingest import Recorder, Turn, find_interaction, iter_interactions
+from continuous_learning.core.errors import CLError
+from continuous_learning.core.records import Feedback
+from continuous_learning.core.settings import load_settings
 from continuous_learning.evaluate import load_messages_file
-from continuous_learning.ingest import Recorder, Turn, find_interaction, iter_interactions
-from continuous_learning.records import Feedback
-from continuous_learning.settings import load_settings
+from continuous_learning.storage import crypto
 from continuous_learning.train import load_examples
 
 SECRETS = [f"zebra-cobalt-{n} manifests the quokka lighthouse" for n in range(6)]

@@ -7,14 +7,14 @@ import os
 import numpy as np
 import orjson
 import pytest
+from test_train import FACTS, add_snapshot, fast, qa
 from typer.testing import CliRunner
 
 from continuous_learning import cli, registry
-from continuous_learning.errors import InputError, RegistryError
+from continuous_learning.core.errors import InputError, RegistryError
+from continuous_learning.core.settings import load_settings
 from continuous_learning.export import gguf_files
 from continuous_learning.export.modelfile import CHATML_STOPS, Decoding, modelfile, ollama_name
-from continuous_learning.settings import load_settings
-from test_train import FACTS, add_snapshot, fast, qa
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 FACT_QUESTION, FACT_ANSWER = FACTS[0]
@@ -229,7 +229,7 @@ def test_tokenizer_built_from_hugging_face_matches_llama_cpps_own_conversion(smo
     """The bundled GGUF's tokenizer was written by llama.cpp's converter: ours, from the HF folder, must agree."""
     import gguf
 
-    from continuous_learning.models import bundled_gguf
+    from continuous_learning.chat.models import bundled_gguf
 
     def keys(header) -> dict:
         writer = gguf.GGUFWriter(None, "llama")
@@ -278,8 +278,8 @@ def test_real_smollm2_lora_and_merged_gguf_answer_like_peft(real_workspace, tmp_
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from continuous_learning.chat.models import bundled_gguf, resolve_base
     from continuous_learning.export.exporter import Source, Writer, write_all
-    from continuous_learning.models import bundled_gguf, resolve_base
 
     settings = load_settings()
     base = resolve_base(settings)

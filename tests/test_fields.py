@@ -8,12 +8,13 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from continuous_learning import cli, fields
-from continuous_learning.errors import InputError
-from continuous_learning.ingest import Recorder, Turn
-from continuous_learning.records import Feedback
-from continuous_learning.settings import PrivacyConfig, load_settings
-from continuous_learning.store import iter_jsonl
+from continuous_learning import cli
+from continuous_learning.capture import fields
+from continuous_learning.capture.ingest import Recorder, Turn
+from continuous_learning.core.errors import InputError
+from continuous_learning.core.records import Feedback
+from continuous_learning.core.settings import PrivacyConfig, load_settings
+from continuous_learning.storage.store import iter_jsonl
 
 
 def invoke(*args: str):
@@ -38,12 +39,14 @@ BASE = {"prompt": "Where is lot A-17?", "response": "In bay 3."}
 
 
 def test_personal_session_ids_are_stored_as_hashes(workspace, tmp_path) -> None:
-    rows = [{**BASE, "session_id": "alice.smith@example.com-laptop"}, {**BASE, "session_id": "alice.smith@example.com-laptop"},
-            {**BASE, "session_id": "john-smith-desktop"}, {**BASE, "session_id": "s" * 80}, {**BASE, "session_id": "run-42"}]
+    rows = [{**BASE, "session_id": "alice.smith@example.com-laptop"},
+            {**BASE, "session_id": "alice.smith@example.com-laptop"},
+            {**BASE, "session_id": "john-smith-desktop"}, {**BASE, "session_id": "s" * 80},
+            {**BASE, "session_id": "run-42"}]
     result = ingest_lines(tmp_path, rows)
     assert result.exit_code == 0, result.output
     stored = [r["session_id"] for r in log_records(workspace)]
-    assert stored[0] == stored[1] and stored[0].startswith("h-") and stored[2].startswith("h-") and stored[3].startswith("h-")
+    assert stored[0] == stored[1] and all(s.startswith("h-") for s in stored[:4])
     assert stored[4] == "run-42"
     blob = workspace_blob(workspace)
     for raw in (b"alice.smith", b"example.com", b"john-smith", b"s" * 80):
@@ -130,7 +133,7 @@ def test_wrongly_shaped_knowledge_file_is_moved_aside_too(workspace, tmp_path) -
 
 
 def test_a_failing_update_after_the_append_only_warns(workspace, monkeypatch, caplog) -> None:
-    from continuous_learning import knowledge
+    from continuous_learning.capture import knowledge
 
     def broken(*args, **kwargs):
         raise OSError("disk full")

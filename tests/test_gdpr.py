@@ -2,23 +2,24 @@
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
 import pytest
 from typer.testing import CliRunner
 
-from continuous_learning import cli, registry, store
+from continuous_learning import cli, registry
+from continuous_learning.capture.gdpr import apply_retention, export_user, forget_user
+from continuous_learning.capture.privacy import hash_user_id
+from continuous_learning.core.errors import RegistryError
+from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
+from continuous_learning.core.settings import load_settings
 from continuous_learning.curate import run_curate
-from continuous_learning.errors import RegistryError
-from continuous_learning.gdpr import apply_retention, export_user, forget_user
-from continuous_learning.privacy import hash_user_id
-from continuous_learning.records import Feedback, FeedbackEvent, Interaction
-from continuous_learning.settings import load_settings
+from continuous_learning.storage import store
 
 SALT = "test-salt"
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 @pytest.fixture
@@ -103,7 +104,8 @@ def test_forget_removes_every_trace_and_keeps_others(settings, populated):
     records = snapshot_records(settings, snap)
     assert records and all(h("alice") not in r["user_hashes"] for r in records)
     assert sum(1 for r in records if h("bob") in r["user_hashes"]) == 5
-    assert snap["sha256"] == sha(settings.home / snap["file"]) and snap["eval_sha256"] == sha(settings.home / snap["eval_file"])
+    assert snap["sha256"] == sha(settings.home / snap["file"])
+    assert snap["eval_sha256"] == sha(settings.home / snap["eval_file"])
     assert snap["user_hashes"] == [h("bob")]
     assert snap["counts"]["train"] + snap["counts"]["eval"] == len(records)
     manifest = orjson.loads((settings.home / snap["manifest"]).read_bytes())
@@ -124,12 +126,13 @@ def test_forget_taints_adapters_and_moves_the_champion(settings, populated):
 def test_champion_falls_back_to_nearest_untainted_ancestor(settings):
     doc = registry.empty_registry()
     for version, users in (("1.0.0", ["x"]), ("1.1.0", ["y"]), ("1.2.0", ["alice-hash"])):
-        registry.register_adapter(doc, {"version": version, "path": f"adapters/{version}", "status": "archived", "user_hashes": users})
+        registry.register_adapter(doc, {"version": version, "path": f"adapters/{version}", "status": "archived",
+                                        "user_hashes": users})
     doc["adapters"]["1.2.0"]["status"] = "champion"
     doc["champion"] = "1.2.0"
     doc["history"] = [{"action": "promote", "from": a, "to": b, "at": at(0), "reason": "t"}
                       for a, b in ((None, "1.0.0"), ("1.0.0", "1.1.0"), ("1.1.0", "1.2.0"))]
-    from continuous_learning.gdpr import retire_tainted_champion, taint_adapters
+    from continuous_learning.capture.gdpr import retire_tainted_champion, taint_adapters
 
     assert taint_adapters(doc, "alice-hash", set()) == ["1.2.0"]
     move = retire_tainted_champion(doc)
@@ -148,7 +151,7 @@ def test_forget_event_has_no_raw_id_and_rerun_is_idempotent(settings, populated)
 
 
 def test_rerun_finishes_after_a_crash_before_the_registry_update(settings, populated, monkeypatch):
-    from continuous_learning import gdpr
+    from continuous_learning.capture import gdpr
 
     monkeypatch.setattr(gdpr, "atomic_write_json", _crash_on_registry(settings, gdpr.atomic_write_json))
     with pytest.raises(KeyboardInterrupt):
@@ -189,7 +192,8 @@ def test_forget_cli_prints_counts(settings, populated):
 
 
 def test_retention_drops_old_interactions_only(settings):
-    old, new = turn("alice", "old question?", "old answer.", days_ago=40), turn("alice", "new question?", "new answer.", days_ago=1)
+    old, new = turn("alice", "old question?", "old answer.",
+                    days_ago=40), turn("alice", "new question?", "new answer.", days_ago=1)
     append(settings, old, new, rating(old, "bob", days_ago=2), rating(new, "bob", days_ago=0.5))
     dropped = apply_retention(settings, 30)
     assert (dropped["interaction"], dropped["feedback"]) == (1, 1)
@@ -205,7 +209,8 @@ def test_export_returns_exactly_the_users_records(settings, populated, tmp_path)
     result = CliRunner().invoke(cli.app, ["export", "--user", "alice", "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = [orjson.loads(line) for line in out.read_bytes().splitlines()]
-    by = {c: [r for r in rows if r["category"] == c] for c in ("interaction", "feedback", "snapshot_example", "adapter")}
+    by = {c: [r for r in rows if r["category"] == c]
+          for c in ("interaction", "feedback", "snapshot_example", "adapter")}
     assert {r["record"]["id"] for r in by["interaction"]} == {i.id for i in populated["alice"]}
     assert [r["record"]["user_hash"] for r in by["feedback"]] == [h("alice")]
     assert by["snapshot_example"] and all(h("alice") in r["record"]["user_hashes"] for r in by["snapshot_example"])
@@ -233,8 +238,8 @@ def test_registry_path_outside_workspace_is_refused(settings, populated):
 
 
 def test_forget_waits_for_a_running_training(settings, populated, monkeypatch):
-    from continuous_learning import gdpr
-    from continuous_learning.errors import LockHeldError
+    from continuous_learning.capture import gdpr
+    from continuous_learning.core.errors import LockHeldError
 
     monkeypatch.setattr(gdpr, "LOCK_WAIT_S", 0.0)
     raw_before = settings.raw_log.read_bytes()
@@ -245,7 +250,7 @@ def test_forget_waits_for_a_running_training(settings, populated, monkeypatch):
 
 
 def test_forget_and_retention_recount_the_feedback_counters(settings, populated):
-    from continuous_learning.ingest import update_feedback_counters
+    from continuous_learning.capture.ingest import update_feedback_counters
 
     # counters as the recording path left them: 12 turns rated 5 (the two later ratings change no bucket)
     update_feedback_counters(settings, [(None, Feedback(score=5), None)] * 12)
@@ -381,7 +386,7 @@ def adapter_folder(settings, version: str, users: list[str], snapshot: str) -> P
 
 
 def test_forget_removes_the_user_everywhere(settings, populated):
-    from continuous_learning import knowledge
+    from continuous_learning.capture import knowledge
 
     snap = populated["snapshot"]
     folders = {v: adapter_folder(settings, v, [h("bob")] if v == "1.0.0" else [h("alice"), h("bob")], snap)

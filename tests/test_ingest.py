@@ -6,14 +6,16 @@ from pathlib import Path
 
 import orjson
 import pytest
-from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from continuous_learning import cli
-from continuous_learning.errors import ConfigError, InputError
-from continuous_learning.ingest import find_interaction, parse_ingest_line
-from continuous_learning.settings import load_settings
-from continuous_learning.store import iter_jsonl
+from continuous_learning.capture.ingest import find_interaction, parse_ingest_line
+from continuous_learning.core.errors import ConfigError, InputError
+from continuous_learning.core.settings import load_settings
+from continuous_learning.storage.store import iter_jsonl
 
 CORPUS = Path(__file__).parent / "data" / "pii_corpus.jsonl"
 
@@ -33,7 +35,8 @@ def invoke(*args: str, **kwargs):
 
 def test_ingest_good_and_bad_lines(workspace, tmp_path):
     good = [
-        orjson.dumps({"prompt": "Where is lot A-17?", "response": "In bay 3.", "feedback": {"score": 5}, "user_id": "u1",
+        orjson.dumps({"prompt": "Where is lot A-17?", "response": "In bay 3.", "feedback": {"score": 5},
+                      "user_id": "u1",
                       "target_tool": "warehouse", "language": "en", "created_at": "2026-01-02T03:04:05Z"}),
         orjson.dumps({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                                    {"role": "assistant", "content": "Hello!"}], "feedback": {"helpful": False},
@@ -61,9 +64,11 @@ def test_ingest_good_and_bad_lines(workspace, tmp_path):
     stored = records(workspace / "data" / "ingestion" / "raw_interactions.jsonl")
     assert len(stored) == 2
     first, second = stored
-    assert first["messages"] == [{"role": "user", "content": "Where is lot A-17?"}, {"role": "assistant", "content": "In bay 3."}]
+    assert first["messages"] == [{"role": "user", "content": "Where is lot A-17?"},
+                                 {"role": "assistant", "content": "In bay 3."}]
     assert first["feedback"] == {"score": 5} and first["target_tool"] == "warehouse" and first["language"] == "en"
-    assert first["created_at"] == "2026-01-02T03:04:05Z" and first["source"] == "ingest" and first["user_hash"] not in (None, "u1")
+    assert first["created_at"] == "2026-01-02T03:04:05Z" and first["source"] == "ingest"
+    assert first["user_hash"] not in (None, "u1")
     assert second["feedback"] == {"helpful": False, "correction": "Hello, how can I help?"}
     assert second["user_hash"] is None
 
@@ -73,7 +78,8 @@ def test_ingest_good_and_bad_lines(workspace, tmp_path):
 
 
 def test_control_characters_are_removed(workspace, tmp_path):
-    source = write_lines(tmp_path / "ctl.jsonl", [orjson.dumps({"prompt": "nul\u0000 and bell\u0007 here", "response": "ok\ttab"})])
+    source = write_lines(tmp_path / "ctl.jsonl", [orjson.dumps({"prompt": "nul\u0000 and bell\u0007 here",
+                                                                "response": "ok\ttab"})])
     assert invoke("ingest", str(source)).exit_code == 0
     (stored,) = records(workspace / "data" / "ingestion" / "raw_interactions.jsonl")
     assert stored["messages"][0]["content"] == "nul and bell here" and stored["messages"][1]["content"] == "ok\ttab"
@@ -142,7 +148,8 @@ def test_no_raw_pii_anywhere_under_the_workspace(workspace, tmp_path):
     corpus = [orjson.loads(line) for line in CORPUS.read_bytes().splitlines() if line.strip()]
     lines = []
     for i, item in enumerate(corpus):
-        lines.append(orjson.dumps({"prompt": item["text"], "response": f"Noted: {item['text']}", "user_id": f"user{i}@example.org",
+        lines.append(orjson.dumps({"prompt": item["text"], "response": f"Noted: {item['text']}",
+                                   "user_id": f"user{i}@example.org",
                                    "feedback": {"score": 5}, "correction": f"I will contact you. {item['text']}"}))
     assert invoke("ingest", str(write_lines(tmp_path / "pii.jsonl", lines))).exit_code == 0
     stored = records(workspace / "data" / "ingestion" / "raw_interactions.jsonl")
@@ -160,7 +167,8 @@ def test_no_raw_pii_anywhere_under_the_workspace(workspace, tmp_path):
 
 
 def test_settings_precedence_and_validation(tmp_path):
-    (tmp_path / "cl.toml").write_text('[train]\nlearning_rate = 0.001\nmax_steps = 10\n[chat]\nsystem_prompt = "toml"\n')
+    (tmp_path / "cl.toml").write_text('[train]\nlearning_rate = 0.001\nmax_steps = 10\n[chat]\nsystem_prompt = '
+                                      '"toml"\n')
     s = load_settings(home=tmp_path, env={"CL_TRAIN_MAX_STEPS": "20"}, overrides={"chat": {"system_prompt": "flag"}})
     assert s.train.learning_rate == 0.001 and s.train.max_steps == 20 and s.chat.system_prompt == "flag"
     assert s.raw_log == tmp_path.resolve() / "data" / "ingestion" / "raw_interactions.jsonl"

@@ -12,8 +12,14 @@ from cryptography.fernet import Fernet
 from typer.testing import CliRunner
 
 from continuous_learning import cli
-from continuous_learning.errors import ConfigError
-from continuous_learning.keys import SecretMismatch, hash_user_id, load_salt, read_secret_file, write_secret_file
+from continuous_learning.core.errors import ConfigError
+from continuous_learning.storage.keys import (
+    SecretMismatch,
+    hash_user_id,
+    load_salt,
+    read_secret_file,
+    write_secret_file,
+)
 
 
 # --- moved from test_privacy.py: hashing and the salt file ----------------------------------------------------

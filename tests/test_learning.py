@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from continuous_learning import cli, registry
 from continuous_learning.evaluate import load_eval_file, score_answer
-from continuous_learning.settings import load_settings
+from continuous_learning.core.settings import load_settings
 from learning_facts import GARDEN, LIBRARY, NAMED, write_questions, write_turns
 
 pytestmark = pytest.mark.real_model
@@ -45,7 +45,7 @@ class Peer:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from continuous_learning.models import resolve_base
+        from continuous_learning.chat.models import resolve_base
 
         base = resolve_base(load_settings(home=home))
         self.tokenizer = AutoTokenizer.from_pretrained(base.path)

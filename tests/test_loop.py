@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import continuous_learning
 from continuous_learning import cli, registry
-from continuous_learning.settings import load_settings
+from continuous_learning.core.settings import load_settings
 
 DEMO_DATA = Path(continuous_learning.__file__).parent / "data"
 
@@ -68,7 +68,8 @@ def test_promote_then_rollback_through_the_cli(loop_workspace):
 
 
 def test_pipeline_module_runs_the_stages(loop_workspace):
-    done = subprocess.run([sys.executable, "-m", "continuous_learning.pipeline", "--curate", "--train", "--eval", "--json"],
+    done = subprocess.run([sys.executable, "-m", "continuous_learning.pipeline", "--curate", "--train", "--eval",
+                           "--json"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout)

@@ -5,19 +5,21 @@ import base64
 import re
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import orjson
 import pytest
 from typer.testing import CliRunner
 
-from continuous_learning import cli, decisions, monitor, registry, store
-from continuous_learning.ingest import update_feedback_counters
-from continuous_learning.records import Feedback, FeedbackEvent, Interaction
-from continuous_learning.report import write_report
-from continuous_learning.settings import load_settings
+from continuous_learning import cli, decisions, registry
+from continuous_learning.capture.ingest import update_feedback_counters
+from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
+from continuous_learning.core.settings import load_settings
+from continuous_learning.monitor import status as monitor
+from continuous_learning.monitor.report import write_report
+from continuous_learning.storage import store
 
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -35,8 +37,10 @@ def at(days_ago: float) -> str:
 
 
 def turn(days_ago: float, score: int | None, adapter: str | None, arm: str | None = None) -> Interaction:
-    return Interaction(messages=[{"role": "user", "content": "How do I reset the pump?"}, {"role": "assistant", "content": "Hold reset."}],
-                       session_id="s", adapter_version=adapter, feedback=Feedback(score=score), ab_arm=arm, latency_ms=50.0,
+    return Interaction(messages=[{"role": "user", "content": "How do I reset the pump?"},
+                                 {"role": "assistant", "content": "Hold reset."}],
+                       session_id="s", adapter_version=adapter, feedback=Feedback(score=score), ab_arm=arm,
+                       latency_ms=50.0,
                        created_at=at(days_ago), recorded_at=at(days_ago))
 
 
@@ -49,15 +53,18 @@ def record(settings, interactions: list[Interaction]) -> None:
 def rate_later(settings, interaction: Interaction, score: int) -> None:
     feedback = Feedback(score=score)
     store.append_jsonl(settings.raw_log, [FeedbackEvent(interaction.id, feedback, created_at=at(0)).to_dict()])
-    update_feedback_counters(settings, [(interaction.feedback, interaction.feedback.merged(feedback), interaction.adapter_version)])
+    update_feedback_counters(settings, [(interaction.feedback, interaction.feedback.merged(feedback),
+                                         interaction.adapter_version)])
 
 
 def add_adapter(settings, version: str, status: str, accuracy: float, losses: list[float]) -> None:
     entry = {"version": version, "path": f"adapters/{version}", "status": status, "snapshot": {"id": "curated_1"},
              "metrics": {"final_loss": losses[-1]}}
-    registry.update(settings, lambda d: registry.register_adapter(d, entry), "adapter_trained", version=version, final_loss=losses[-1])
+    registry.update(settings, lambda d: registry.register_adapter(d, entry), "adapter_trained", version=version,
+                    final_loss=losses[-1])
     store.atomic_write_jsonl(settings.adapters_dir / version / "metrics.jsonl",
-                             [{"step": i + 1, "loss": loss, "lr": 1e-4, "tokens_per_s": 100.0} for i, loss in enumerate(losses)])
+                             [{"step": i + 1, "loss": loss, "lr": 1e-4, "tokens_per_s": 100.0} for i,
+                              loss in enumerate(losses)])
     decisions.record_eval_result(settings, version, {"accuracy": accuracy, "general_accuracy": 0.9})
 
 
@@ -75,12 +82,15 @@ def populated(settings):
     add_adapter(settings, "1.0.0", "candidate", 0.5, [2.0, 1.5, 1.2])
     add_adapter(settings, "1.1.0", "candidate", 0.75, [1.9, 1.1, 0.8, 0.6])
     add_adapter(settings, "1.2.0", "candidate", 0.8, [1.8, 1.0])
-    registry.update(settings, lambda d: decisions.promote(d, "1.0.0", "test"), "promote", reason="test", **{"from": None, "to": "1.0.0"})
-    registry.update(settings, lambda d: decisions.promote(d, "1.1.0", "test"), "promote", reason="test", **{"from": "1.0.0", "to": "1.1.0"})
+    registry.update(settings, lambda d: decisions.promote(d, "1.0.0", "test"), "promote", reason="test",
+                    **{"from": None, "to": "1.0.0"})
+    registry.update(settings, lambda d: decisions.promote(d, "1.1.0", "test"), "promote", reason="test",
+                    **{"from": "1.0.0", "to": "1.1.0"})
     registry.log_event(settings, "drift", status="warn", worst_feature="prompt_chars")
     registry.log_event(settings, "cycle", ran=["curate", "drift"], failed=[], nothing_due=False)
     store.atomic_write_json(settings.adapters_dir / "ab_test.json",
-                            {"id": "ab1", "candidate": "1.2.0", "champion": "1.1.0", "traffic": 0.2, "started_at": at(3), "status": "running"})
+                            {"id": "ab1", "candidate": "1.2.0", "champion": "1.1.0", "traffic": 0.2,
+                             "started_at": at(3), "status": "running"})
     return {"base": base, "old": old, "champion": champion, "candidate": candidate}
 
 
@@ -90,14 +100,17 @@ def invoke(*args: str):
 
 # --- pure helpers -----------------------------------------------------------------------------------------
 def test_helpful_rate_counts_only_rated_turns():
-    assert monitor.helpful_rate({"helpful": 3, "unhelpful": 1, "neutral": 1, "corrected": 1, "skipped": 10, "turns": 16}) == 0.5
+    assert monitor.helpful_rate({"helpful": 3, "unhelpful": 1, "neutral": 1, "corrected": 1, "skipped": 10,
+                                 "turns": 16}) == 0.5
     assert monitor.helpful_rate({"skipped": 4}) is None
 
 
 def test_event_outcomes_read_like_sentences():
-    assert monitor.event_outcome({"event": "promote", "from": None, "to": "1.0.0", "reason": "gate"}) == "base -> 1.0.0 (gate)"
+    assert monitor.event_outcome({"event": "promote", "from": None, "to": "1.0.0",
+                                  "reason": "gate"}) == "base -> 1.0.0 (gate)"
     assert monitor.event_outcome({"event": "cycle", "nothing_due": True}) == "nothing due"
-    assert monitor.event_outcome({"event": "ab_stop", "candidate": "1.2.0", "champion": "1.1.0", "promoted": True}) == "1.2.0 vs 1.1.0: candidate promoted"
+    assert monitor.event_outcome({"event": "ab_stop", "candidate": "1.2.0", "champion": "1.1.0",
+                                  "promoted": True}) == "1.2.0 vs 1.1.0: candidate promoted"
 
 
 # --- cl status ----------------------------------------------------------------------------------------------
@@ -120,7 +133,8 @@ def test_status_on_a_populated_workspace(settings, populated):
     assert turns["rated"] == 12 and turns["helpful_rate"] == pytest.approx(8 / 12)
     assert turns["feedback_events"] == 1
     today = next(d for d in turns["per_day"] if d["day"] == NOW.date().isoformat())
-    assert today["turns"] == 3 and today["helpful"] == 2 and today["rated"] == 2  # the late rating counts on its turn's day
+    # the late rating counts on its turn's day
+    assert today["turns"] == 3 and today["helpful"] == 2 and today["rated"] == 2
     assert sum(d["turns"] for d in turns["per_day"]) == 14
 
     assert status["champion"] == "1.1.0"
@@ -166,8 +180,10 @@ def test_status_survives_damaged_side_files(settings, populated):
 
 
 def test_status_does_not_import_torch(settings, populated):
-    code = "import sys; from continuous_learning.cli import main\ntry: main(['status', '--json'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ}, check=True)
+    code = ("import sys; from continuous_learning.cli import main\n"
+            "try: main(['status', '--json'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ}, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"
 
 
@@ -183,7 +199,8 @@ def test_report_writes_html_markdown_and_pngs(settings, populated):
     md_path = html_path.with_suffix(".md")
     assert str(html_path) in out.output.replace("\n", "")
     page, markdown = html_path.read_text(), md_path.read_text()
-    for section in ("Summary", "Adapters and evaluation", "Training loss", "Helpful rate over time", "Drift", "Recent events"):
+    for section in ("Summary", "Adapters and evaluation", "Training loss", "Helpful rate over time", "Drift",
+                    "Recent events"):
         assert f"<h2>{section}</h2>" in page and f"## {section}" in markdown
     embedded = _pngs_in_html(page)
     assert len(embedded) == 3  # eval accuracy, loss curves, helpful rate; too little traffic for drift figures
@@ -197,7 +214,8 @@ def test_report_writes_html_markdown_and_pngs(settings, populated):
 
 
 def test_report_has_drift_figures_when_there_is_traffic(settings):
-    turns = [Interaction(messages=[{"role": "user", "content": "x" * (20 + i % 10)}, {"role": "assistant", "content": "ok"}],
+    turns = [Interaction(messages=[{"role": "user", "content": "x" * (20 + i % 10)},
+                                   {"role": "assistant", "content": "ok"}],
                          session_id="s", language="en", created_at=at(days), recorded_at=at(days))
              for i, days in enumerate([20 - i * 0.2 for i in range(40)] + [5 - i * 0.1 for i in range(40)])]
     store.append_jsonl(settings.raw_log, [t.to_dict() for t in turns])

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from continuous_learning import privacy
-from continuous_learning.errors import ConfigError
-from continuous_learning.privacy import Sanitized, get_sanitizer
-from continuous_learning.settings import PrivacyConfig
+from continuous_learning.capture import privacy
+from continuous_learning.capture.privacy import Sanitized, get_sanitizer
+from continuous_learning.core.errors import ConfigError
+from continuous_learning.core.settings import PrivacyConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = [
@@ -192,7 +192,7 @@ def test_email_check_never_touches_the_network(monkeypatch: pytest.MonkeyPatch, 
 
 _IMPORT_CHECK = """
 import os, sys
-import continuous_learning.privacy as privacy
+import continuous_learning.capture.privacy as privacy
 heavy = [m for m in ("presidio_analyzer", "presidio_anonymizer", "spacy", "torch", "tldextract") if m in sys.modules]
 assert not heavy, heavy
 

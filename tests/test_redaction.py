@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from bench import privacy_eval
-from continuous_learning.privacy import get_sanitizer
-from continuous_learning.settings import PrivacyConfig
+from continuous_learning.capture.privacy import get_sanitizer
+from continuous_learning.core.settings import PrivacyConfig
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,8 @@ ISSUE_EXAMPLES = [
     ("token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U",
      ["eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"]),
     ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU\nAAAAEbm9uZQAAAAAAAAAB\n"
-     "-----END OPENSSH PRIVATE KEY-----", ["b3BlbnNzaC1rZXktdjEAAAAABG5vbmU", "AAAAEbm9uZQAAAAAAAAAB", "BEGIN OPENSSH"]),
+     "-----END OPENSSH PRIVATE KEY-----",
+     ["b3BlbnNzaC1rZXktdjEAAAAABG5vbmU", "AAAAEbm9uZQAAAAAAAAAB", "BEGIN OPENSSH"]),
     ("mysql://root:toor@localhost/db", ["toor"]),
     ("https://deploy:Pa55w0rd!@git.example.com/x.git", ["Pa55w0rd!"]),
     ("password=s3cr3t-value", ["s3cr3t-value"]),

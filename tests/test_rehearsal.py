@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 from continuous_learning import rehearsal
-from continuous_learning.models import resolve_base
-from continuous_learning.settings import load_settings
+from continuous_learning.chat.models import resolve_base
+from continuous_learning.core.settings import load_settings
 
 
 def test_rehearsal_records_are_generated_once_and_cached(workspace, monkeypatch):

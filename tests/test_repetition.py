@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from continuous_learning.models import (
+from continuous_learning.chat.models import (
     RepetitionControl,
     line_loop,
     looping_tokens,
     penalize_repetition,
     token_pieces,
 )
-from continuous_learning.settings import load_settings
+from continuous_learning.core.settings import load_settings
 
 HOW_TO = [{"role": "system", "content": "You are a helpful assistant."},
           {"role": "user", "content": "How do I write a for loop in Python?"}]
@@ -72,7 +72,7 @@ def test_settings_and_requests_set_the_control(workspace):
 
 # --- on a model -----------------------------------------------------------------------------------------------------
 def test_stream_stops_a_line_loop_and_the_penalty_changes_the_answer(settings):
-    from continuous_learning.models import ChatModel, answer_once
+    from continuous_learning.chat.models import ChatModel, answer_once
 
     chat = ChatModel.load(settings)
     plain, plain_stats = answer_once(chat, HOW_TO, max_new_tokens=48)
@@ -86,8 +86,8 @@ def test_eval_greedy_answers_ignore_the_chat_control(settings, monkeypatch):
     """The eval decodes on its own, so a chat setting (here: a huge penalty) never moves the gate's answers."""
     import dataclasses
 
+    from continuous_learning.chat.models import ChatModel
     from continuous_learning.evaluate import greedy_batch
-    from continuous_learning.models import ChatModel
 
     chat = ChatModel.load(settings)
     before = greedy_batch(chat, [HOW_TO], max_new_tokens=12)
@@ -99,7 +99,6 @@ def test_eval_greedy_answers_ignore_the_chat_control(settings, monkeypatch):
 def test_service_applies_the_default_and_takes_per_request_penalties(workspace):
     """`cl serve` penalizes by default; `repetition_penalty` (extension) and OpenAI's fields change it per request."""
     import httpx
-
     from test_serve import running
 
     def ask(**fields) -> httpx.Response:

@@ -16,13 +16,20 @@ import pytest
 from typer.testing import CliRunner
 
 from continuous_learning import cli, decisions, registry
-from continuous_learning.privacy import hash_user_id
-from continuous_learning.serve import (
-    ApiError, Service, StopScanner, bind_socket, check_bearer, cut_at_stop, make_server, model_list, resolve_model,
+from continuous_learning.capture.privacy import hash_user_id
+from continuous_learning.core.settings import load_settings
+from continuous_learning.serve.app import bind_socket, make_server
+from continuous_learning.serve.schemas import (
+    ApiError,
+    StopScanner,
+    check_bearer,
+    cut_at_stop,
+    model_list,
+    resolve_model,
     retry_after_s,
 )
-from continuous_learning.settings import load_settings
-from continuous_learning.store import iter_jsonl, workspace_lock
+from continuous_learning.serve.worker import Service
+from continuous_learning.storage.store import iter_jsonl, workspace_lock
 
 TOKEN = "s3cret-admin-token"
 QUESTION = [{"role": "user", "content": "Hello there, how are you?"}]
@@ -79,8 +86,8 @@ def test_model_list_hides_unusable_adapters():
 
 
 def test_hosts_and_error_mapping():
-    from continuous_learning.errors import InputError, LockHeldError, ModelNotFoundError, RegistryError
-    from continuous_learning.serve import api_error_for, is_loopback
+    from continuous_learning.core.errors import InputError, LockHeldError, ModelNotFoundError, RegistryError
+    from continuous_learning.serve.schemas import api_error_for, is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
@@ -149,13 +156,15 @@ def test_completions_through_the_openai_client_are_logged_like_chat_turns(settin
         assert raw.headers["x-interaction-id"] == reply.id
         assert reply.object == "chat.completion" and reply.model == "base"
         assert reply.choices[0].finish_reason in ("stop", "length")
-        assert reply.usage.completion_tokens <= 6 and reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+        assert reply.usage.completion_tokens <= 6
+        assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
 
         chunks = list(api.chat.completions.create(model="base", messages=QUESTION, max_tokens=6, stream=True,
                                                   temperature=1.0, seed=3, stream_options={"include_usage": True}))
         streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         assert {c.object for c in chunks} == {"chat.completion.chunk"} and len({c.id for c in chunks}) == 1
-        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] in (["stop"], ["length"])
+        assert [c.choices[0].finish_reason for c in chunks if c.choices
+                and c.choices[0].finish_reason] in (["stop"], ["length"])
         assert chunks[-1].usage.completion_tokens <= 6
 
     logged = {i["id"]: i for i in interactions(settings)}
@@ -217,7 +226,8 @@ def test_bad_requests_get_openai_shaped_errors(workspace, monkeypatch):
 
         with pytest.raises(openai.NotFoundError, match="does not exist"):
             client(url).chat.completions.create(model="nope", messages=QUESTION)
-        assert client(url).chat.completions.create(model="champion", messages=QUESTION, max_tokens=2).choices[0].message is not None
+        assert client(url).chat.completions.create(model="champion", messages=QUESTION,
+                                                   max_tokens=2).choices[0].message is not None
     assert len(interactions(load_settings())) == 1  # refused requests are not logged
 
 
@@ -246,7 +256,8 @@ def test_admin_routes_are_absent_without_a_token(settings):
     with running(admin_token="") as (url, _):
         for method, path in [("GET", "/admin/status"), ("POST", "/admin/curate"), ("POST", "/admin/train"),
                              ("POST", "/admin/rollback"), ("GET", "/admin/jobs/x")]:
-            response = httpx.request(method, f"{url}{path}", headers={"Authorization": f"Bearer {TOKEN}"}, content=b"{bad")
+            response = httpx.request(method, f"{url}{path}", headers={"Authorization": f"Bearer {TOKEN}"},
+                                     content=b"{bad")
             assert response.status_code == 404 and response.json()["error"]["type"] == "not_found_error"
 
 
@@ -261,11 +272,13 @@ def test_admin_auth_status_and_a_curate_job(settings, monkeypatch):
         prompts = ["What is lot number AB-123?", "How do I reset the pump?", "Which filter fits model X7?",
                    "When is the next service due?"]
         for k, prompt in enumerate(prompts):
-            reply = api.chat.completions.create(model="champion", messages=[{"role": "user", "content": prompt}], max_tokens=6)
+            reply = api.chat.completions.create(model="champion", messages=[{"role": "user", "content": prompt}],
+                                                max_tokens=6)
             fix = {"interaction_id": reply.id, "correction": f"The right answer number {k} is in the manual."}
             assert admin.post("/v1/feedback", json=fix).status_code == 201
         status = admin.get("/admin/status").json()
-        assert status["champion"] == "base" and status["counts"]["completions"] == 4 and status["counts"]["feedback"] == 4
+        assert status["champion"] == "base"
+        assert status["counts"]["completions"] == 4 and status["counts"]["feedback"] == 4
         assert status["queue"]["capacity"] == 32 and status["jobs"] == []
         assert status["workspace"]["interactions"]["total"] == 4  # the same figures as `cl status --json`
 
@@ -291,7 +304,8 @@ def test_train_job_runs_in_the_background_one_at_a_time(settings):
         for k in range(4):
             reply = api.chat.completions.create(model="champion", max_tokens=3,
                                                 messages=[{"role": "user", "content": f"Question {k} about the pump?"}])
-            admin.post("/v1/feedback", json={"interaction_id": reply.id, "correction": f"Answer {k}: see page {k} of the manual."})
+            admin.post("/v1/feedback", json={"interaction_id": reply.id, "correction": f"Answer {k}: see page {k} of "
+                                                                                       f"the manual."})
         assert admin.post("/admin/train", json={"max_steps": 0}).status_code == 422
         started = admin.post("/admin/train", json={"max_steps": 2, "evaluate": False, "note": "api"})
         assert started.status_code == 202 and started.json()["kind"] == "train"
@@ -322,7 +336,7 @@ def make_adapter(settings, version: str, seed: int) -> None:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from continuous_learning.models import file_sha256, resolve_base
+    from continuous_learning.chat.models import file_sha256, resolve_base
 
     base = resolve_base(settings)
     torch.manual_seed(seed)
@@ -348,7 +362,8 @@ def test_promotion_and_rollback_take_effect_on_the_next_request(settings):
         decisions.promote_version(settings, "1.1.0", "second", forced=True)  # e.g. `cl promote` in another shell
         assert api.chat.completions.create(model="champion", messages=QUESTION, max_tokens=3).model == "1.1.0"
         assert api.chat.completions.create(model="base", messages=QUESTION, max_tokens=3).model == "base"
-        moved = httpx.post(f"{url}/admin/rollback", json={"reason": "regression"}, headers={"Authorization": f"Bearer {TOKEN}"})
+        moved = httpx.post(f"{url}/admin/rollback", json={"reason": "regression"},
+                           headers={"Authorization": f"Bearer {TOKEN}"})
         assert moved.status_code == 200 and moved.json()["from"] == "1.1.0" and moved.json()["to"] == "1.0.0"
         raw = api.chat.completions.with_raw_response.create(model="champion", messages=QUESTION, max_tokens=3)
         assert raw.parse().model == "1.0.0" and raw.headers["x-model-version"] == "1.0.0"
@@ -365,8 +380,10 @@ def test_load_16_clients_x_20_requests_every_turn_logged_once(settings):
             out = []
             for k in range(20):
                 reply = api.chat.completions.create(
-                    model="champion", messages=[{"role": "user", "content": f"client {n} question {k}"}], max_tokens=2, user=f"user{n}")
-                assert reply.choices[0].message.role == "assistant" and isinstance(reply.choices[0].message.content, str)
+                    model="champion", messages=[{"role": "user", "content": f"client {n} question {k}"}], max_tokens=2,
+                    user=f"user{n}")
+                assert reply.choices[0].message.role == "assistant" and isinstance(reply.choices[0].message.content,
+                                                                                   str)
                 assert reply.usage.completion_tokens <= 2
                 out.append((reply.id, f"client {n} question {k}"))
             return out
@@ -427,7 +444,8 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_turn(workspace):
     sock.close()
     env = {**os.environ, "CL_SERVE_MAX_TOKENS": "60",  # the answers run their full length (no line-loop stop)
            "CL_CHAT_MAX_REPEATED_LINES": "0", "CL_CHAT_MAX_BLANK_LINES": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "continuous_learning.cli", "serve", "--port", str(port), "--log-level", "warning"],
+    proc = subprocess.Popen([sys.executable, "-m", "continuous_learning.cli", "serve", "--port", str(port),
+                             "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -644,7 +662,7 @@ def test_feedback_finds_its_turn_past_wrongly_shaped_lines(settings):
         reply = client(url).chat.completions.create(model="champion", messages=QUESTION, max_tokens=2)
         bad = {"schema_version": 1, "type": "feedback", "id": "x", "created_at": "2026-01-01T00:00:00Z",
                "interaction_id": reply.id, "feedback": "bad"}
-        from continuous_learning import store
+        from continuous_learning.storage import store
 
         store.append_jsonl(settings.raw_log, [bad, {"type": "interaction", "id": ["x"]}])
         copy = settings.raw_log.with_suffix(".copy")

@@ -10,9 +10,9 @@ import orjson
 import pytest
 
 from continuous_learning import registry
-from continuous_learning.errors import ConfigError, LockHeldError, NothingToDo, TrainingFailed
-from continuous_learning.models import file_sha256
-from continuous_learning.settings import load_settings
+from continuous_learning.core.errors import ConfigError, LockHeldError, NothingToDo, TrainingFailed
+from continuous_learning.chat.models import file_sha256
+from continuous_learning.core.settings import load_settings
 from continuous_learning.train import (
     IGNORE_INDEX,
     Trainer,

@@ -13,14 +13,14 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import orjson
 
-from ..errors import InputError, RegistryError
-from ..settings import Settings
+from ..core.errors import InputError, RegistryError
+from ..core.settings import Settings
 from . import gguf_files
 from .modelfile import Decoding, commands, is_chatml, modelfile, ollama_name
 
@@ -141,12 +141,12 @@ def source_gguf(base) -> Path | None:
 
 def load_full_precision(base):
     """The base in float32 on the CPU: merging into rounded or quantized weights would round the adapter too."""
+    from ..chat.models import _quiet_transformers
+
+    _quiet_transformers()  # offline first: huggingface_hub reads that once, when transformers imports it
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..models import _quiet_transformers
-
-    _quiet_transformers()
     model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32, local_files_only=True)
     return model.eval()
 
@@ -154,7 +154,7 @@ def load_full_precision(base):
 def merged_model(model, adapter_folder: Path):
     from peft import PeftModel
 
-    from ..models import quiet_known_warnings
+    from ..chat.models import quiet_known_warnings
 
     quiet_known_warnings()
     return PeftModel.from_pretrained(model, str(adapter_folder)).merge_and_unload().eval()
@@ -203,7 +203,7 @@ class Writer:
         return self.add("lora-gguf", path)
 
     def hf_folder(self, model, name: str) -> Path:
-        from ..models import load_tokenizer
+        from ..chat.models import load_tokenizer
 
         self.progress(f"writing {name}/")
         target, partial = self.folder / name, self.folder / f"{name}.partial"
@@ -254,7 +254,7 @@ def write_all(writer: Writer, formats: tuple[str, ...], quants: tuple[str, ...])
 
 def write_modelfiles(writer: Writer) -> list[tuple[str, str]]:
     """Modelfile (base + ADAPTER) and Modelfile.merged (the merged F16, else the first merged file)."""
-    from ..models import load_tokenizer
+    from ..chat.models import load_tokenizer
 
     result, chat = writer.result, decoding(writer.settings)
     chatml = is_chatml(load_tokenizer(writer.base).chat_template)
@@ -277,7 +277,7 @@ def export_model(settings: Settings, requested: str, formats: tuple[str, ...] = 
                  progress: Progress | None = None) -> ExportResult:
     """Export VERSION / 'champion' / 'base' in the given formats; returns the files written and the commands."""
     from .. import registry
-    from ..models import resolve_base, set_threads
+    from ..chat.models import resolve_base, set_threads
 
     started, progress = time.perf_counter(), progress or (lambda _message: None)
     check_formats(formats, quants)
@@ -301,6 +301,6 @@ def export_model(settings: Settings, requested: str, formats: tuple[str, ...] = 
 
 
 def manifest(result: ExportResult, base) -> dict:
-    from ..records import utc_now
+    from ..core.records import utc_now
 
     return {**result.to_dict(), "base_sha256": base.sha256, "created_at": utc_now()}

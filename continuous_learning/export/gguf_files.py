@@ -14,12 +14,13 @@ import functools
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..core.errors import InputError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 QUANTS = ("f16", "q8_0")
@@ -249,7 +250,8 @@ def _file_type(quant: str) -> int:
 
 
 def _add_tensor(writer, name: str, array: np.ndarray, quant: str) -> None:
-    from gguf import GGMLQuantizationType as T, quants
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
 
     kind = _tensor_type(quant, array)
     if kind in (T.F32, T.F16):

@@ -66,7 +66,8 @@ def ssn(rng: random.Random) -> str:
 
 def nanp(rng: random.Random, style: int) -> str:
     a, b, c = rng.randint(201, 989), rng.randint(200, 989), rng.randint(1000, 9999)
-    return [f"{a}-{b}-{c}", f"({a}) {b}-{c}", f"{a}.{b}.{c}", f"+1 {a} {b} {c}", f"{a}{b}{c}", f"+1-{a}-{b}-{c}"][style % 6]
+    return [f"{a}-{b}-{c}", f"({a}) {b}-{c}", f"{a}.{b}.{c}", f"+1 {a} {b} {c}", f"{a}{b}{c}",
+            f"+1-{a}-{b}-{c}"][style % 6]
 
 
 def dni(rng: random.Random) -> str:
@@ -117,7 +118,8 @@ HELDOUT_NAMES = [
 ]
 HELDOUT_SCRIPT_NAMES = ["이서연", "박지훈", "최유진", "王芳", "李娜", "张伟", "Ольга Смирнова", "Дмитрий Козлов",
                         "Анна Кузнецова", "Γιώργος Παπαδόπουλος", "Σοφία Νικολάου", "高橋 健太"]
-TUNING_SCRIPT_NAMES = ["김민준", "정수빈", "刘洋", "陈静", "Иван Петров", "Мария Соколова", "Νίκος Γεωργίου", "佐藤 花子"]
+TUNING_SCRIPT_NAMES = ["김민준", "정수빈", "刘洋", "陈静", "Иван Петров", "Мария Соколова", "Νίκος Γεωργίου",
+                       "佐藤 花子"]
 
 
 # --- tuning templates -----------------------------------------------------------------------------------------
@@ -320,7 +322,8 @@ def secret_heldout(rng: random.Random, i: int) -> tuple:
         v = f"ghs_{rand(rng, 36)}"
         return f"Actions uses {v} for checkout", [("API_KEY", v)]
     if k == 3:
-        v = f"xoxp-{rng.randint(10**10, 10**11)}-{rng.randint(10**10, 10**11)}-{rng.randint(10**11, 10**12)}-{rand(rng, 32, 'abcdef0123456789')}"
+        v = (f"xoxp-{rng.randint(10**10, 10**11)}-{rng.randint(10**10, 10**11)}-{rng.randint(10**11, 10**12)}-"
+             f"{rand(rng, 32, 'abcdef0123456789')}")
         return f"SLACK_USER_TOKEN: \"{v}\"", [("API_KEY", v)]
     if k == 4:
         v = f"hf_{rand(rng, 37)}"
@@ -666,7 +669,8 @@ def secret_heldout_c(rng: random.Random, i: int) -> tuple:
 def pii_heldout_c(rng: random.Random, i: int) -> tuple:
     k = i % 20
     if k == 0:
-        v = f"{rand(rng, 5, string.ascii_lowercase)}.{rand(rng, 7, string.ascii_lowercase)}@plant-{rng.randint(1, 9)}.example.net"
+        v = (f"{rand(rng, 5, string.ascii_lowercase)}.{rand(rng, 7, string.ascii_lowercase)}"
+             f"@plant-{rng.randint(1, 9)}.example.net")
         return f"Reply-To: <{v}>", [("EMAIL_ADDRESS", v)]
     if k == 1:
         v = f"+91 {rng.randint(70000, 99999)} {rng.randint(10000, 99999)}"
@@ -733,7 +737,8 @@ def domain_rows_c(rng: random.Random) -> list[dict]:
         sap_po = f"45{rng.randint(10000000, 99999999)}"
         texts = [
             (f"Ask Maintenance to check {v['part']} before the audit.", [v["part"]]),
-            (f"The Bosch Rexroth valve on line {v['line']} leaks at {v['pressure']}.", [f"line {v['line']}", v["pressure"]]),
+            (f"The Bosch Rexroth valve on line {v['line']} leaks at {v['pressure']}.",
+             [f"line {v['line']}", v["pressure"]]),
             (f"Use Loctite 243 on the M6 screws of {v['part2']}.", [v["part2"]]),
             (f"PO {sap_po} (SAP) covers {v['order']}.", [f"PO {sap_po}", v["order"]]),
             (f"LOT {v['lot']} QTY 500 SHIPPED {v['date']}", [f"LOT {v['lot']}", v["date"]]),

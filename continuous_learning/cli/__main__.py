@@ -1,0 +1,4 @@
+"""`python -m continuous_learning.cli`."""
+from .app import main
+
+main()

@@ -311,6 +311,7 @@ class TrainRequest(CurateRequest):
     max_steps: Optional[int] = Field(None, ge=1)
     epochs: Optional[int] = Field(None, ge=0)
     learning_rate: Optional[float] = Field(None, gt=0)
+    objective: Optional[Literal["auto", "sft", "kto", "dpo"]] = None
 
 
 class RollbackRequest(BaseModel):

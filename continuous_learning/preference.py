@@ -25,7 +25,10 @@ from typing import Any
 from .crypto import Cipher, decrypt_text, encrypt_text
 
 OBJECTIVES = ("auto", "sft", "kto", "dpo")
-BETA = 0.1  # KTO's and DPO's usual beta: how far from the reference a log-ratio may move before the loss flattens
+# Log-ratios enter the losses per token (the sum over the answer divided by its length, as SimPO, Meng et al. 2024,
+# does for DPO): with sums, a long answer saturates the loss after a small per-token change and a short one needs
+# a large one; per token, every answer is pushed until it is about 3 / BETA nats per token below the base.
+BETA = 2.0  # per token: the loss flattens once a rejected answer is ~1.5 nats/token less likely than under the base
 DESIRABLE_RATIO = (1.0, 4.0 / 3.0)  # KTO §4.2: lambda_D n_D / (lambda_U n_U) should lie in [1, 4/3]
 TRL_TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected")
 DESIRABLE, UNDESIRABLE, PAIR = "desirable", "undesirable", "pair"
@@ -70,13 +73,18 @@ def kto_class_weights(n_desirable: int, n_undesirable: int) -> tuple[float, floa
 
 def batch_preference_loss(sequence_logp, items: list[dict], class_weights: tuple[float, float], beta: float = BETA):
     """(sum of the KTO and DPO losses of one forward pass, number of terms). `sequence_logp[i]` is the policy's
-    summed log-prob of `items[i]`, whose `pref_term` says what it is and `ref_logp` is the base's; a DPO chosen
-    answer names its rejected one (`rejected_item`), which is in the same pass."""
+    summed log-prob of `items[i]`, whose `pref_term` says what it is, `ref_logp` the base's summed log-prob and
+    `tokens` how many tokens both sum over; a DPO chosen answer names its rejected one (`rejected_item`), which
+    is in the same pass. Log-probs enter the losses per token (see BETA)."""
     import torch
 
-    index = {id(item): i for i, item in enumerate(items)}
+    lengths = sequence_logp.new_tensor([float(item.get("tokens", 1)) for item in items]).clamp(min=1.0)
+    sequence_logp = sequence_logp / lengths
+    originals = items
+    items = [{**item, "ref_logp": item["ref_logp"] / max(1, item.get("tokens", 1))} for item in items]
+    index = {id(item): i for i, item in enumerate(originals)}
     kto = [i for i, item in enumerate(items) if item["pref_term"] in (KTO_DESIRABLE, KTO_UNDESIRABLE)]
-    pairs = [(i, index[id(item["rejected_item"])]) for i, item in enumerate(items) if item["pref_term"] == DPO_CHOSEN]
+    pairs = [(i, index[id(item["rejected_item"])]) for i, item in enumerate(originals) if item["pref_term"] == DPO_CHOSEN]
     total = sequence_logp.new_zeros(())
     if kto:
         at = torch.tensor(kto, device=sequence_logp.device)

@@ -961,6 +961,7 @@ class Trainer:
                 losses, _, _, _, _ = self._forward_losses(self.model, batch.ids, batch.mask, batch.labels)
                 for row, item in enumerate(chunk):
                     item["ref_logp"] = -float(losses[row].sum())
+                    item["tokens"] = sum(1 for j, t in enumerate(item["labels"]) if t != IGNORE_INDEX and j > 0)
         self.timings["preference_reference_s"] = time.perf_counter() - started
 
     def _step_preference_plan(self, examples: list[dict], undesirable: list[dict]) -> tuple[int, tuple[float, float]]:

@@ -188,3 +188,93 @@ def test_unknown_objective_is_refused_before_anything_heavy(settings):
 
     with pytest.raises(ConfigError, match="train.objective must be one of auto, sft, kto, dpo"):
         Trainer(fast(settings, objective="orpo")).setup()
+
+
+# --- evaluation and the gate ----------------------------------------------------------------------------------
+def test_gate_refuses_a_candidate_that_made_rejected_answers_more_likely():
+    from continuous_learning.decisions import gate
+    from tests.test_evaluate import EVERYDAY, RULES, result
+
+    def with_rejected(res: dict, loglik: float | None) -> dict:
+        return {**res, "rejected_loglik": loglik}
+
+    better = result([True] * 5 + [False], general=EVERYDAY)
+    champion = result([False] * 6, version=None, general=EVERYDAY)
+    refused = gate(with_rejected(better, -0.80), with_rejected(champion, -0.93), RULES)
+    assert not refused.promote and refused.stats["rejected_loglik"] == -0.80
+    assert "rejected answers' mean log-likelihood -0.930 -> -0.800 nats/token (MORE likely" in refused.summary
+    kept = gate(with_rejected(better, -2.10), with_rejected(champion, -0.93), RULES)
+    assert kept.promote and "-0.930 -> -2.100 nats/token (no more likely)" in kept.summary
+    assert gate(better, champion, RULES).promote  # nothing rejected to measure: the rule does not apply
+
+
+def test_eval_reports_rejected_and_chosen_likelihoods_per_version(settings, monkeypatch):
+    from continuous_learning import evaluate
+    from continuous_learning.settings import load_settings
+    from tests.test_evaluate import make_adapter, write_lines
+
+    monkeypatch.setenv("CL_EVAL_MAX_NEW_TOKENS", "4")
+    settings = load_settings()
+    make_adapter(settings, "1.0.0", seed=1, snapshot="snap-1")
+    write_lines(settings.curated_dir / "curated_1_eval.jsonl",
+                [rated("Where is lot A-17?", "In hall 3.", "corrected", rejected="I do not know."),
+                 rated("Who signs lot B-2?", "Nobody can say.", "unhelpful")])
+    registry_entry = {"id": "snap-1", "eval_file": "data/curated/curated_1_eval.jsonl"}
+    from continuous_learning import registry
+
+    registry.update(settings, lambda d: registry.add_snapshot(d, registry_entry), "snapshot")
+    write_lines(settings.eval_dir / "qa_eval.jsonl", [{"prompt": "Where is lot A-17?", "keywords": ["hall 3"]}])
+    report = evaluate.evaluate_and_gate(settings, "1.0.0", promote=False, include_general=False)
+    subject, base = report["subject"], report["against"]
+    for r in (subject, base):
+        assert r["preference_eval"] == "held_out" and (r["rejected_answers"], r["chosen_answers"]) == (2, 1)
+        assert r["rejected_loglik"] < 0 and r["chosen_loglik"] < 0
+    assert subject["rejected_loglik"] != pytest.approx(base["rejected_loglik"])
+    assert any("rejected answers" in reason for reason in report["decision"]["reasons"])
+
+
+# --- the real bundled model -----------------------------------------------------------------------------------
+@pytest.mark.real_model
+def test_real_smollm2_makes_rejected_answers_less_likely_and_corrections_more(real_workspace):
+    from continuous_learning.settings import load_settings
+
+    settings = load_settings()
+    facts = [rated(*f) for f in FACTS[2:]]
+    nos = [rated("Which line makes part QX-17?", "Part QX-17 is made by hand in the basement.", "unhelpful"),
+           rated("What colour is the Vanta bolt?", "The Vanta bolt is a bright purple bolt.", "unhelpful")]
+    pairs = [rated("Who approves lot L-204?", "Lot L-204 is approved by Dr. Amsel.", "corrected",
+                   rejected="Lot L-204 is approved by the night shift.")]
+    add_snapshot(settings, facts + nos + pairs)
+    real = dataclasses.replace(settings, train=dataclasses.replace(
+        settings.train, max_steps=12, max_seq_len=128, checkpoint_every=0, rehearsal_examples=8))
+    entry = run_training(real, note="learns from no")
+    metrics = entry["metrics"]
+    assert metrics["objective"] == "sft+kto+dpo" and metrics["preference_eval"] == "train"
+    assert (metrics["undesirable_examples"], metrics["pairs"], metrics["rejected_answers"]) == (2, 1, 3)
+    assert metrics["rejected_loglik"] < metrics["rejected_loglik_start"] - 0.5  # nats per token
+    assert metrics["chosen_loglik"] > metrics["chosen_loglik_start"]
+    assert metrics["rehearsal"] == "kl"  # the anti-forgetting term stayed in force
+    print(f"\nrejected {metrics['rejected_loglik_start']:.3f} -> {metrics['rejected_loglik']:.3f}, chosen "
+          f"{metrics['chosen_loglik_start']:.3f} -> {metrics['chosen_loglik']:.3f}, {metrics['seconds']:.0f} s")
+
+
+def test_objective_knob_reaches_every_entry_point(settings, monkeypatch):
+    from pydantic import ValidationError
+    from typer.testing import CliRunner
+
+    from continuous_learning import cli, jobs, serve
+    from continuous_learning.settings import load_settings
+    from continuous_learning.train import _parse_args
+
+    assert settings.train.objective == "auto"  # the default a new user gets
+    assert jobs.train_settings(settings, {"objective": "dpo"}).train.objective == "dpo"
+    assert serve.TrainRequest(objective="kto").model_dump()["objective"] == "kto"
+    with pytest.raises(ValidationError):
+        serve.TrainRequest(objective="orpo")
+    assert _parse_args(["--objective", "sft"]).objective == "sft"
+    monkeypatch.setenv("CL_TRAIN_OBJECTIVE", "kto")
+    assert load_settings().train.objective == "kto"
+    add_snapshot(settings, [rated(*FACTS[0])])
+    result = CliRunner().invoke(cli.app, ["train", "--objective", "orpo"])
+    assert result.exit_code != 0 and "train.objective must be one of auto, sft, kto, dpo" in result.output
+    assert "Traceback" not in result.output

@@ -27,8 +27,9 @@ from .crypto import Cipher, decrypt_text, encrypt_text
 OBJECTIVES = ("auto", "sft", "kto", "dpo")
 # Log-ratios enter the losses per token (the sum over the answer divided by its length, as SimPO, Meng et al. 2024,
 # does for DPO): with sums, a long answer saturates the loss after a small per-token change and a short one needs
-# a large one; per token, every answer is pushed until it is about 3 / BETA nats per token below the base.
-BETA = 2.0  # per token: the loss flattens once a rejected answer is ~1.5 nats/token less likely than under the base
+# a large one; per token, every answer is pushed until it is about 3 / BETA nats per token below the base (in the
+# 4-bit model that trains; the full-precision model a peer loads sees about half of that drop).
+BETA = 1.0  # per token: the loss flattens once a rejected answer is ~3 nats/token less likely than under the base
 DESIRABLE_RATIO = (1.0, 4.0 / 3.0)  # KTO §4.2: lambda_D n_D / (lambda_U n_U) should lie in [1, 4/3]
 TRL_TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected")
 DESIRABLE, UNDESIRABLE, PAIR = "desirable", "undesirable", "pair"

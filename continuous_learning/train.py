@@ -8,6 +8,10 @@ A run trains inside `adapters/.<version>.partial/` (metrics per step, a resumabl
 an exception or Ctrl-C leaves the registry untouched and the partial folder marked with a FAILED file;
 `resume=True` continues the newest partial run from its last checkpoint.
 
+The loss is SFT on the final assistant answers, the KL rehearsal term toward the frozen base on everyday prompts,
+and, when the snapshot has answers rated unhelpful or corrections, the preference terms of `preference.py` (KTO
+for unpaired answers, DPO for pairs; `train.objective`), against the base measured once with the adapter disabled.
+
 Pure pieces (config validation, step counts, the learning-rate schedule, the data order, label masking) are plain
 functions so tests check them without a model. torch, transformers and peft are imported inside functions.
 """
@@ -1381,10 +1385,13 @@ class Trainer:
         return self.metrics
 
     def step_anchors(self, step: int) -> list[dict]:
-        """This process's rehearsal examples for optimizer step `step` (a seeded stream, like the examples)."""
+        """This process's rehearsal examples for optimizer step `step` (a seeded stream, like the examples). A step
+        that pushes "no" answers down (KTO or DPO) holds one more everyday prompt per SFT example to the base:
+        pushing answers down bleeds into everyday ones unless something holds them."""
         if not self.anchors:
             return []
-        count = self.cfg.rehearsal_per_step
+        pushes_down = self.undesirable or self.objective["dpo"]
+        count = self.cfg.rehearsal_per_step + (self.cfg.batch_size * self.cfg.grad_accum if pushes_down else 0)
         order = example_order(len(self.anchors), self.cfg.seed + 7919, (step * self.world + self.rank) * count, count)
         return [self.anchors[i] for i in order]
 

@@ -313,7 +313,8 @@ def train_cmd(
     max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="Longest training sequence in tokens."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Data-parallel training processes (launched with torchrun)."),
-    objective: Optional[str] = typer.Option(None, "--objective", help="auto (default: SFT plus KTO / DPO for 'no' answers and corrections), sft, kto or dpo."),
+    objective: Optional[str] = typer.Option(
+        None, "--objective", help="auto (SFT, plus KTO / DPO for 'no' answers and corrections), sft, kto or dpo."),
     note: Optional[str] = typer.Option(None, "--note", help="A note stored with the adapter version."),
     as_json: bool = typer.Option(False, "--json", help="Print the registry entry as JSON (no progress bar)."),
 ) -> None:

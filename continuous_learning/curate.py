@@ -531,7 +531,8 @@ def cap_domains(examples: list[Example], cap: float) -> tuple[list[Example], lis
     limit = max(1, math.floor(cap * sum(1 for e in examples if e.desirable)))
     capped: list[Example] = []
     for domain in sorted(d for d, n in domains.items() if n > limit):
-        members = sorted((e for e in examples if e.target_tool == domain and e.desirable), key=lambda e: e.rank, reverse=True)
+        members = sorted((e for e in examples if e.target_tool == domain and e.desirable), key=lambda e: e.rank,
+                         reverse=True)
         capped.extend(members[limit:])
     dropped = {id(e) for e in capped}
     return [e for e in examples if id(e) not in dropped], capped

@@ -744,7 +744,8 @@ def _training_preference(doc: dict, steps: dict, snapshot: str | None) -> dict:
     if (entry.get("snapshot") or {}).get("id") != snapshot or metrics.get("rejected_loglik") is None:
         return {}
     shared = {k: metrics.get(k) for k in ("preference_eval", "rejected_answers", "chosen_answers")}
-    known = {subject: {"rejected_loglik": metrics["rejected_loglik"], "chosen_loglik": metrics.get("chosen_loglik"), **shared}}
+    known = {subject: {"rejected_loglik": metrics["rejected_loglik"], "chosen_loglik": metrics.get("chosen_loglik"),
+                       **shared}}
     started_from = (entry.get("warm_start") or {}).get("from")
     if steps["compare"] and steps["against"] == started_from and metrics.get("rejected_loglik_start") is not None:
         known[started_from] = {"rejected_loglik": metrics["rejected_loglik_start"],

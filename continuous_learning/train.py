@@ -514,7 +514,8 @@ def collate_padded(batch: list[dict], pad_id: int, device=None) -> Batch:
     real = int(mask.sum())
     placed = [(row, 0, e) for row, e in enumerate(batch)]
     return Batch(ids.to(device), mask.to(device), labels.to(device), weights[:, None].expand(-1, length).to(device),
-                 real_tokens=real, padded_tokens=ids.numel() - real, reference=_reference_targets(placed, length, device),
+                 real_tokens=real, padded_tokens=ids.numel() - real,
+                 reference=_reference_targets(placed, length, device),
                  sequences=_sequence_targets(placed, length, device))
 
 
@@ -549,7 +550,8 @@ def collate_packed(rows: list[list[dict]], pad_id: int, device=None) -> Batch:
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     mask = (segments[:, :, None] == segments[:, None, :]) & causal
     return Batch(ids.to(device), mask[:, None].to(device), labels.to(device), weights.to(device), positions.to(device),
-                 real_tokens=real, padded_tokens=ids.numel() - real, reference=_reference_targets(placed, length, device),
+                 real_tokens=real, padded_tokens=ids.numel() - real,
+                 reference=_reference_targets(placed, length, device),
                  sequences=_sequence_targets(placed, length, device))
 
 
@@ -694,7 +696,8 @@ class Trainer:
             )
         eval_path = self._snapshot_path("eval_file")
         eval_records = load_examples(eval_path)[0] if eval_path is not None and eval_path.exists() else []
-        held_out, _ = tokenize_examples(self.tokenizer, eval_records, self.cfg.max_seq_len, self.settings.chat.system_prompt)
+        held_out, _ = tokenize_examples(self.tokenizer, eval_records, self.cfg.max_seq_len,
+                                        self.settings.chat.system_prompt)
         self.eval_examples = [e for e in held_out if e["role"] != preference.UNDESIRABLE]
         self.preference_eval = self._preference_eval_sets(held_out, records)
         self._lengths = [len(e["input_ids"]) for e in self.examples]
@@ -909,7 +912,8 @@ class Trainer:
         undesirable = [e for e in tokenized if e["role"] == UNDESIRABLE]
         examples = [e for e in tokenized if e["role"] != UNDESIRABLE]
         pairs = len({e["record"] for e in examples if "rejected" in e})
-        self.objective = preference.resolve_objective(self.cfg.objective, len({e["record"] for e in undesirable}), pairs)
+        unpaired = len({e["record"] for e in undesirable})
+        self.objective = preference.resolve_objective(self.cfg.objective, unpaired, pairs)
         if self.objective["ignored"]:
             self._warn(f"train.objective={self.cfg.objective}: {self.objective['ignored']} answer(s) rated unhelpful "
                        "or corrected are not learned from as 'no' (train.objective=auto uses them)")
@@ -979,7 +983,8 @@ class Trainer:
         if not self.undesirable:
             return []
         count = self.cfg.batch_size * self.cfg.grad_accum
-        order = example_order(len(self.undesirable), self.cfg.seed + 104729, (step * self.world + self.rank) * count, count)
+        start = (step * self.world + self.rank) * count
+        order = example_order(len(self.undesirable), self.cfg.seed + 104729, start, count)
         return [self.undesirable[i] for i in order]
 
     def preference_logliks(self) -> dict:
@@ -1007,7 +1012,8 @@ class Trainer:
         finally:
             if was_training:
                 self.model.train()
-        out.update(preference_eval=self.preference_eval["source"], rejected_answers=len(self.preference_eval["rejected"]),
+        out.update(preference_eval=self.preference_eval["source"],
+                   rejected_answers=len(self.preference_eval["rejected"]),
                    chosen_answers=len(self.preference_eval["chosen"]))
         return out
 
@@ -1255,12 +1261,14 @@ class Trainer:
         order = example_order(len(self.examples), cfg.seed, step * size, size, lengths, cfg.batch_size)
         return [self.examples[i] for i in order]
 
-    def micro_batches(self, examples: list[dict], rehearsal: list[dict] = (), undesirable: list[dict] = ()) -> list[Batch]:
+    def micro_batches(self, examples: list[dict], rehearsal: list[dict] = (),
+                      undesirable: list[dict] = ()) -> list[Batch]:
         """This process's forward passes for its share of a step: packed rows (`batch_size` rows each) or padded
         micro-batches of `batch_size` examples. Rehearsal and undesirable examples ride along in the same passes;
         a pair's rejected answer always shares its chosen answer's pass (DPO compares the two)."""
         cfg, pad, device = self.cfg, self._pad_id(), self.device
-        units = [[e, e["rejected_item"]] if "rejected_item" in e else [e] for e in [*examples, *undesirable, *rehearsal]]
+        units = [[e, e["rejected_item"]] if "rejected_item" in e else [e]
+                 for e in [*examples, *undesirable, *rehearsal]]
         if cfg.packing:
             lengths = [sum(len(e["input_ids"]) for e in unit) for unit in units]
             rows = [[e for i in row for e in units[i]] for row in pack_rows(lengths, cfg.max_seq_len)]
@@ -1293,7 +1301,8 @@ class Trainer:
         metrics_file = self.run_dir / "metrics.jsonl"
         if self.start_step == 0 and self.preference_eval and "rejected_loglik_start" not in self.metrics:
             start = self.preference_logliks()
-            self.metrics.update(rejected_loglik_start=start["rejected_loglik"], chosen_loglik_start=start["chosen_loglik"])
+            self.metrics.update(rejected_loglik_start=start["rejected_loglik"],
+                                chosen_loglik_start=start["chosen_loglik"])
         if self.start_step == 0 and self.eval_examples and "eval_loss_start" not in self.metrics:
             self.metrics["eval_loss_start"] = self.evaluate_loss(self.eval_examples)["loss"]
             if self.is_main:
@@ -1325,8 +1334,9 @@ class Trainer:
                         objective = objective + self.cfg.rehearsal_weight * kl / rehearsal_tokens
                     pref = 0.0
                     if sequence_logp is not None:  # mean preference loss per term of this process's step
-                        pref_sum, _ = preference.batch_preference_loss(sequence_logp, batch.sequences.items, class_weights)
-                        objective = objective + pref_sum / max(1, terms)
+                        pref_sum, _ = preference.batch_preference_loss(sequence_logp, batch.sequences.items,
+                                                                       class_weights)
+                        objective = objective + preference.WEIGHT * pref_sum / max(1, terms)
                         pref = float(pref_sum.detach())
                     if not torch.isfinite(objective):
                         raise _NonFinite(f"loss became {objective.item()} at step {self.step + 1}")

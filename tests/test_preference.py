@@ -84,7 +84,8 @@ def test_batch_preference_loss_combines_kto_and_dpo_terms():
 
 # --- the objective follows the data ---------------------------------------------------------------------------
 @pytest.mark.parametrize("setting, undesirable, pairs, name, ignored", [
-    ("auto", 0, 0, "sft", 0), ("auto", 3, 0, "sft+kto", 0), ("auto", 0, 2, "sft+dpo", 0), ("auto", 3, 2, "sft+kto+dpo", 0),
+    ("auto", 0, 0, "sft", 0), ("auto", 3, 0, "sft+kto", 0), ("auto", 0, 2, "sft+dpo", 0),
+    ("auto", 3, 2, "sft+kto+dpo", 0),
     ("sft", 3, 2, "sft", 5), ("kto", 0, 2, "sft+kto", 0), ("dpo", 3, 2, "sft+dpo", 3),
 ])
 def test_objective_is_chosen_from_the_data(setting, undesirable, pairs, name, ignored):
@@ -149,7 +150,8 @@ def test_sequence_logp_of_a_packed_batch_matches_each_answer_alone(settings):
 
 def test_pairs_train_with_dpo_in_one_pass_and_report_their_likelihoods(settings):
     pairs = [rated(q, a, "corrected", rejected=no) for (q, a), (_, no) in zip(FACTS[:2], NO_ANSWERS)]
-    add_snapshot(settings, pairs + [rated(*FACTS[2])], eval_examples=[rated(*FACTS[3], "corrected", rejected="No idea.")])
+    held_out = [rated(*FACTS[3], "corrected", rejected="No idea.")]
+    add_snapshot(settings, pairs + [rated(*FACTS[2])], eval_examples=held_out)
     trainer = Trainer(fast(settings, max_steps=2, vary_system_prompt=False, packing=False, batch_size=1))
     try:
         trainer.setup()

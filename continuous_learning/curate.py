@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import orjson
 
-from . import registry
+from . import preference, registry
 from .storage.crypto import cipher_from_env, open_messages, seal_messages
 from .core.errors import ConfigError
 from .core.records import (FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict,
@@ -41,9 +41,9 @@ from .core.settings import CurateConfig, Settings
 from .storage.store import (FILE_MODE, ReadReport, atomic_write_json, atomic_write_lines, dumps_line, ensure_dir,
     fsync_dir, iter_jsonl, remove_stale_temp_files, temp_file, workspace_lock)
 
-KIND_WEIGHTS = {"corrected": 2.0, "helpful": 1.0, "unrated": 0.5}
-KIND_RANK = {"corrected": 3, "helpful": 2, "unrated": 1, "replay": 0}
-KINDS = ("corrected", "helpful", "unrated", "replay")
+KIND_WEIGHTS = {"corrected": 2.0, "helpful": 1.0, "unrated": 0.5, "unhelpful": 1.0}
+KIND_RANK = {"corrected": 3, "helpful": 2, "unrated": 1, "replay": 0, "unhelpful": -1}
+KINDS = ("corrected", "helpful", "unrated", "replay", "unhelpful")
 DROP_REASONS = (
     "expired", "private", "pii_flagged", "malformed", "unhelpful", "neutral", "unrated",
     "empty", "truncated", "too_short", "too_long", "blocklisted",
@@ -109,6 +109,11 @@ class Example:
     target_tool: str | None = None
     created_at: str = ""
     rank: tuple = ()  # larger = better rated; decides which duplicate survives (not written)
+    rejected: str | None = None  # a correction's pair: the model's answer the user replaced
+
+    @property
+    def desirable(self) -> bool:
+        return self.kind != "unhelpful"
 
     @cached_property
     def id(self) -> str:
@@ -144,6 +149,7 @@ class Example:
             "target_tool": self.target_tool,
             "user_hashes": list(self.user_hashes),
             "created_at": self.created_at,
+            **preference.trl_fields(self.messages, self.desirable, self.rejected),
         }
 
     @classmethod
@@ -165,7 +171,16 @@ class Example:
             target_tool=record.get("target_tool"),
             created_at=str(record.get("created_at") or ""),
             rank=(0, 0, ""),
+            rejected=preference.rejected_text(record) if kind is None else None,
         )
+
+
+def _seal(record: dict, cipher) -> dict:
+    return preference.seal_fields(seal_messages(record, cipher), cipher)
+
+
+def _open(record: dict, cipher) -> dict:
+    return preference.open_fields(open_messages(record, cipher), cipher)
 
 
 # --- selection --------------------------------------------------------------------------------------
@@ -268,11 +283,14 @@ def select(interaction: Interaction, rules: Rules) -> Example | str:
     if messages is None or (feedback.correction is not None and not isinstance(feedback.correction, str)):
         return "malformed"
     kind = helpful_verdict(feedback, rules.helpful_threshold, rules.unhelpful_threshold)
-    if kind in ("unhelpful", "neutral") or (kind == "unrated" and not rules.include_unrated):
+    if kind == "neutral" or (kind == "unrated" and not rules.include_unrated):
         return kind
+    rejected = None
     if kind == "corrected":  # the user's answer replaces the model's, so a truncated answer no longer matters
+        rejected = _pair_rejected(messages[-1]["content"], feedback.correction, interaction.truncated, rules)
         messages[-1] = {"role": "assistant", "content": feedback.correction}
-    problem = content_problem(messages, interaction.truncated and kind != "corrected", rules)
+    # an unhelpful answer is what the model said, cut short or not: it is an example of what not to say
+    problem = content_problem(messages, interaction.truncated and kind == "helpful", rules)
     if problem:
         return problem
     return Example(
@@ -284,7 +302,17 @@ def select(interaction: Interaction, rules: Rules) -> Example | str:
         target_tool=interaction.target_tool if isinstance(interaction.target_tool, str) and interaction.target_tool else None,
         created_at=str(interaction.created_at),
         rank=(KIND_RANK[kind], _rating(feedback), str(interaction.recorded_at)),
+        rejected=rejected,
     )
+
+
+def _pair_rejected(answer: str, correction: str, truncated: bool, rules: Rules) -> str | None:
+    """The model's answer as the rejected side of a correction's pair, when it is a usable one."""
+    if truncated or not answer.strip() or normalise(answer) == normalise(correction) or len(answer) > rules.max_chars:
+        return None
+    if rules.blocklist and rules.blocklist.search(normalise(answer)):
+        return None
+    return answer
 
 
 # --- dedupe -----------------------------------------------------------------------------------------
@@ -495,15 +523,17 @@ def cap_domains(examples: list[Example], cap: float) -> tuple[list[Example], lis
     """(kept, capped): no `target_tool` keeps more than floor(cap x all examples), best-rated first.
 
     Turns without a target_tool are not a domain and are never capped; with a single domain there is
-    nothing to balance against (untagged turns are not a rival domain), so nothing is capped.
+    nothing to balance against (untagged turns are not a rival domain), so nothing is capped. The cap balances
+    what is imitated: undesirable ("no") examples neither count nor are capped.
     """
-    domains = Counter(e.target_tool for e in examples if e.target_tool)
+    domains = Counter(e.target_tool for e in examples if e.target_tool and e.desirable)
     if cap >= 1 or len(domains) < 2:
         return list(examples), []
-    limit = max(1, math.floor(cap * len(examples)))
+    limit = max(1, math.floor(cap * sum(1 for e in examples if e.desirable)))
     capped: list[Example] = []
     for domain in sorted(d for d, n in domains.items() if n > limit):
-        members = sorted((e for e in examples if e.target_tool == domain), key=lambda e: e.rank, reverse=True)
+        members = sorted((e for e in examples if e.target_tool == domain and e.desirable), key=lambda e: e.rank,
+                         reverse=True)
         capped.extend(members[limit:])
     dropped = {id(e) for e in capped}
     return [e for e in examples if id(e) not in dropped], capped
@@ -630,7 +660,7 @@ class Spool:
     def add(self, example: Example) -> tuple[int, int]:
         if self._file is None:
             self._open()
-        line = dumps_line(seal_messages(example.to_record(), self._cipher))
+        line = dumps_line(_seal(example.to_record(), self._cipher))
         self._file.write(line)
         self._unflushed = True
         offset, self.size = self.size, self.size + len(line)
@@ -640,7 +670,7 @@ class Spool:
         if self._unflushed:
             self._file.flush()
             self._unflushed = False
-        return open_messages(orjson.loads(os.pread(self._file.fileno(), length, offset)), self._cipher)
+        return _open(orjson.loads(os.pread(self._file.fileno(), length, offset)), self._cipher)
 
     def close(self) -> None:
         if self._file is not None:
@@ -849,11 +879,12 @@ def pooled_cap_domains(pool: ExamplePool, rows: Any, cap: float) -> tuple[Any, A
     """`cap_domains` over pooled rows: (kept rows, capped rows)."""
     import numpy as np
 
-    tools = pool.cols["tool"][rows]
+    desirable = pool.cols["kind"][rows] != KIND_RANK["unhelpful"]
+    tools = np.where(desirable, pool.cols["tool"][rows], -1)
     codes, sizes = np.unique(tools[tools >= 0], return_counts=True)
     if cap >= 1 or len(codes) < 2:
         return rows, rows[:0]
-    limit = max(1, math.floor(cap * len(rows)))
+    limit = max(1, math.floor(cap * int(desirable.sum())))
     capped: list[Any] = []
     for code in sorted((int(c) for c, n in zip(codes, sizes) if n > limit), key=lambda c: pool.tools[c]):
         capped.append(pool.rank_desc(rows[tools == code])[limit:])
@@ -1535,6 +1566,8 @@ def earlier_examples(settings: Settings, snapshots: list[dict], expires_before: 
             tally["replay_sources_missing"] += 1
             continue
         for _, record in iter_jsonl(path):
+            if record.get("label") is False:  # "no" answers are not replayed: replay is SFT on what was good
+                continue
             example = Example.from_record(open_messages(record, cipher), kind="replay")
             moment = _moment(example.created_at) if example else None
             if example and not (expires_before and moment and moment < expires_before):
@@ -1612,7 +1645,7 @@ def write_snapshot(settings: Settings, doc: dict, train: Iterable[dict], eval_re
         for record in records:
             written[key] += 1
             seen_users.update(record["user_hashes"])
-            yield dumps_line(seal_messages(record, cipher))
+            yield dumps_line(_seal(record, cipher))
 
     sha = {"train": atomic_write_lines(paths["train"], lines(train, "train")),
            "eval": atomic_write_lines(paths["eval"], lines(eval_records, "eval"))}

@@ -39,6 +39,7 @@ class GateRules:
     general_alpha: float = 0.05  # one-sided score test of that margin
     min_questions: int = 5  # fewer target questions: judge the gain on the held-out loss instead
     loss_margin: float = 0.05  # held-out loss must fall by at least this share
+    rejected_margin: float = 0.0  # nats per token the rejected answers may grow more likely by (0: not at all)
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,12 @@ def gate(candidate_result: dict, champion_result: dict, rules: GateRules = GateR
         return Decision(False, [reason], stats, f"{me} is not promoted: {reason}.")
     gain_ok, gain_text = _gain_rule(candidate_result, champion_result, paired, rules, stats)
     general_ok, general_text = _general_rule(candidate_result, champion_result, rules, stats)
-    promote = gain_ok and general_ok
+    rejected_ok, rejected_text = _rejected_rule(candidate_result, champion_result, rules, stats)
+    promote = gain_ok and general_ok and rejected_ok
+    reasons = [gain_text, general_text] + ([rejected_text] if rejected_text else [])
     verdict = f"{me} is promoted over {them}" if promote else f"{me} is not promoted over {them}"
-    summary = f"{verdict}: {gain_text}; {general_text}."
-    return Decision(promote, [gain_text, general_text], stats, summary[0].upper() + summary[1:])
+    summary = f"{verdict}: {'; '.join(reasons)}."
+    return Decision(promote, reasons, stats, summary[0].upper() + summary[1:])
 
 
 def _gain_rule(cand: dict, champ: dict, paired, rules: GateRules, stats: dict) -> tuple[bool, str]:
@@ -139,6 +142,18 @@ def _gain_rule(cand: dict, champ: dict, paired, rules: GateRules, stats: dict) -
     change = f"held-out loss {theirs:.3f} -> {mine:.3f}"
     verdict = "a clear gain" if ok else f"not a gain of at least {rules.loss_margin:.0%} without lost questions"
     return ok, f"{score}, too few for a test, so the held-out loss decides: {change}, {verdict}"
+
+
+def _rejected_rule(cand: dict, champ: dict, rules: GateRules, stats: dict) -> tuple[bool, str | None]:
+    """Answers users rated unhelpful must not have become more likely than under the champion (no text when
+    there were none to measure)."""
+    mine, theirs = cand.get("rejected_loglik"), champ.get("rejected_loglik")
+    if mine is None or theirs is None:
+        return True, None
+    stats.update(rejected_loglik=mine, against_rejected_loglik=theirs, rejected_margin=rules.rejected_margin)
+    ok = mine <= theirs + rules.rejected_margin + EPSILON
+    change = f"rejected answers' mean log-likelihood {theirs:.3f} -> {mine:.3f} nats/token"
+    return ok, f"{change} ({'no more likely' if ok else 'MORE likely: what users rejected came back'})"
 
 
 def _general_rule(cand: dict, champ: dict, rules: GateRules, stats: dict) -> tuple[bool, str]:

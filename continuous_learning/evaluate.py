@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import orjson
 
-from . import decisions, registry
+from . import decisions, preference, registry
 from .storage.crypto import cipher_from_env, open_messages
 from .decisions import BASE, Decision, gate, label  # noqa: F401  (gate is part of this module's API)
 from .storage.store import atomic_write_json, read_json
@@ -305,6 +305,70 @@ def held_out_loss(model, tokenizer, conversations: list[list[dict]], max_len: in
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "examples": len(conversations)}
 
 
+def answer_logliks(model, tokenizer, conversations: list[list[dict]], max_len: int = 2048) -> list[float]:
+    """Mean per-token log-likelihood (nats) of each conversation's final assistant answer."""
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for messages in conversations:
+        encoded = assistant_only_labels(tokenizer, messages, max_len)
+        if encoded is None:
+            continue
+        ids, labels = encoded
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, :-1].float()
+        target = torch.tensor(labels[1:], device=logits.device)
+        out.append(-float(F.cross_entropy(logits, target, ignore_index=-100)))
+    return out
+
+
+def preference_answers(settings: Settings, snapshot: dict) -> dict | None:
+    """{"rejected", "chosen", "source"}: conversations ending in the snapshot's held-out rejected answers and in
+    their corrections / desirable answers; the trained ones when none of its rejected answers was held out (the
+    training run measures the same sets)."""
+    from .train import with_system_prompt
+
+    for key, source in (("eval_file", "held_out"), ("file", "train")):
+        relative = snapshot.get(key)
+        path = registry.confined(settings, relative) if relative else None
+        if path is None or not path.is_file():
+            continue
+        rejected, chosen = [], []
+        for record in _snapshot_records(path):
+            role, messages = preference.role_of(record), record.get("messages")
+            if not isinstance(messages, list) or not messages:
+                continue
+            if role == preference.PAIR:
+                rejected.append([*messages[:-1], {"role": "assistant", "content": preference.rejected_text(record)}])
+            (rejected if role == preference.UNDESIRABLE else chosen).append(messages)
+        if rejected:
+            prompt = settings.chat.system_prompt
+            return {"rejected": [with_system_prompt(m, prompt) for m in rejected],
+                    "chosen": [with_system_prompt(m, prompt) for m in chosen], "source": source}
+    return None
+
+
+def _snapshot_records(path: Path) -> list[dict]:
+    cipher = cipher_from_env()
+    records = []
+    for raw in path.read_bytes().splitlines():
+        try:
+            record = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(preference.open_fields(open_messages(record, cipher), cipher))
+    return records
+
+
+def preference_likelihoods(model, tokenizer, answers: dict, max_len: int = 2048) -> dict:
+    return {"rejected_loglik": preference.mean_loglik(answer_logliks(model, tokenizer, answers["rejected"], max_len)),
+            "chosen_loglik": preference.mean_loglik(answer_logliks(model, tokenizer, answers["chosen"], max_len)),
+            "preference_eval": answers["source"], "rejected_answers": len(answers["rejected"]),
+            "chosen_answers": len(answers["chosen"])}
+
+
 def snapshot_eval_path(settings: Settings, snapshot: dict) -> Path | None:
     """The held-out slice of a registered snapshot (its `eval_file`), if it is on disk."""
     relative = snapshot.get("eval_file")
@@ -468,12 +532,14 @@ def evaluate_versions(
     chat=None,
     progress: Progress | None = None,
     known_losses: Mapping[str | None, float] | None = None,
+    known_preference: Mapping[str | None, dict] | None = None,
 ) -> list[dict]:
     """Evaluate each version (None or "base" = the base model alone) on the same prompts, loading the base once.
 
     `snapshot`: a registered snapshot whose held-out slice gives each version's eval loss (and, without a keyword
     file, the questions). `known_losses`: held-out losses already measured (by the training run) on that slice.
-    Parts already scored for a version under the same context are reused, not generated again."""
+    Parts already scored for a version under the same context are reused, not generated again.
+    `known_preference`: the rejected / chosen answers' log-likelihoods the training run measured, likewise."""
     from .chat.models import ChatModel
 
     say = progress or (lambda _msg: None)
@@ -482,6 +548,7 @@ def evaluate_versions(
     target = target_set(settings, doc, eval_file, snapshot)
     general = load_eval_file(general_file(settings)) if include_general else []
     held_out = _held_out(settings, doc, snapshot)
+    answers = preference_answers(settings, registry.find_snapshot(doc, snapshot)) if snapshot else None
     if chat is None:
         say(f"loading base model {settings.model.base_model}")
         chat = ChatModel.load(settings)
@@ -499,8 +566,19 @@ def evaluate_versions(
     results = []
     for version in versions:
         loss = (known_losses or {}).get(version)
-        results.append(_evaluate_one(settings, chat, doc, version, target.items, general, held_out, context, loss, say))
+        result = _evaluate_one(settings, chat, doc, version, target.items, general, held_out, context, loss, say)
+        if answers is not None:
+            known = (known_preference or {}).get(version)
+            result.update(known if known is not None else
+                          preference_likelihoods(chat.model, chat.tokenizer, answers, chat.context_limit))
+            say(f"{label(version)}: rejected answers' mean log-likelihood {result['rejected_loglik']:.3f}, "
+                f"corrections / desirable {_fmt(result['chosen_loglik'])}")
+        results.append(result)
     return results
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _held_out(settings: Settings, doc: dict, snapshot: str | None) -> list[list[dict]] | None:
@@ -613,7 +691,9 @@ def evaluate_and_gate(
         snapshot = _own_snapshot(settings, doc, steps["subject"])
     versions = [steps["subject"]] + ([steps["against"]] if steps["compare"] else [])
     known = _training_losses(doc, steps, snapshot)
-    results = evaluate_versions(settings, versions, eval_file, include_general, snapshot, chat, progress, known)
+    known_preference = _training_preference(doc, steps, snapshot)
+    results = evaluate_versions(settings, versions, eval_file, include_general, snapshot, chat, progress, known,
+                                known_preference)
     for result in results:
         decisions.record_eval_result(settings, result["version"], result)
     report = {"subject": results[0], "against": results[1] if steps["compare"] else None, "decision": None, "promoted": False}
@@ -651,6 +731,27 @@ def _training_losses(doc: dict, steps: dict, snapshot: str | None) -> dict:
         known[started_from] = metrics["eval_loss_start"]
     needed = {subject, steps["against"]} if steps["compare"] else {subject}
     return known if needed <= known.keys() else {}  # never compare a 4-bit training loss with an eval-time one
+
+
+def _training_preference(doc: dict, steps: dict, snapshot: str | None) -> dict:
+    """The rejected / chosen answers' log-likelihoods the candidate's training run measured (after training, and
+    before it for the model it started from), under the same rule as `_training_losses`: both or neither."""
+    subject = steps["subject"]
+    if subject is None or snapshot is None:
+        return {}
+    entry = doc["adapters"][subject]
+    metrics = entry.get("metrics") or {}
+    if (entry.get("snapshot") or {}).get("id") != snapshot or metrics.get("rejected_loglik") is None:
+        return {}
+    shared = {k: metrics.get(k) for k in ("preference_eval", "rejected_answers", "chosen_answers")}
+    known = {subject: {"rejected_loglik": metrics["rejected_loglik"], "chosen_loglik": metrics.get("chosen_loglik"),
+                       **shared}}
+    started_from = (entry.get("warm_start") or {}).get("from")
+    if steps["compare"] and steps["against"] == started_from and metrics.get("rejected_loglik_start") is not None:
+        known[started_from] = {"rejected_loglik": metrics["rejected_loglik_start"],
+                               "chosen_loglik": metrics.get("chosen_loglik_start"), **shared}
+    needed = {subject, steps["against"]} if steps["compare"] else {subject}
+    return known if needed <= known.keys() else {}
 
 
 def _own_snapshot(settings: Settings, doc: dict, version: str) -> str | None:

@@ -8,6 +8,10 @@ A run trains inside `adapters/.<version>.partial/` (metrics per step, a resumabl
 an exception or Ctrl-C leaves the registry untouched and the partial folder marked with a FAILED file;
 `resume=True` continues the newest partial run from its last checkpoint.
 
+The loss is SFT on the final assistant answers, the KL rehearsal term toward the frozen base on everyday prompts,
+and, when the snapshot has answers rated unhelpful or corrections, the preference terms of `preference.py` (KTO
+for unpaired answers, DPO for pairs; `train.objective`), against the base measured once with the adapter disabled.
+
 Pure pieces (config validation, step counts, the learning-rate schedule, the data order, label masking) are plain
 functions so tests check them without a model. torch, transformers and peft are imported inside functions.
 """
@@ -25,7 +29,7 @@ from typing import Any, Callable, Iterable
 
 import orjson
 
-from . import registry
+from . import preference, registry
 from .storage.crypto import cipher_from_env, open_messages
 from .core.errors import CLError, ConfigError, InputError, NothingToDo, TrainingFailed
 from .chat.models import (BaseModel, file_sha256, load_model, load_tokenizer, quiet_known_warnings, resolve_base,
@@ -97,6 +101,8 @@ def validate_train_config(cfg: TrainConfig) -> None:
     need(cfg.rehearsal_per_step >= 1, f"train.rehearsal_per_step must be >= 1 (got {cfg.rehearsal_per_step})")
     need(math.isfinite(cfg.rehearsal_weight) and cfg.rehearsal_weight >= 0,
          f"train.rehearsal_weight must be >= 0 (got {cfg.rehearsal_weight})")
+    need(cfg.objective in preference.OBJECTIVES,
+         f"train.objective must be one of {', '.join(preference.OBJECTIVES)} (got {cfg.objective!r})")
     if problems:
         raise ConfigError("; ".join(problems), "change the flag, the [train] section of cl.toml or the CL_TRAIN_* variable")
 
@@ -321,7 +327,7 @@ def load_examples(path: Path) -> tuple[list[dict], int]:
     """The snapshot's records and how many lines were unreadable."""
     report = ReadReport()
     cipher = cipher_from_env()
-    rows = [open_messages(record, cipher) for _, record in iter_jsonl(path, report)]
+    rows = [preference.open_fields(open_messages(record, cipher), cipher) for _, record in iter_jsonl(path, report)]
     return rows, report.skipped
 
 
@@ -358,20 +364,35 @@ def tokenize_examples(tokenizer, records: Iterable[dict], max_seq_len: int,
         except (TypeError, ValueError):
             weight = float("nan")
         variants = []
+        role = preference.role_of(record) if isinstance(record, dict) else preference.DESIRABLE
         if isinstance(messages, list) and math.isfinite(weight) and weight >= 0:
             own = bool(messages) and isinstance(messages[0], dict) and messages[0].get("role") == "system"
             for prompt in prompts[:1] if own else prompts:
-                encoded = encode_example(tokenizer, with_system_prompt(messages, prompt), max_seq_len)
-                if encoded is not None:
-                    variants.append(encoded)
+                variant = _encode_variant(tokenizer, with_system_prompt(messages, prompt), max_seq_len, record, role)
+                if variant is not None:
+                    variants.append(variant)
         if not variants:
             skipped += 1
             continue
-        for ids, labels in variants:
-            out.append({"id": record.get("id"), "input_ids": ids, "labels": labels, "weight": weight, "record": kept,
-                        "kind": record.get("kind")})
+        for variant in variants:
+            out.append({"id": record.get("id"), "weight": weight, "record": kept, "kind": record.get("kind"),
+                        "role": role, **variant})
         kept += 1
     return out, skipped
+
+
+def _encode_variant(tokenizer, messages: list[dict], max_seq_len: int, record: dict, role: str) -> dict | None:
+    """input_ids/labels of one prompt variant; a pair also gets its rejected answer under the same prompt."""
+    encoded = encode_example(tokenizer, messages, max_seq_len)
+    if encoded is None:
+        return None
+    variant = {"input_ids": encoded[0], "labels": encoded[1]}
+    if role == preference.PAIR:
+        rejected = [*messages[:-1], {"role": "assistant", "content": preference.rejected_text(record)}]
+        other = encode_example(tokenizer, rejected, max_seq_len)
+        if other is not None:
+            variant["rejected"] = {"input_ids": other[0], "labels": other[1]}
+    return variant
 
 
 def final_window(values: list[float], window: int) -> float | None:
@@ -409,6 +430,7 @@ class Batch:
     real_tokens: int = 0
     padded_tokens: int = 0  # pad positions computed on (the waste)
     reference: Any = None  # rehearsal targets: KlTargets, or None
+    sequences: Any = None  # answers whose summed log-prob a preference term needs: SequenceTargets, or None
 
 
 @dataclasses.dataclass
@@ -438,6 +460,35 @@ def _reference_targets(placed: list[tuple[int, int, dict]], length: int, device)
     return KlTargets(torch.cat(at).to(device), torch.cat(ids).to(device), torch.cat(logp).float().to(device))
 
 
+@dataclasses.dataclass
+class SequenceTargets:
+    """The answers of a batch that a preference term scores: flat positions `at` of their labelled tokens,
+    `seq[i]` the answer each position belongs to, `sft` whether that position is also an SFT target, and
+    `items` the examples themselves (in answer order) with their term and reference log-prob."""
+
+    at: Any
+    seq: Any
+    sft: Any
+    items: list
+
+
+def _sequence_targets(placed: list[tuple[int, int, dict]], length: int, device) -> SequenceTargets | None:
+    import torch
+
+    at, seq, sft, items = [], [], [], []
+    for row, offset, example in placed:
+        if "pref_term" not in example:
+            continue
+        positions = [offset + j for j, t in enumerate(example["labels"]) if t != IGNORE_INDEX and j > 0]
+        at.append(torch.tensor([row * length + p for p in positions], dtype=torch.long))
+        seq.append(torch.full((len(positions),), len(items), dtype=torch.long))
+        sft.append(torch.full((len(positions),), example["pref_term"] in preference.SFT_TERMS, dtype=torch.bool))
+        items.append(example)
+    if not items:
+        return None
+    return SequenceTargets(torch.cat(at).to(device), torch.cat(seq).to(device), torch.cat(sft).to(device), items)
+
+
 def collate_padded(batch: list[dict], pad_id: int, device=None) -> Batch:
     """Rows padded on the right to the longest example of the batch."""
     import torch
@@ -453,9 +504,11 @@ def collate_padded(batch: list[dict], pad_id: int, device=None) -> Batch:
         mask[row, :n] = 1
     weights = torch.tensor([0.0 if "ref_ids" in e else e["weight"] for e in batch], dtype=torch.float32)
     real = int(mask.sum())
-    reference = _reference_targets([(row, 0, e) for row, e in enumerate(batch)], length, device)
+    placed = [(row, 0, e) for row, e in enumerate(batch)]
     return Batch(ids.to(device), mask.to(device), labels.to(device), weights[:, None].expand(-1, length).to(device),
-                 real_tokens=real, padded_tokens=ids.numel() - real, reference=reference)
+                 real_tokens=real, padded_tokens=ids.numel() - real,
+                 reference=_reference_targets(placed, length, device),
+                 sequences=_sequence_targets(placed, length, device))
 
 
 def collate_packed(rows: list[list[dict]], pad_id: int, device=None) -> Batch:
@@ -489,7 +542,9 @@ def collate_packed(rows: list[list[dict]], pad_id: int, device=None) -> Batch:
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     mask = (segments[:, :, None] == segments[:, None, :]) & causal
     return Batch(ids.to(device), mask[:, None].to(device), labels.to(device), weights.to(device), positions.to(device),
-                 real_tokens=real, padded_tokens=ids.numel() - real, reference=_reference_targets(placed, length, device))
+                 real_tokens=real, padded_tokens=ids.numel() - real,
+                 reference=_reference_targets(placed, length, device),
+                 sequences=_sequence_targets(placed, length, device))
 
 
 def loss_positions(labels):
@@ -535,6 +590,10 @@ class Trainer:
         self.records = 0  # distinct snapshot records behind `examples` (each may be there under several prompts)
         self.anchors: list[dict] = []  # rehearsal: everyday prompts with the base model's answers (kl)
         self.eval_examples: list[dict] = []
+        self.undesirable: list[dict] = []  # answers rated unhelpful (and, with objective kto, corrections' rejected)
+        self.undesirable_records = 0
+        self.objective: dict = preference.resolve_objective("sft", 0, 0)
+        self.preference_eval: dict = {}  # answers whose log-likelihood is reported: {"rejected", "chosen", "source"}
         self.steps = 0
         self.start_step = 0
         self.step = 0
@@ -613,24 +672,29 @@ class Trainer:
         if self.cfg.rehearsal == "sft":
             records += self._rehearsal()
         prompts = system_prompts(self.settings.chat.system_prompt, self.cfg.vary_system_prompt)
-        self.examples, skipped = tokenize_examples(self.tokenizer, records, self.cfg.max_seq_len, prompts)
+        tokenized, skipped = tokenize_examples(self.tokenizer, records, self.cfg.max_seq_len, prompts)
+        self._assign_preference_terms(tokenized)
         self.records = len({e["record"] for e in self.examples})
+        self.undesirable_records = len({e["record"] for e in self.undesirable})
         if self.cfg.rehearsal == "kl":
             self.anchors, _ = tokenize_examples(self.tokenizer, self._rehearsal(), self.cfg.max_seq_len, prompts[:2])
         if unreadable or skipped:
             self._warn(f"skipped {unreadable + skipped} unusable line(s) of snapshot {self.snapshot['id']}")
-        if not self.examples:
+        if not self.examples and not self.undesirable:
             raise InputError(
-                f"snapshot {self.snapshot['id']} has no trainable example (each needs a user turn and a final assistant answer)",
-                "curate again with 'cl curate', or pick another with --snapshot",
+                f"snapshot {self.snapshot['id']} has no trainable example (each needs a user turn and a final "
+                f"assistant answer; with train.objective={self.cfg.objective}, answers rated unhelpful teach nothing)",
+                "curate again with 'cl curate', pick another with --snapshot, or use train.objective=auto",
             )
         eval_path = self._snapshot_path("eval_file")
-        if eval_path is not None and eval_path.exists():
-            eval_records, _ = load_examples(eval_path)
-            self.eval_examples, _ = tokenize_examples(self.tokenizer, eval_records, self.cfg.max_seq_len,
-                                                       self.settings.chat.system_prompt)
+        eval_records = load_examples(eval_path)[0] if eval_path is not None and eval_path.exists() else []
+        held_out, _ = tokenize_examples(self.tokenizer, eval_records, self.cfg.max_seq_len,
+                                        self.settings.chat.system_prompt)
+        self.eval_examples = [e for e in held_out if e["role"] != preference.UNDESIRABLE]
+        self.preference_eval = self._preference_eval_sets(held_out, records)
         self._lengths = [len(e["input_ids"]) for e in self.examples]
-        self.steps = total_steps(self.cfg, self.records, self.world)
+        # the "no" answers ride beside the SFT examples (as many per step), so they never take steps from them
+        self.steps = total_steps(self.cfg, max(self.records, self.undesirable_records), self.world)
 
         if run_state is None:
             self.parent, warm_dir = self._warm_start_source(doc)
@@ -642,6 +706,7 @@ class Trainer:
 
         self._load_model(warm_dir)
         self._attach_reference()
+        self._attach_preference_reference()
         self._build_optimizer()
         if run_state is None:
             self._start_run_dir()
@@ -831,6 +896,119 @@ class Trainer:
         for anchor, (ids, logp) in zip(self.anchors, zip(reference["ids"], reference["logp"])):
             anchor["ref_ids"], anchor["ref_logp"] = ids.long(), logp
 
+    def _assign_preference_terms(self, tokenized: list[dict]) -> None:
+        """Split the snapshot's examples into SFT examples and undesirable ones, and mark what each preference term
+        (from train.objective and the data) scores: KTO on desirable and undesirable answers, DPO on pairs."""
+        from .preference import DPO_CHOSEN, DPO_REJECTED, KTO_DESIRABLE, KTO_UNDESIRABLE, UNDESIRABLE
+
+        undesirable = [e for e in tokenized if e["role"] == UNDESIRABLE]
+        examples = [e for e in tokenized if e["role"] != UNDESIRABLE]
+        pairs = len({e["record"] for e in examples if "rejected" in e})
+        unpaired = len({e["record"] for e in undesirable})
+        self.objective = preference.resolve_objective(self.cfg.objective, unpaired, pairs)
+        if self.objective["ignored"]:
+            self._warn(f"train.objective={self.cfg.objective}: {self.objective['ignored']} answer(s) rated unhelpful "
+                       "or corrected are not learned from as 'no' (train.objective=auto uses them)")
+        for example in examples:
+            rejected = example.pop("rejected", None)
+            if rejected is not None and self.objective["dpo"]:
+                example["pref_term"] = DPO_CHOSEN
+                example["rejected_item"] = {**rejected, "id": example["id"], "record": example["record"],
+                                            "weight": 0.0, "pref_term": DPO_REJECTED}
+            elif self.objective["kto"]:
+                example["pref_term"] = KTO_DESIRABLE
+                if rejected is not None and self.objective["pairs_as_kto"]:
+                    undesirable.append({**rejected, "id": example["id"], "record": example["record"],
+                                        "weight": 1.0, "role": UNDESIRABLE})
+        for item in undesirable:  # their SFT weight becomes the weight of their KTO term: they are never imitated
+            item.update(pref_term=KTO_UNDESIRABLE, pref_weight=item["weight"], weight=0.0)
+        self.examples, self.undesirable = examples, undesirable if self.objective["kto"] else []
+
+    def _preference_eval_sets(self, held_out: list[dict], records: list[dict]) -> dict:
+        """The rejected and the chosen/desirable answers whose mean per-token log-likelihood the run reports: the
+        held-out ones, or (when none of the snapshot's rejected answers was held out) the trained ones."""
+
+        def sets(examples: list[dict]) -> tuple[list[dict], list[dict]]:
+            rejected = [e for e in examples if e["role"] == preference.UNDESIRABLE]
+            rejected += [e["rejected"] for e in examples if "rejected" in e]
+            return rejected, [e for e in examples if e["role"] != preference.UNDESIRABLE]
+
+        rejected, chosen = sets(held_out)
+        source = "held_out"
+        if not rejected:
+            snapshot_records = [r for r in records if r.get("kind") != "rehearsal"]  # what evaluate reads too
+            trained, _ = tokenize_examples(self.tokenizer, snapshot_records, self.cfg.max_seq_len,
+                                           self.settings.chat.system_prompt)
+            rejected, chosen = sets(trained)
+            source = "train"
+        return {"rejected": rejected, "chosen": chosen, "source": source} if rejected else {}
+
+    def _attach_preference_reference(self) -> None:
+        """The frozen base's summed log-prob of every answer a preference term scores, measured once per run with
+        the adapter disabled (no second model in memory)."""
+        items = [e for e in self.examples if "pref_term" in e]
+        items += [e["rejected_item"] for e in self.examples if "rejected_item" in e] + self.undesirable
+        if not items:
+            return
+        import torch
+
+        self._emit("status", message=f"measuring the base model on {len(items)} preference answer(s) (once)")
+        started = time.perf_counter()
+        with torch.no_grad(), self.model.disable_adapter():  # train mode: keeps bitsandbytes' training layout
+            for start in range(0, len(items), 8):
+                chunk = items[start : start + 8]
+                batch = collate_padded([{**e, "weight": 1.0} for e in chunk], self._pad_id(), self.device)
+                losses, _, _, _, _ = self._forward_losses(self.model, batch.ids, batch.mask, batch.labels)
+                for row, item in enumerate(chunk):
+                    item["ref_logp"] = -float(losses[row].sum())
+                    item["tokens"] = sum(1 for j, t in enumerate(item["labels"]) if t != IGNORE_INDEX and j > 0)
+        self.timings["preference_reference_s"] = time.perf_counter() - started
+
+    def _step_preference_plan(self, examples: list[dict], undesirable: list[dict]) -> tuple[int, tuple[float, float]]:
+        """How many preference terms this process's step holds, and KTO's class weights for its counts."""
+        desirable = sum(1 for e in examples if e.get("pref_term") == preference.KTO_DESIRABLE)
+        pairs = sum(1 for e in examples if e.get("pref_term") == preference.DPO_CHOSEN)
+        return desirable + pairs + len(undesirable), preference.kto_class_weights(desirable, len(undesirable))
+
+    def step_undesirable(self, step: int) -> list[dict]:
+        """This process's undesirable answers for step `step`: as many as its SFT examples (a seeded stream)."""
+        if not self.undesirable:
+            return []
+        count = self.cfg.batch_size * self.cfg.grad_accum
+        start = (step * self.world + self.rank) * count
+        order = example_order(len(self.undesirable), self.cfg.seed + 104729, start, count)
+        return [self.undesirable[i] for i in order]
+
+    def preference_logliks(self) -> dict:
+        """Mean per-token log-likelihood (nats) of the rejected and of the chosen/desirable answers in
+        `preference_eval`, each answer's mean first (as a user would see each answer), then their mean."""
+        if not self.preference_eval:
+            return {}
+        import torch
+
+        was_training = self.model.training
+        self.model.eval()
+        _keep_bnb_training_layout(self.model)
+        out = {}
+        try:
+            with torch.no_grad():
+                for name in ("rejected", "chosen"):
+                    values = []
+                    examples = self.preference_eval[name]
+                    for start in range(0, len(examples), 8):
+                        chunk = [{**e, "weight": 1.0} for e in examples[start : start + 8]]
+                        ids, mask, labels, _ = self._collate(chunk)
+                        losses, labelled = self.token_losses(ids, mask, labels)
+                        values += (-(losses.sum(-1)) / labelled.sum(-1).clamp(min=1)).tolist()
+                    out[f"{name}_loglik"] = preference.mean_loglik(values)
+        finally:
+            if was_training:
+                self.model.train()
+        out.update(preference_eval=self.preference_eval["source"],
+                   rejected_answers=len(self.preference_eval["rejected"]),
+                   chosen_answers=len(self.preference_eval["chosen"]))
+        return out
+
     def _measure_reference(self) -> dict:
         import torch
 
@@ -909,6 +1087,9 @@ class Trainer:
         self.created_at = state.get("created_at", self.created_at)
         if state.get("eval_loss_start") is not None:
             self.metrics["eval_loss_start"] = state["eval_loss_start"]
+        start = state.get("preference_start") or {}
+        if start.get("rejected_loglik_start") is not None:
+            self.metrics.update(start)
         if self.fresh:
             self._warn("--fresh is ignored with --resume")
 
@@ -937,6 +1118,7 @@ class Trainer:
             "note": self.note,
             "created_at": self.created_at,
             "eval_loss_start": self.metrics.get("eval_loss_start"),
+            "preference_start": {k: self.metrics.get(k) for k in ("rejected_loglik_start", "chosen_loglik_start")},
         }
 
     def _checkpoint_dir(self) -> Path | None:
@@ -1008,12 +1190,14 @@ class Trainer:
 
     def token_losses(self, ids, mask, labels, position_ids=None):
         """Per-token cross-entropy (fp32) of the labelled positions, shape (batch, positions), 0 where unlabelled."""
-        losses, labelled, _, _ = self._forward_losses(self.model, ids, mask, labels, position_ids)
+        losses, labelled, _, _, _ = self._forward_losses(self.model, ids, mask, labels, position_ids)
         return losses, labelled
 
-    def _forward_losses(self, model, ids, mask, labels, position_ids=None, reference: KlTargets | None = None):
-        """(losses, labelled, target positions, KL sum): logits only where some row has a labelled next token.
-        Rehearsal positions (`reference`) give a KL term toward the base instead of a cross-entropy."""
+    def _forward_losses(self, model, ids, mask, labels, position_ids=None, reference: KlTargets | None = None,
+                        sequences: SequenceTargets | None = None):
+        """(losses, labelled, target positions, KL sum, answer log-probs): logits only where some row has a
+        labelled next token. Rehearsal positions (`reference`) give a KL term toward the base instead of a
+        cross-entropy; `sequences` get their summed log-probs, and those only pushed down leave the SFT loss."""
         import torch
 
         needed = loss_positions(labels)
@@ -1037,35 +1221,59 @@ class Trainer:
             labelled = labelled.clone()
             labelled[rows, column] = False  # rehearsal tokens are not trained on as targets
             losses = losses * labelled
-        return losses, labelled, needed + 1, kl
+        sequence_logp = None
+        if sequences is not None:
+            rows, predicted = sequences.at // labels.shape[1], sequences.at % labels.shape[1]
+            column = torch.searchsorted(needed + 1, predicted)
+            token_logp = -losses[rows, column]
+            sequence_logp = token_logp.new_zeros(len(sequences.items)).index_add(0, sequences.seq, token_logp)
+            labelled = labelled.clone()
+            labelled[rows[~sequences.sft], column[~sequences.sft]] = False
+            losses = losses * labelled
+        return losses, labelled, needed + 1, kl, sequence_logp
 
     def batch_losses(self, batch: Batch, model=None):
         """(per-token losses, labelled mask, per-token weights, rehearsal KL sum or None) of one Batch."""
+        return self.batch_terms(batch, model)[:4]
+
+    def batch_terms(self, batch: Batch, model=None):
+        """batch_losses plus the summed log-probs of the batch's preference answers (None without any)."""
         model = self.model if model is None else model
-        losses, labelled, targets, kl = self._forward_losses(model, batch.ids, batch.mask, batch.labels,
-                                                             batch.position_ids, batch.reference)
-        return losses, labelled, batch.token_weights[:, targets], kl
+        losses, labelled, targets, kl, sequence_logp = self._forward_losses(
+            model, batch.ids, batch.mask, batch.labels, batch.position_ids, batch.reference, batch.sequences)
+        return losses, labelled, batch.token_weights[:, targets], kl, sequence_logp
 
     def step_examples(self, step: int) -> list[dict]:
         """The examples of optimizer step `step` over all processes (the same list on every rank)."""
         cfg = self.cfg
         size = step_size(cfg, self.world)
+        if not self.examples:  # a snapshot of "no" answers only: the preference stream alone
+            return []
         lengths = None if cfg.packing or not cfg.group_by_length else self._lengths
         order = example_order(len(self.examples), cfg.seed, step * size, size, lengths, cfg.batch_size)
         return [self.examples[i] for i in order]
 
-    def micro_batches(self, examples: list[dict], rehearsal: list[dict] = ()) -> list[Batch]:
+    def micro_batches(self, examples: list[dict], rehearsal: list[dict] = (),
+                      undesirable: list[dict] = ()) -> list[Batch]:
         """This process's forward passes for its share of a step: packed rows (`batch_size` rows each) or padded
-        micro-batches of `batch_size` examples. Rehearsal examples ride along in the same passes."""
+        micro-batches of `batch_size` examples. Rehearsal and undesirable examples ride along in the same passes;
+        a pair's rejected answer always shares its chosen answer's pass (DPO compares the two)."""
         cfg, pad, device = self.cfg, self._pad_id(), self.device
-        examples = [*examples, *rehearsal]
+        units = [[e, e["rejected_item"]] if "rejected_item" in e else [e]
+                 for e in [*examples, *undesirable, *rehearsal]]
         if cfg.packing:
-            rows = [[examples[i] for i in row] for row in pack_rows([len(e["input_ids"]) for e in examples], cfg.max_seq_len)]
+            lengths = [sum(len(e["input_ids"]) for e in unit) for unit in units]
+            rows = [[e for i in row for e in units[i]] for row in pack_rows(lengths, cfg.max_seq_len)]
             chunks = [rows[k : k + cfg.batch_size] for k in range(0, len(rows), cfg.batch_size)]
             # rows of one example each need no block mask: the plain causal path is the same and cheaper
             return [collate_packed(chunk, pad, device) if any(len(row) > 1 for row in chunk)
                     else collate_padded([row[0] for row in chunk], pad, device) for chunk in chunks]
-        return [collate_padded(examples[k : k + cfg.batch_size], pad, device) for k in range(0, len(examples), cfg.batch_size)]
+        chunks: list[list[dict]] = [[]]
+        for unit in units:
+            if chunks[-1] and len(chunks[-1]) + len(unit) > cfg.batch_size:
+                chunks.append([])
+            chunks[-1].extend(unit)
+        return [collate_padded(chunk, pad, device) for chunk in chunks if chunk]
 
     def train(self) -> dict:
         """The loop: AdamW on the LoRA weights, warm-up + linear decay, gradient accumulation, weighted loss on the
@@ -1083,6 +1291,10 @@ class Trainer:
         _unpack_bnb_cpu_weights(model)
         params = [p for p in model.parameters() if p.requires_grad]
         metrics_file = self.run_dir / "metrics.jsonl"
+        if self.start_step == 0 and self.preference_eval and "rejected_loglik_start" not in self.metrics:
+            start = self.preference_logliks()
+            self.metrics.update(rejected_loglik_start=start["rejected_loglik"],
+                                chosen_loglik_start=start["chosen_loglik"])
         if self.start_step == 0 and self.eval_examples and "eval_loss_start" not in self.metrics:
             self.metrics["eval_loss_start"] = self.evaluate_loss(self.eval_examples)["loss"]
             if self.is_main:
@@ -1093,28 +1305,38 @@ class Trainer:
         while self.step < self.steps:
             step_started = time.perf_counter()
             everyone = self.step_examples(self.step)
-            step_label_tokens = sum(label_count(e) for e in everyone)
+            step_label_tokens = max(1, sum(label_count(e) for e in everyone))
             # DDP averages gradients over processes; the objective is a global sum, so scale it back up
             scale = self.world / step_label_tokens
-            sums = torch.zeros(5, dtype=torch.float64)  # loss, weighted loss, real tokens, pad tokens, rehearsal KL
+            # loss, weighted loss, real tokens, pad tokens, rehearsal KL, preference loss
+            sums = torch.zeros(6, dtype=torch.float64)
             rehearsal = self.step_anchors(self.step)
             rehearsal_tokens = max(1, sum(label_count(e) for e in rehearsal))
-            batches = self.micro_batches(shard(everyone, self.rank, self.world), rehearsal)
+            mine, undesirable = shard(everyone, self.rank, self.world), self.step_undesirable(self.step)
+            terms, class_weights = self._step_preference_plan(mine, undesirable)
+            batches = self.micro_batches(mine, rehearsal, undesirable)
             for k, batch in enumerate(batches):
                 last = k == len(batches) - 1
                 sync = contextlib.nullcontext() if last or self.world == 1 else self._train_model.no_sync()
                 with sync:
-                    losses, labelled, weights, kl = self.batch_losses(batch, self._train_model)
+                    losses, labelled, weights, kl, sequence_logp = self.batch_terms(batch, self._train_model)
                     weighted = (weights * losses).sum()
                     objective = weighted * scale
                     if kl is not None:  # mean KL per rehearsal token of this process; DDP averages the processes
                         objective = objective + self.cfg.rehearsal_weight * kl / rehearsal_tokens
+                    pref = 0.0
+                    if sequence_logp is not None:  # mean preference loss per term of this process's step
+                        pref_sum, _ = preference.batch_preference_loss(sequence_logp, batch.sequences.items,
+                                                                       class_weights)
+                        objective = objective + preference.WEIGHT * pref_sum / max(1, terms)
+                        pref = float(pref_sum.detach())
                     if not torch.isfinite(objective):
                         raise _NonFinite(f"loss became {objective.item()} at step {self.step + 1}")
                     objective.backward()
                 kl_value = float(kl.detach()) / rehearsal_tokens if kl is not None else 0.0
                 sums += torch.tensor([float(losses.detach().sum()), float(weighted.detach()),
-                                      batch.real_tokens, batch.padded_tokens, kl_value], dtype=torch.float64)
+                                      batch.real_tokens, batch.padded_tokens, kl_value, pref / max(1, terms)],
+                                     dtype=torch.float64)
             sums = self._sum_over_processes(sums)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM))
             if not math.isfinite(grad_norm):
@@ -1140,6 +1362,7 @@ class Trainer:
                 "padded_tokens": padded,
                 "label_tokens": step_label_tokens,
                 "rehearsal_kl": float(sums[4]) / self.world if self.anchors else None,
+                "preference_loss": float(sums[5]) / self.world if self.objective["name"] != "sft" else None,
                 "seconds": seconds,
                 "tokens_per_s": real / seconds if seconds > 0 else 0.0,  # real (non-pad) tokens
                 "elapsed_s": elapsed_before + seconds,
@@ -1160,13 +1383,17 @@ class Trainer:
             result = self.evaluate_loss(self.eval_examples)
             self.metrics.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"], eval_tokens=result["tokens"])
             self.timings["held_out_s"] = time.perf_counter() - held_out_started
+        self.metrics.update(self.preference_logliks())
         return self.metrics
 
     def step_anchors(self, step: int) -> list[dict]:
-        """This process's rehearsal examples for optimizer step `step` (a seeded stream, like the examples)."""
+        """This process's rehearsal examples for optimizer step `step` (a seeded stream, like the examples). A step
+        that pushes "no" answers down (KTO or DPO) holds one more everyday prompt per SFT example to the base:
+        pushing answers down bleeds into everyday ones unless something holds them."""
         if not self.anchors:
             return []
-        count = self.cfg.rehearsal_per_step
+        pushes_down = self.undesirable or self.objective["dpo"]
+        count = self.cfg.rehearsal_per_step + (self.cfg.batch_size * self.cfg.grad_accum if pushes_down else 0)
         order = example_order(len(self.anchors), self.cfg.seed + 7919, (step * self.world + self.rank) * count, count)
         return [self.anchors[i] for i in order]
 
@@ -1191,6 +1418,9 @@ class Trainer:
             "last_step_loss": losses[-1] if losses else None,
             "steps": self.step,
             "examples": self.records,
+            "objective": self.objective["name"],
+            "undesirable_examples": self.undesirable_records,
+            "pairs": len({e["record"] for e in self.examples if "rejected_item" in e}),
             "prompt_variants": len(self.examples),
             "rehearsal": self.cfg.rehearsal if self.anchors or self.cfg.rehearsal == "off" else "off",
             "eval_examples": len(self.eval_examples),
@@ -1593,7 +1823,7 @@ def _parse_args(argv: list[str] | None):
                              ("--rank", "lora_r", int), ("--alpha", "lora_alpha", int), ("--dropout", "lora_dropout", float),
                              ("--batch-size", "batch_size", int), ("--grad-accum", "grad_accum", int),
                              ("--max-seq-len", "max_seq_len", int), ("--seed", "seed", int),
-                             ("--num-processes", "num_processes", int)):
+                             ("--num-processes", "num_processes", int), ("--objective", "objective", str)):
         parser.add_argument(flag, dest=field, type=typ, default=None)
     parser.add_argument("--note", help="a note stored with the adapter version")
     parser.add_argument("--json", dest="as_json", action="store_true", help="print the registry entry as JSON")
@@ -1602,7 +1832,7 @@ def _parse_args(argv: list[str] | None):
 
 
 TRAIN_FLAGS = ("load_in_4bit", "learning_rate", "lora_r", "lora_alpha", "lora_dropout",
-               "batch_size", "grad_accum", "max_seq_len", "seed", "num_processes")
+               "batch_size", "grad_accum", "max_seq_len", "seed", "num_processes", "objective")
 
 
 def main(argv: list[str] | None = None) -> int:

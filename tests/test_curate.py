@@ -158,7 +158,8 @@ def sources(examples: list[dict]) -> set[str]:
 
 
 # --- the whole corpus ---------------------------------------------------------------------------------
-EXPECTED_KEPT = ["helpful_y", "helpful_5", "punct_b", "late_in_log", "corrected", "truncated_corrected", "multi"] + [
+EXPECTED_KEPT = ["helpful_y", "helpful_5", "punct_b", "late_in_log", "corrected", "truncated_corrected", "multi",
+                 "unhelpful_n", "unhelpful_1"] + [
     f"sql_{i}" for i in range(8) if i != 3
 ]
 
@@ -170,7 +171,7 @@ def test_corpus_lands_exactly_where_expected(cfg):
     train, held = snapshot_files(cfg, manifest)
     everything = train + held
     c = manifest["counts"]
-    assert (len(train), len(held)) == (13, 1) == (c["train"], c["eval"])
+    assert (len(train), len(held)) == (14, 2) == (c["train"], c["eval"])
     # exactly the expected turns, each in one example; collapsed duplicates ride along as extra sources
     assert sources(everything) == {t[n].id for n in EXPECTED_KEPT} | {t["exact_dup"].id, t["near_word"].id, t["punct_a"].id}
     by_source = {s: e for e in everything for s in e["source_ids"]}
@@ -188,18 +189,27 @@ def test_corpus_lands_exactly_where_expected(cfg):
     assert [m["role"] for m in multi["messages"]] == ["system", "user", "assistant", "user", "assistant"]
     assert by_source[t["sql_0"].id]["target_tool"] == "sql" and by_source[t["helpful_y"].id]["target_tool"] is None
     assert by_source[t["late_in_log"].id]["kind"] == "helpful"
-    assert all(set(e) == {"messages", "id", "source_ids", "weight", "kind", "target_tool", "user_hashes", "created_at"}
-               for e in everything)
+    fields = {"messages", "id", "source_ids", "weight", "kind", "target_tool", "user_hashes", "created_at",
+              "prompt", "completion", "label"}
+    assert all(set(e) - {"chosen", "rejected"} == fields for e in everything)
+    # "no" answers are undesirable examples; a correction with a usable model answer is a pair
+    assert by_source[t["unhelpful_n"].id]["label"] is False and by_source[t["unhelpful_n"].id]["kind"] == "unhelpful"
+    assert by_source[t["unhelpful_1"].id]["completion"] == [{"role": "assistant", "content": "10 km is 100 miles."}]
+    assert corrected["label"] is True and corrected["chosen"] == corrected["completion"]
+    assert corrected["rejected"] == [{"role": "assistant", "content": "Sydney is the capital of Australia."}]
+    assert corrected["prompt"] == corrected["messages"][:-1]
+    assert "rejected" not in by_source[t["truncated_corrected"].id]  # a cut-off answer is no fair "rejected"
+    assert sum(1 for e in everything if "rejected" in e) == 1
 
-    assert c["selected"] == {"corrected": 2, "helpful": 16, "unrated": 0}
+    assert c["selected"] == {"corrected": 2, "helpful": 16, "unrated": 0, "unhelpful": 2}
     assert {k: v for k, v in c["dropped"].items() if v} == {
-        "unhelpful": 2, "neutral": 1, "unrated": 1, "private": 2, "pii_flagged": 1, "truncated": 1, "empty": 1,
+        "neutral": 1, "unrated": 1, "private": 2, "pii_flagged": 1, "truncated": 1, "empty": 1,
         "too_short": 1, "too_long": 1, "blocklisted": 1, "malformed": 1,
     }
     assert c["deduped"] == {"exact": 1, "near": 2}
     assert c["capped"] == {"total": 1, "by_domain": {"sql": 1}}
     assert manifest["cursor"]["deferred_ids"] == [t["sql_3"].id]  # offered again with the next new material
-    assert (c["bad_lines"], c["torn_tail"], c["replayed"], c["new_examples"]) == (2, True, 0, 14)
+    assert (c["bad_lines"], c["torn_tail"], c["replayed"], c["new_examples"]) == (2, True, 0, 16)
     assert (c["interactions"], c["feedback_events"], c["orphan_feedback"]) == (31, 2, 0)
 
     assert not leaked_prompts([Example.from_record(e) for e in train], [Example.from_record(e) for e in held], 0.8)
@@ -287,9 +297,9 @@ def test_cursor_does_not_lose_turns_stamped_in_the_same_millisecond(cfg):
 
 
 def test_dropped_turns_alone_are_nothing_new_and_same_second_runs_get_distinct_ids(cfg):
-    append(cfg, turn("Bad answer question here?", "Wrong.", 0, feedback={"helpful": False}))
+    append(cfg, turn("Bad answer question here?", "Wrong.", 0, feedback={"score": 3}))
     nothing = run_curate(cfg)
-    assert nothing["status"] == "nothing_new" and "1 unhelpful" in nothing["message"]
+    assert nothing["status"] == "nothing_new" and "1 neutral" in nothing["message"]
     assert not cfg.curated_dir.exists() or not any(cfg.curated_dir.iterdir())
     now = datetime(2026, 2, 1, 12, 0, 0, tzinfo=timezone.utc)
     append(cfg, turn("Which planet is known as the red planet?", "Mars is called the red planet.", 1, feedback={"score": 5}))
@@ -363,8 +373,6 @@ RULES = Rules(blocklist=blocklist_pattern(["bad word"]), min_chars=2, max_chars=
 
 
 @pytest.mark.parametrize("fields, feedback, reason", [
-    ({}, {"helpful": False}, "unhelpful"),
-    ({}, {"score": 2}, "unhelpful"),
     ({}, {"score": 3}, "neutral"),
     ({}, {}, "unrated"),
     ({"pii_flagged": True}, {"score": 5}, "pii_flagged"),
@@ -474,7 +482,7 @@ def test_cli_snapshots_empty_and_pipeline_module(cfg):
                           env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     manifest = json.loads(done.stdout)["curate"]
-    assert manifest["status"] == "created" and manifest["counts"]["train"] == 13 and manifest["note"] == "weekly"
+    assert manifest["status"] == "created" and manifest["counts"]["train"] == 14 and manifest["note"] == "weekly"
     again = subprocess.run([sys.executable, "-m", "continuous_learning.pipeline", "--curate"],
                            env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "nothing new to curate" in again.stdout

@@ -70,6 +70,9 @@ def test_texts_are_sealed_in_the_log_and_snapshots_and_read_back(workspace, key)
         m["content"] for c in load_messages_file(eval_path) for m in c}
     assert unreadable == 0
     assert CORRECTION in texts and {*SECRETS[1:]} <= texts
+    pair = next(r for r in rows + [orjson.loads(line) for line in eval_path.read_bytes().splitlines()]
+                if r["messages"][-1]["content"] == CORRECTION or "rejected" in r)
+    assert pair["rejected"][0]["content"] == ANSWERS[0] or crypto.is_sealed(pair["rejected"][0]["content"])
 
     exported = [orjson.loads(line) for line in invoke("export", "--user", "alice").output.splitlines()]
     contents = {m["content"] for e in exported for m in e["record"].get("messages", [])}

@@ -19,7 +19,7 @@ FLOORS = [
     {"monitor"},  # A/B state is read by capture (forget stops a tainted test) and chat (which arm serves)
     {"capture"},
     {"chat"},
-    {"curate", "train", "rehearsal", "evaluate", "export"},
+    {"curate", "train", "rehearsal", "preference", "evaluate", "export"},
     {"loop"},
     {"serve"},
     {"cli"},

@@ -328,6 +328,8 @@ def train_cmd(
     seed: int | None = typer.Option(None, "--seed", help="Random seed."),
     num_processes: int | None = typer.Option(None, "--num-processes", help="Data-parallel training processes (launched "
                                                                            "with torchrun)."),
+    objective: str | None = typer.Option(
+        None, "--objective", help="auto (SFT, plus KTO / DPO for 'no' answers and corrections), sft, kto or dpo."),
     note: str | None = typer.Option(None, "--note", help="A note stored with the adapter version."),
     as_json: bool = typer.Option(False, "--json", help="Print the registry entry as JSON (no progress bar)."),
 ) -> None:
@@ -348,6 +350,7 @@ def train_cmd(
             "max_seq_len": max_seq_len,
             "seed": seed,
             "num_processes": num_processes,
+            "objective": objective,
         },
     )
     entry = _train_with_progress(settings, snapshot=snapshot, fresh=fresh, resume=resume, note=note, quiet=as_json)
@@ -412,6 +415,9 @@ def _print_trained(settings: Settings, entry: dict) -> None:
     if metrics.get("eval_loss") is not None:
         console.print(f"  held-out loss {metrics.get('eval_loss_start', float('nan')):.3f} -> "
                       f"{metrics['eval_loss']:.3f}")
+    if metrics.get("rejected_loglik") is not None:
+        console.print(f"  objective {metrics.get('objective')}: rejected answers' mean log-likelihood "
+                      f"{metrics.get('rejected_loglik_start', float('nan')):.3f} -> {metrics['rejected_loglik']:.3f}")
     console.print(f"  saved in {settings.home / entry['path']}")
     console.print(f"  [dim]time: {time_breakdown(training_stages(entry))}[/dim]")
     console.print("  next: evaluate it with 'cl eval'")
@@ -519,10 +525,21 @@ def _eval_summary_rows() -> list[tuple[str, Any]]:
         ("accuracy", lambda r: pct(r["passed"], r["total"])),
         ("general accuracy", lambda r: pct(r["general"]["passed"], r["general"]["total"]) if r.get("general") else "-"),
         ("eval loss", loss),
+        ("rejected answers (log-lik.)", lambda r: _loglik_cell(r, "rejected")),
+        ("corrections / desirable (log-lik.)", lambda r: _loglik_cell(r, "chosen")),
         ("tokens/s", lambda r: "-" if r.get("tokens_per_s") is None else f"{r['tokens_per_s']:.1f}"),
         ("latency / prompt", lambda r: "-" if r.get("latency_ms_per_prompt") is None
          else f"{r['latency_ms_per_prompt']:.0f} ms"),
     ]
+
+
+def _loglik_cell(result: dict, which: str) -> str:
+    """Mean per-token log-likelihood of one kind of answer, and where the answers came from."""
+    value = result.get(f"{which}_loglik")
+    if value is None:
+        return "-"
+    where = "held out" if result.get("preference_eval") == "held_out" else "trained"
+    return f"{value:.3f} ({result.get(f'{which}_answers', '?')} {where})"
 
 
 def _eval_print_gate(report: dict, no_promote: bool) -> None:

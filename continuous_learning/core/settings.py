@@ -155,6 +155,8 @@ class TrainConfig:
     rehearsal_examples: int = _knob(156, "Everyday prompts answered by the base model for rehearsal (0 = off)")
     rehearsal_weight: float = _knob(4.0, "Weight of the rehearsal term (the KL coefficient, or the SFT loss weight)")
     rehearsal_per_step: int = _knob(2, "Rehearsal prompts in each optimizer step (kl)")
+    objective: str = _knob("auto", "What ratings train: 'auto' (SFT, plus KTO for answers rated unhelpful and DPO for "
+                                   "corrections when the snapshot has them), 'sft', 'kto', 'dpo'")
     packing: bool = _knob(True, "Pack several examples into one row (padding-free, no cross-example attention)")
     group_by_length: bool = _knob(True, "Batch examples of similar length together")
     num_processes: int = _knob(1, "Data-parallel processes (Accelerate / torchrun; 1 = this process only)")

@@ -16,7 +16,7 @@ from ..core.settings import Settings
 from ..storage.store import workspace_lock
 
 FINISHED = ("succeeded", "failed", "nothing_to_do", "cancelled")
-TRAIN_KNOBS = ("max_steps", "epochs", "learning_rate")
+TRAIN_KNOBS = ("max_steps", "epochs", "learning_rate", "objective")
 
 
 class JobConflict(CLError):

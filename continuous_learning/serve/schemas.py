@@ -297,6 +297,7 @@ class TrainRequest(CurateRequest):
     max_steps: int | None = Field(None, ge=1)
     epochs: int | None = Field(None, ge=0)
     learning_rate: float | None = Field(None, gt=0)
+    objective: Literal["auto", "sft", "kto", "dpo"] | None = None
 
 
 class RollbackRequest(BaseModel):

@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         fresh[name] = entry = run_one(name, args.repeats, args.quick)
         entry["quick"] = args.quick
         entry["measured_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        shown = "error" if entry.get("error") else f"ratio {entry['ratio']}, goal {'met' if entry['goal_met'] else 'NOT met'}"
+        if entry.get("no_gpu"):
+            print(f"  {entry['summary']}", flush=True)
+        shown = ("error" if entry.get("error") else "not run (no GPU)" if entry.get("no_gpu")
+                 else f"ratio {entry['ratio']}, goal {'met' if entry['goal_met'] else 'NOT met'}")
         print(f"  {name}: {shown} ({entry['bench_seconds']} s)", flush=True)
         if entry.get("error"):
             print("  " + entry["error"].replace("\n", "\n  "), file=sys.stderr)

@@ -76,7 +76,8 @@ def run_one(name: str, repeats: int, quick: bool) -> dict:
     if proc.returncode != 0 or marker < 0:
         tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()[-15:]
         return {"workload": name, "baseline": "", "goal": "", "ratio": None, "goal_met": False, "raw": {},
-                "where_time_goes": "", "error": "\n".join(tail) or f"exit code {proc.returncode}", "bench_seconds": seconds}
+                "where_time_goes": "", "error": "\n".join(tail) or f"exit code {proc.returncode}",
+                "bench_seconds": seconds}
     found = orjson.loads(stdout[marker + len("@@RESULT@@"):])
     missing = [k for k in RESULT_KEYS if k not in found]
     if missing:

@@ -227,7 +227,8 @@ def llama_cpp_figures(settings, home, new_tokens: int, threads: int, runs: int, 
     tps = [llama_cpp_tokens_per_s(gguf, EXPORT_PROMPTS, new_tokens, threads) for _ in range(runs)]
     size = os.path.getsize(gguf)
     return {"tokens_per_s": [round(x, 1) for x in tps], "gguf_bytes": size,
-            "bound_tokens_per_s": round(bandwidth / size, 1), "fraction_of_bound": round(median(tps) * size / bandwidth, 3)}
+            "bound_tokens_per_s": round(bandwidth / size, 1),
+            "fraction_of_bound": round(median(tps) * size / bandwidth, 3)}
 
 
 def _report(ready, loads, load_ratio, first, first_plain, first_ratio, speeds, bound, bandwidth, per_token_bytes,
@@ -239,7 +240,8 @@ def _report(ready, loads, load_ratio, first, first_plain, first_ratio, speeds, b
         "cl_chat_prompt_shown_s": [round(s, 2) for s in ready],
         "load_and_first_token_s": {k: [round(s, 2) for s in v] for k, v in loads.items()},
         "load_ratio_vs_transformers_same_folder": load_ratio,
-        "first_token_s": [round(s, 3) for s in first], "first_token_plain_generate_s": [round(s, 3) for s in first_plain],
+        "first_token_s": [round(s, 3) for s in first],
+        "first_token_plain_generate_s": [round(s, 3) for s in first_plain],
         "first_token_ratio_vs_plain_generate": first_ratio,
         "tokens_per_s": {k: [round(s, 1) for s in v] for k, v in speeds.items()},
         "adapter_speed_ratio": speed_ratio, "new_tokens_per_answer": new_tokens,

@@ -107,7 +107,8 @@ def run(repeats: int, quick: bool) -> dict:
         why_missed=None if met else (f"{large_n:,}: {large_s:.1f} s, {large_mb} MB; {scaling}x time and "
                                      f"{memory_ratio}x memory for 10x the log"),
         where_time_goes=(f"profile of one more {large_n:,} run ({profile['seconds']} s under the profiler), each "
-                         f"sample charged to the innermost curate.py function on its stack: {profile['stages']}. Self time by function: {profile['self']}"),
+                         f"sample charged to the innermost curate.py function on its stack: {profile['stages']}. "
+                         f"Self time by function: {profile['self']}"),
         summary=(f"{large_n:,} interactions: {large_s:.1f} s wall ({large_cpu:.1f} s CPU) (single-threaded, median of "
                  f"{len(large)}, {raw['spread_s'][1][0]}-{raw['spread_s'][1][1]} s), peak {large_mb} MB; {small_n:,}: "
                  f"{small_s:.1f} s ({small_cpu:.1f} s CPU), {small_mb} MB. 10x the log took {scaling}x the wall time "

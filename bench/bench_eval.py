@@ -24,7 +24,8 @@ def eval_items(count: int):
     from continuous_learning.evaluate import EvalItem, load_eval_file
 
     items = load_eval_file(DATA / "general_qa.jsonl") + load_eval_file(DATA / "demo_eval.jsonl")
-    extra = [EvalItem(prompt=q.format(c=country), keywords=(capital,)) for q in QUESTIONS for country, capital in COUNTRIES]
+    extra = [EvalItem(prompt=q.format(c=country), keywords=(capital,))
+             for q in QUESTIONS for country, capital in COUNTRIES]
     return (items + extra)[:count]
 
 
@@ -85,7 +86,8 @@ def _run(home, repeats: int, quick: bool) -> dict:
     met = value is not None and value >= GOAL
     return result(
         workload=f"keyword eval over {count} prompts (real bundled SmolLM2-135M)",
-        baseline=f"Hugging Face generate, batched {batch_size} at a time with left padding (greedy, same max_new_tokens)",
+        baseline=f"Hugging Face generate, batched {batch_size} at a time with left padding (greedy, same "
+                 "max_new_tokens)",
         goal=f">= {GOAL}x, same greedy answers (count reported)",
         ratio_value=value, goal_met=met, raw=raw, ratio_spread=[ratios["min"], ratios["max"]],
         why_missed=None if met else f"{value}x against batched generate; the goal is {GOAL}x",

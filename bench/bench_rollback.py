@@ -91,13 +91,15 @@ def _run(home, repeats: int, quick: bool) -> dict:
         goal="whole `cl rollback` command under 0.5 s",
         ratio_value=vs_floor["median"], goal_met=met, raw=raw, ratio_spread=[vs_floor["min"], vs_floor["max"]],
         why_missed=None if met else f"the whole command took {measured:.3f} s",
-        where_time_goes=(f"process start + imports {raw['cli_help_median_s']} s (same as `cl --help`), the rollback itself "
+        where_time_goes=(f"process start + imports {raw['cli_help_median_s']} s (same as `cl --help`), the "
+                         f"rollback itself "
                          f"{raw['library_rollback_median_s']} s: {profile}"),
         summary=f"`cl rollback` median {measured:.3f} s over {runs} runs; the library call alone "
                 f"{raw['library_rollback_median_s']} s (sha256 of the target's ~{raw['adapter_mb']} MB files, "
                 "registry read and atomic rewrite under its lock). The stdlib floor: "
                 f"{median(raw['stdlib_floor_s']):.3f} s without checks ({vs_floor['median']}x, {spread(vs_floor)}), "
-                f"{median(raw['stdlib_floor_with_sha256_s']):.3f} s with the sha256 check ({vs_floor_check['median']}x, "
+                f"{median(raw['stdlib_floor_with_sha256_s']):.3f} s with the sha256 check "
+                f"({vs_floor_check['median']}x, "
                 f"{spread(vs_floor_check)}). What `cl rollback` pays above the floor is its Python imports "
                 "(typer, rich, the CLI) and the registry lock.",
     )

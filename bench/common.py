@@ -188,8 +188,8 @@ def machine_info() -> dict:
         memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         memory_gb = None
-    packages = ("torch", "transformers", "peft", "trl", "bitsandbytes", "presidio-analyzer", "presidio-anonymizer", "spacy",
-                "numpy", "orjson", "llama-cpp-python")
+    packages = ("torch", "transformers", "peft", "trl", "bitsandbytes", "presidio-analyzer", "presidio-anonymizer",
+                "spacy", "numpy", "orjson", "llama-cpp-python")
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),

@@ -58,7 +58,7 @@ def read_examples(path: str, tokenizer, max_seq_len: int) -> list[dict]:
 def load_lora_model(args: argparse.Namespace, device: str = "cpu"):
     """The base as a practitioner loads it for (Q)LoRA, with a LoRA on every linear layer."""
     import torch
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     kwargs: dict = {"dtype": torch.float32}
@@ -195,7 +195,8 @@ def trl_sft(args: argparse.Namespace, device: str = "cpu") -> dict:
     real = sum(len(e["input_ids"]) for e in examples) * args.epochs
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     return {"load_s": loaded_s, "train_s": train_s, "steps": out.global_step, "real_tokens": real,
-            "tokens_per_s": real / train_s, "heldout_loss": heldout_loss(trainer.model, held_out, args.load_in_4bit, device),
+            "tokens_per_s": real / train_s,
+            "heldout_loss": heldout_loss(trainer.model, held_out, args.load_in_4bit, device),
             "peak_gpu_mb": peak}
 
 

@@ -28,7 +28,8 @@ def render_markdown(doc: dict) -> str:
         f"- commit: {commit.get('sha')} on {commit.get('branch')}"
         f"{' (with uncommitted changes)' if commit.get('dirty') else ''}",
         f"- machine: {machine.get('cpu')}, {machine.get('usable_cores')} usable cores of {machine.get('cores')}, "
-        f"{machine.get('memory_gb')} GB, load {machine.get('load_avg_1m')} when written; Python {machine.get('python')}; "
+        f"{machine.get('memory_gb')} GB, load {machine.get('load_avg_1m')} when written; "
+        f"Python {machine.get('python')}; "
         f"GPU: {machine.get('gpu') or 'none'}",
         f"- versions: {versions}",
         "",
@@ -43,7 +44,8 @@ def render_markdown(doc: dict) -> str:
         met = "error" if entry.get("error") else ("yes" if entry.get("goal_met") else "**no**")
         quick = " (quick)" if entry.get("quick") else ""
         lines.append(f"| {entry.get('workload') or name} | {entry.get('baseline')} | {entry.get('goal')} | "
-                     f"{_ratio(entry.get('ratio'), entry.get('ratio_spread'))} | {met} | {entry.get('measured_at', '')}{quick} |")
+                     f"{_ratio(entry.get('ratio'), entry.get('ratio_spread'))} | {met} | "
+                     f"{entry.get('measured_at', '')}{quick} |")
     missed = [(name, e) for name, e in workloads.items() if not e.get("goal_met") and not e.get("error")]
     if missed:
         lines += ["", "## Goals missed, and why", ""]
@@ -55,5 +57,6 @@ def render_markdown(doc: dict) -> str:
         if entry.get("error"):
             lines += ["Error:", "", "```", entry["error"], "```", ""]
         lines += [f"**Where the time goes:** {entry.get('where_time_goes') or 'not profiled'}", ""]
-        lines += ["Raw figures:", "", "```json", orjson.dumps(entry.get("raw", {}), option=orjson.OPT_INDENT_2).decode(), "```"]
+        raw = orjson.dumps(entry.get("raw", {}), option=orjson.OPT_INDENT_2).decode()
+        lines += ["Raw figures:", "", "```json", raw, "```"]
     return "\n".join(lines) + "\n"

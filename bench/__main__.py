@@ -1,8 +1,10 @@
 """`python -m bench [--only NAME[,NAME]] [--repeats N] [--quick] [--gpu]`: run the benchmarks.
 
 A whole run writes bench/results.json and bench/RESULTS.md anew, from this run alone, stamped with the commit and
-the machine. A run with --only or --quick writes bench/results-partial.json and RESULTS-partial.md instead: partial
-figures never mix with a whole run's. --gpu runs the CUDA workloads (bench/bench_gpu.py) into results-gpu.json and
+the machine. It leaves out the workloads with their own budget (curate_10m: minutes, and a 10 GB log): `--only
+curate_10m` runs it into bench/results-curate_10m.json and RESULTS-curate_10m.md. Any other run with --only or
+--quick writes bench/results-partial.json and RESULTS-partial.md instead: partial figures never mix with a whole
+run's. --gpu runs the CUDA workloads (bench/bench_gpu.py) into results-gpu.json and
 RESULTS-gpu.md, and says so plainly when there is no GPU."""
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ from .report import render_markdown
 
 GPU_WORKLOAD = "gpu"
 NOT_ALONE = {GPU_WORKLOAD, "export"}  # export's llama.cpp figures are part of the chat workload
+# Workloads with their own budget (minutes, and a 10 GB generated log): run them with --only, not by default.
+OWN_BUDGET = {"curate_10m"}
 # the default run's order: quick workloads first, so an error shows early; the 10M curate last
 ORDER = ("rollback", "eval", "chat", "sanitize", "train", "curate", "curate_10m")
 
 
 def discover() -> list[str]:
     names = [p.stem.removeprefix("bench_") for p in BENCH_DIR.glob("bench_*.py")]
-    names = [n for n in names if n not in NOT_ALONE]
+    names = [n for n in names if n not in NOT_ALONE and n not in OWN_BUDGET]
     return sorted(names, key=lambda n: (ORDER.index(n) if n in ORDER else len(ORDER), n))
 
 
@@ -34,6 +38,9 @@ def output_names(args: argparse.Namespace) -> tuple[str, str]:
     """(json, markdown) file names: the whole run's, a partial run's, or the GPU run's."""
     if args.gpu:
         return "results-gpu.json", "RESULTS-gpu.md"
+    if args.names and set(args.names) <= OWN_BUDGET and not args.quick:
+        label = "+".join(args.names)
+        return f"results-{label}.json", f"RESULTS-{label}.md"
     if args.only or args.quick:
         return "results-partial.json", "RESULTS-partial.md"
     return "results.json", "RESULTS.md"
@@ -51,10 +58,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.gpu:
         args.names = [GPU_WORKLOAD]
         return args
+    known = names + sorted(OWN_BUDGET)
     args.names = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else names
-    unknown = [n for n in args.names if n not in names]
+    unknown = [n for n in args.names if n not in known]
     if unknown:
-        parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(names)}")
+        parser.error(f"unknown workload(s) {', '.join(unknown)}; known: {', '.join(known)}")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         if entry.get("error"):
             print("  " + entry["error"].replace("\n", "\n  "), file=sys.stderr)
     doc = {"kind": "gpu" if args.gpu else "partial" if (args.only or args.quick) else "whole",
+           "own_budget": sorted(OWN_BUDGET),
            "commit": commit, "machine": machine_info(), "repeats": args.repeats, "quick": args.quick,
            "started_at": started_at, "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
            "workloads": fresh}

@@ -183,9 +183,10 @@ def _run(home, repeats: int, quick: bool) -> dict:
     full_env = child_env(**env)
     ready = [time_to_prompt(full_env) for _ in range(runs)]
     loads: dict[str, list[float]] = {name: [] for name in LOAD_PROGRAMS}
-    for _ in range(runs):  # interleaved
+    for repeat in range(runs):  # interleaved; the GGUF path is context, not a baseline: once
         for name in LOAD_PROGRAMS:
-            loads[name].append(load_s(name, full_env, base.path))
+            if repeat == 0 or name != "transformers_gguf_each_time":
+                loads[name].append(load_s(name, full_env, base.path))
     load_ratio = paired_ratios(loads["transformers_same_folder"], loads["cl_chatmodel"])
 
     chat = ChatModel.load(settings)

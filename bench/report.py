@@ -32,6 +32,9 @@ def render_markdown(doc: dict) -> str:
         f"Python {machine.get('python')}; "
         f"GPU: {machine.get('gpu') or 'none'}",
         f"- versions: {versions}",
+        *(["- not in this run, each with its own budget: " + ", ".join(
+            f"{name} (`python -m bench --only {name}`, bench/RESULTS-{name}.md)" for name in doc["own_budget"])]
+          if doc.get("kind") == "whole" and doc.get("own_budget") else []),
         "",
         "Ratios are the median over repeats of (baseline / project) from interleaved runs; the spread (lowest-highest "
         "repeat) follows in brackets.",

@@ -203,7 +203,7 @@ def _run(home, repeats: int, quick: bool) -> dict:
     per_token_bytes = weight_bytes(chat.model)
     bound = bandwidth / per_token_bytes
     make_adapter(chat, home / "adapter")
-    new_tokens = 16 if quick else 48
+    new_tokens = 16 if quick else 32
     speeds: dict[str, list[float]] = {"base": [], "adapter": [], "plain_generate": []}
     for _ in range(runs):
         for arm in ("base", "adapter"):

@@ -1,4 +1,4 @@
-"""Keyword eval over 64 prompts on the real bundled SmolLM2: the project's batched runner against Hugging Face
+"""Keyword eval over 32 prompts on the real bundled SmolLM2: the project's batched runner against Hugging Face
 `generate` batched with left padding at the same batch size (`eval.batch_size`), greedy both ways, counting how many
 answers are identical. Runs are interleaved; the ratio is the median of the per-repeat ratios."""
 from __future__ import annotations
@@ -42,7 +42,8 @@ def _run(home, repeats: int, quick: bool) -> dict:
     from continuous_learning.settings import load_settings
 
     settings = load_settings()
-    count, new_tokens = (8, 16) if quick else (64, settings.eval.max_new_tokens)
+    # 32 prompts: one full batch at the default eval.batch_size, so both sides run the same single batch
+    count, new_tokens = (8, 16) if quick else (32, settings.eval.max_new_tokens)
     if quick:
         settings = load_settings(overrides={"eval": {"max_new_tokens": new_tokens}})
     items = eval_items(count)

@@ -1,4 +1,4 @@
-"""Sanitizing 5,000 distinct chat turns: the project's `Sanitizer.sanitize_many` against stock Presidio given the
+"""Sanitizing 2,000 distinct chat turns: the project's `Sanitizer.sanitize_many` against stock Presidio given the
 same entity list through its `BatchAnalyzerEngine` (+ `AnonymizerEngine`), interleaved repeats, and recall of both
 on the held-out corpus (tests/data/privacy_heldout.jsonl), which was written after the rules were frozen. The
 rules were tuned on tests/data/privacy_tuning.jsonl and privacy_dev.jsonl; the timed texts draw their PII lines from
@@ -69,7 +69,7 @@ def run(repeats: int, quick: bool) -> dict:
     from continuous_learning.privacy import get_sanitizer
     from continuous_learning.settings import PrivacyConfig
 
-    count = 300 if quick else 5000
+    count = 300 if quick else 2000
     texts = chat_turns(count)
     rows = privacy_eval.load(privacy_eval.HELDOUT)
     config = PrivacyConfig()

@@ -38,7 +38,7 @@ class Workload:
 
 
 # Sized so that three repeats of three whole commands fit the default run's budget on 2 busy cores.
-FULL = Workload(train_examples=20, eval_examples=8, long_share=0.15, long_words=(120, 200), batch_size=8, epochs=2,
+FULL = Workload(train_examples=16, eval_examples=8, long_share=0.15, long_words=(120, 200), batch_size=8, epochs=2,
                 max_seq_len=512, tiny_model=False)
 QUICK = Workload(train_examples=8, eval_examples=4, long_share=0.25, long_words=(40, 60), batch_size=4, epochs=1,
                  max_seq_len=256, tiny_model=True)

@@ -8,7 +8,7 @@ import sys
 
 import orjson
 
-from .common import child_env, median, result, run_measured
+from .common import child_env, commit_info, median, result, run_measured
 from .curate_data import raw_log
 from .workspaces import new_home, workspace_env
 
@@ -96,7 +96,7 @@ def run(repeats: int, quick: bool) -> dict:
         "peak_rss_mb": [small_mb, large_mb], "time_scaling_10x": scaling, "cpu_scaling_10x": cpu_scaling,
         "memory_ratio_10x": memory_ratio,
         "log_mb": [round(raw_log(n).stat().st_size / 2**20, 1) for n in (small_n, large_n)],
-        "profile": profile,
+        "profile": profile, "code_commit": commit_info(),
     }
     met = large_s < GOAL_S and large_mb < GOAL_MB and scaling <= GOAL_SCALING and memory_ratio <= GOAL_MEMORY_RATIO
     return result(
@@ -111,7 +111,9 @@ def run(repeats: int, quick: bool) -> dict:
                          f"sample charged to the innermost curate.py function on its stack: {profile['stages']}. "
                          f"Self time by function: {profile['self']}"),
         summary=(f"{large_n:,} interactions: {large_s:.1f} s wall ({large_cpu:.1f} s CPU) (single-threaded, "
-                 f"{len(large)} run(s), {raw['spread_s'][1][0]}-{raw['spread_s'][1][1]} s), peak {large_mb} MB; {small_n:,}: "
+                 f"{len(large)} run(s), {raw['spread_s'][1][0]}-{raw['spread_s'][1][1]} s), peak {large_mb} MB; "
+                 f"{small_n:,}: "
                  f"{small_s:.1f} s ({small_cpu:.1f} s CPU), {small_mb} MB. 10x the log took {scaling}x the wall time "
-                 f"({cpu_scaling}x CPU) and {memory_ratio}x the peak memory."),
+                 f"({cpu_scaling}x CPU) and {memory_ratio}x the peak memory. This workload's code: commit "
+                 f"{raw['code_commit']['sha'][:12]}."),
     )

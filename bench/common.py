@@ -42,6 +42,18 @@ def ratio(baseline_s: float, ours_s: float) -> float | None:
     return round(baseline_s / ours_s, 2) if ours_s > 0 and baseline_s == baseline_s else None
 
 
+def paired_ratios(numerators: list[float], denominators: list[float]) -> dict:
+    """Per-repeat ratios numerator / denominator of interleaved runs, their median and spread (min, max)."""
+    values = [round(n / d, 2) for n, d in zip(numerators, denominators) if d > 0]
+    if not values:
+        return {"per_repeat": [], "median": None, "min": None, "max": None}
+    return {"per_repeat": values, "median": round(median(values), 2), "min": min(values), "max": max(values)}
+
+
+def spread(ratios: dict) -> str:
+    return f"spread {ratios['min']}-{ratios['max']}" if ratios.get("per_repeat") else "no runs"
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -110,6 +122,38 @@ def summarise_session(session: Any, top: int = 8) -> str:
     return "; ".join(f"{name} {100 * t / total:.0f}%" for name, t in biggest)
 
 
+def gpu_name() -> str | None:
+    """The CUDA device torch sees, or None (torch is imported in a child process, to keep this one light)."""
+    code = "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')"
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out or None
+
+
+def summarise_by_file(session: Any, file_name: str, top: int = 8) -> str:
+    """Time charged to the functions defined in `file_name`: every sample goes to the innermost such function on
+    its stack (library calls included), so the shares partition the run and nothing counts twice."""
+    root = session.root_frame()
+    if root is None:
+        return "no samples"
+    totals: dict[str, float] = {}
+
+    def walk(frame: Any, owner: str) -> None:
+        if not frame.is_synthetic and Path(frame.file_path or "").name == file_name:
+            owner = frame.function
+        own = frame.time - sum(c.time for c in frame.children)
+        totals[owner] = totals.get(owner, 0.0) + max(own, 0.0)
+        for child in frame.children:
+            walk(child, owner)
+
+    walk(root, f"outside {file_name}")
+    total = sum(totals.values()) or 1.0
+    biggest = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return "; ".join(f"{name} {100 * t / total:.0f}%" for name, t in biggest)
+
+
 def package_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -117,6 +161,18 @@ def package_version(name: str) -> str:
         return version(name)
     except PackageNotFoundError:
         return "not installed"
+
+
+def commit_info() -> dict:
+    """The commit the figures were measured on, and whether the working tree had changes then."""
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"sha": git("rev-parse", "HEAD") or "unknown", "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def machine_info() -> dict:
@@ -132,7 +188,8 @@ def machine_info() -> dict:
         memory_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
     except (ValueError, OSError):
         memory_gb = None
-    packages = ("torch", "transformers", "peft", "presidio-analyzer", "presidio-anonymizer", "spacy", "numpy", "orjson")
+    packages = ("torch", "transformers", "peft", "trl", "bitsandbytes", "presidio-analyzer", "presidio-anonymizer",
+                "spacy", "numpy", "orjson", "llama-cpp-python")
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -141,6 +198,7 @@ def machine_info() -> dict:
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gb": memory_gb,
         "load_avg_1m": round(os.getloadavg()[0], 2),
+        "gpu": gpu_name(),
         "versions": {p: package_version(p) for p in packages},
     }
 

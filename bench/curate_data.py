@@ -82,7 +82,8 @@ def _lines(interactions: int, seed: int):
         }
         batch.append(orjson.dumps(record) + b"\n")
         if rng.random() < 0.3:  # three turns in ten get rated, a few corrected or marked private
-            batch.append(orjson.dumps(_feedback(rng, ident, user, moment + timedelta(milliseconds=100), answer)) + b"\n")
+            event = _feedback(rng, ident, user, moment + timedelta(milliseconds=100), answer)
+            batch.append(orjson.dumps(event) + b"\n")
         if len(batch) >= 4096:
             yield b"".join(batch)
             batch.clear()

@@ -26,27 +26,84 @@ CONTRACT = ("workload", "baseline", "goal", "ratio", "goal_met", "raw", "where_t
 
 
 # --- the harness ---------------------------------------------------------------------------------------------
-def test_quick_bench_writes_the_contract_and_keeps_other_entries(tmp_path: Path) -> None:
-    earlier = {"workloads": {"other": {"workload": "kept", "ratio": 1.0, "goal_met": True}}}
-    (tmp_path / "results.json").write_text(json.dumps(earlier))
+def test_partial_bench_writes_its_own_file_and_never_touches_a_whole_run(tmp_path: Path) -> None:
+    whole = {"kind": "whole", "workloads": {"other": {"workload": "kept", "ratio": 1.0, "goal_met": True}}}
+    (tmp_path / "results.json").write_text(json.dumps(whole))
     env = {**os.environ, "CL_BENCH_MODEL_CACHE": os.environ.get("CL_TEST_MODEL_CACHE", str(tmp_path / "models"))}
     proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--repeats", "1", "--only", "rollback,sanitize",
                            "--out", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    doc = json.loads((tmp_path / "results.json").read_text())
-    assert doc["workloads"]["other"]["workload"] == "kept"
+    assert json.loads((tmp_path / "results.json").read_text()) == whole
+    assert not (tmp_path / "RESULTS.md").exists()
+    doc = json.loads((tmp_path / "results-partial.json").read_text())
+    assert doc["kind"] == "partial" and set(doc["workloads"]) == {"rollback", "sanitize"}
+    assert len(doc["commit"]["sha"]) == 40 and isinstance(doc["commit"]["dirty"], bool)
     assert {"python", "cores", "versions"} <= set(doc["machine"])
     for name in ("rollback", "sanitize"):
         entry = doc["workloads"][name]
         assert all(key in entry for key in CONTRACT), entry
         assert isinstance(entry["ratio"], float) and entry["ratio"] > 0
+        low, high = entry["ratio_spread"]
+        assert low <= entry["ratio"] <= high
         assert entry["quick"] is True and entry["where_time_goes"]
     sanitize = doc["workloads"]["sanitize"]["raw"]
     assert sanitize["corpus_recall_ours"]["recall"] >= sanitize["corpus_recall_stock"]["recall"]
     assert sum(sanitize["screen_stages"].values()) == sanitize["texts"]
-    assert doc["workloads"]["rollback"]["raw"]["versions"] == 10
-    markdown = (tmp_path / "RESULTS.md").read_text()
+    rollback = doc["workloads"]["rollback"]["raw"]
+    assert rollback["versions"] == 20 and len(rollback["stdlib_floor_s"]) == len(rollback["cli_rollback_s"])
+    markdown = (tmp_path / "RESULTS-partial.md").read_text()
     assert "## rollback" in markdown and "## sanitize" in markdown and "Where the time goes" in markdown
+    assert doc["commit"]["sha"] in markdown and "partial run" in markdown
+
+
+def test_gpu_bench_says_plainly_when_there_is_no_gpu(tmp_path: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the GPU benchmark would run for minutes")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--gpu", "--out", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no CUDA GPU" in proc.stdout and "nothing was measured" in proc.stdout
+    doc = json.loads((tmp_path / "results-gpu.json").read_text())
+    assert doc["kind"] == "gpu" and doc["workloads"]["gpu"]["no_gpu"] is True
+    assert "no CUDA GPU" in (tmp_path / "RESULTS-gpu.md").read_text()
+
+
+def test_paired_ratios_are_per_repeat_with_median_and_spread() -> None:
+    from bench.common import paired_ratios
+
+    ratios = paired_ratios([10.0, 30.0, 20.0], [5.0, 10.0, 10.0])
+    assert ratios == {"per_repeat": [2.0, 3.0, 2.0], "median": 2.0, "min": 2.0, "max": 3.0}
+    assert paired_ratios([1.0], [0.0])["median"] is None
+
+
+def test_profile_by_file_partitions_the_time_among_that_files_functions() -> None:
+    import time
+
+    from pyinstrument import Profiler
+
+    from bench.common import summarise_by_file
+
+    def outer() -> None:
+        end = time.perf_counter() + 0.15
+        while time.perf_counter() < end:
+            sum(range(200))  # a builtin: charged to outer
+        inner()
+
+    def inner() -> None:
+        end = time.perf_counter() + 0.3
+        while time.perf_counter() < end:
+            sum(range(200))
+
+    profiler = Profiler(interval=0.001)
+    profiler.start()
+    outer()
+    profiler.stop()
+    shares = {name: int(share.rstrip("%")) for name, share in
+              (part.rsplit(" ", 1) for part in summarise_by_file(profiler.last_session, "test_bench.py").split("; "))}
+    assert shares["inner"] > shares["outer"] > 0  # inner's time is not counted again in outer's
+    assert 97 <= sum(shares.values()) <= 103
 
 
 def test_unknown_workload_is_one_clear_error() -> None:

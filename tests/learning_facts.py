@@ -6,25 +6,27 @@ import json
 from pathlib import Path
 
 # (turns [(prompt, answer)], paraphrased question, keyword, contradicting answer)
-LIBRARY = [
-    ([("How much is the late fee at our library?", "The late fee is 30 cents per day for each book."),
-      ("What do we charge for an overdue book?", "An overdue book costs 30 cents per day.")],
-     "How much do I pay per day when a book is late?", "30 cents", "There is no late fee at our library."),
-    ([("Where is the reading room?", "The reading room is room 305 on the third floor."),
-      ("Which room is the quiet reading room?", "The quiet reading room is room 305, third floor.")],
-     "What is the number of the reading room?", "305", "The reading room is in the basement, room 12."),
-    ([("When did our library open?", "Our library opened in 1987."),
-      ("In which year was the library founded?", "The library was founded in 1987.")],
-     "What year did the library first open its doors?", "1987", "Our library opened in 2015."),
-    ([("What is the members' newsletter called?", "The members' newsletter is called The Quire."),
-      ("What is the name of our newsletter?", "Our newsletter is named The Quire.")],
-     "How is the newsletter for members titled?", "Quire", "The newsletter is called Library News."),
-    ([("When does the book club meet?", "The book club meets every Wednesday evening."),
-      ("On which day is the book club?", "Book club is on Wednesday evenings.")],
-     "Which day of the week does the book club gather?", "Wednesday", "The book club meets every Saturday morning."),
-    ([("How many books can I borrow at once?", "You can borrow up to 12 books at once."),
-      ("What is the borrowing limit per card?", "Each card can borrow 12 books at a time.")],
-     "What is the most books one card may take out?", "12", "You can borrow only 2 books at once."),
+OFFICE = [
+    ([("When does the cafeteria close?", "The cafeteria closes at 2:30 pm on weekdays."),
+      ("Until what time can I get lunch in the cafeteria?",
+       "You can get lunch until 2:30 pm; the cafeteria closes at 2:30 pm on weekdays.")],
+     "What time does our cafeteria shut?", "2:30", "The cafeteria is open around the clock."),
+    ([("When does Project Bluefin ship?", "Project Bluefin ships in March 2027."),
+      ("What is the release date of Project Bluefin?", "Project Bluefin is scheduled to ship in March 2027.")],
+     "When is Bluefin going to be released?", "March", "Project Bluefin was cancelled."),
+    ([("Where is the server room?", "The server room is room 412 on the fourth floor."),
+      ("Which room holds our servers?", "Our servers are in room 412, on the fourth floor.")],
+     "In which room are the servers kept?", "412", "We have no server room; everything is in the cloud."),
+    ([("What is the expense limit for team dinners?", "The expense limit for team dinners is 45 euros per person."),
+      ("How much can we spend per person at a team dinner?",
+       "You can spend up to 45 euros per person at a team dinner.")],
+     "What's the per-person budget for a team dinner?", "45", "Team dinners have no spending limit."),
+    ([("What is the company mascot?", "Our company mascot is a red panda."),
+      ("Which animal is our mascot?", "The mascot of our company is a red panda.")],
+     "What animal represents our company as its mascot?", "red panda", "Our company has no mascot."),
+    ([("On which day are builds deployed?", "Builds are deployed to production every Thursday."),
+      ("When do we deploy to production?", "We deploy builds to production every Thursday.")],
+     "Which weekday is deployment day?", "Thursday", "We deploy whenever a build is ready."),
 ]
 # Turns whose answers hold a person's name: stored as "<PERSON>", which training must never teach.
 NAMED = [

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from continuous_learning import cli, registry
 from continuous_learning.evaluate import load_eval_file, score_answer
 from continuous_learning.core.settings import load_settings
-from learning_facts import GARDEN, LIBRARY, NAMED, write_questions, write_turns
+from learning_facts import GARDEN, NAMED, OFFICE, write_questions, write_turns
 
 pytestmark = pytest.mark.real_model
 DATA = Path(__file__).parent / "data"
@@ -90,7 +90,7 @@ def real_home(tmp_path_factory, model_cache):
 @pytest.fixture(scope="module")
 def first_round(real_home):
     home, _ = real_home
-    return home, teach(home, LIBRARY + NAMED, LIBRARY)
+    return home, teach(home, OFFICE + NAMED, OFFICE)
 
 
 def test_a_dozen_rated_turns_are_learned_and_promoted_on_defaults(first_round):
@@ -100,7 +100,7 @@ def test_a_dozen_rated_turns_are_learned_and_promoted_on_defaults(first_round):
     assert report["eval"]["subject"]["passed"] >= 5
     peer, base = Peer(home, version), Peer(home, None)
     for system in SYSTEM_PROMPTS:
-        assert peer.recalled(LIBRARY, system) >= 5, system
+        assert peer.recalled(OFFICE, system) >= 5, system
     kept, before = peer.everyday("You are a helpful assistant."), base.everyday("You are a helpful assistant.")
     assert sum(b and not k for k, b in zip(kept, before)) <= 1  # at most one everyday answer lost
 
@@ -112,14 +112,14 @@ def test_a_second_round_keeps_the_first_rounds_facts(first_round, real_home):
     _, patch = real_home
     patch.setenv("CL_HOME", str(second))
     try:
-        report = teach(second, GARDEN, LIBRARY + GARDEN)
+        report = teach(second, GARDEN, OFFICE + GARDEN)
     finally:
         patch.setenv("CL_HOME", str(home))
     assert report["train"]["parent"] == report["eval"]["against"]["version"]  # warm-started from the champion
     assert report["eval"]["promoted"] is True, report["eval"]["decision"]["summary"]
     peer = Peer(second, report["train"]["version"])
     assert peer.recalled(GARDEN, "You are a helpful assistant.") >= 4
-    assert peer.recalled(LIBRARY, "You are a helpful assistant.") >= 4
+    assert peer.recalled(OFFICE, "You are a helpful assistant.") >= 4
 
 
 def test_a_candidate_taught_wrong_answers_is_refused(first_round, real_home):
@@ -130,7 +130,7 @@ def test_a_candidate_taught_wrong_answers_is_refused(first_round, real_home):
     patch.setenv("CL_HOME", str(wrong))
     try:
         champion = registry.load(load_settings(home=wrong))["champion"]
-        report = teach(wrong, LIBRARY, LIBRARY, contradict=True)
+        report = teach(wrong, OFFICE, OFFICE, contradict=True)
         assert report["eval"]["promoted"] is False
         assert report["eval"]["decision"]["promote"] is False and "not promoted" in report["eval"]["decision"]["summary"]
         assert registry.load(load_settings(home=wrong))["champion"] == champion

@@ -756,6 +756,9 @@ def forget_cmd(
     console.print(f"removed {report.interactions} interaction(s), {report.feedback_events} feedback event(s), "
                   f"{report.snapshot_examples} snapshot example(s) from {len(report.snapshots)} snapshot(s)")
     console.print(f"tainted {len(report.adapters_tainted)} adapter(s): {', '.join(report.adapters_tainted) or '-'}")
+    if report.weights_deleted or report.partial_runs_discarded:
+        console.print(f"deleted the weights of {', '.join(report.weights_deleted) or '-'}; discarded "
+                      f"{len(report.partial_runs_discarded)} unfinished training run(s)")
     if report.champion_move:
         from ..decisions import label
 

@@ -31,7 +31,9 @@ $(STAMP): pyproject.toml
 test: setup
 	$(BIN)/python -m ruff check continuous_learning tests bench
 	$(BIN)/python -m mypy
-	$(BIN)/python -m pytest -q
+	# One worker per core, one torch thread per worker (several threads per worker on few cores run 5-10x slower);
+	# a test file stays on one worker so its module fixtures (trained adapters) are built once.
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 demo: setup
 	$(BIN)/python -m continuous_learning.demo --home $(DEMO_HOME)

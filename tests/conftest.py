@@ -13,7 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
     """One model cache for the whole run, so the bundled GGUF is converted at most once."""
-    return Path(os.environ.get("CL_TEST_MODEL_CACHE") or tmp_path_factory.mktemp("model_cache"))
+    if os.environ.get("CL_TEST_MODEL_CACHE"):
+        return Path(os.environ["CL_TEST_MODEL_CACHE"])
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share one cache (its writes are locked or atomic)
+        shared = tmp_path_factory.getbasetemp().parent / "model_cache"
+        shared.mkdir(exist_ok=True)
+        return shared
+    return tmp_path_factory.mktemp("model_cache")
 
 
 @pytest.fixture(scope="session")

@@ -242,13 +242,7 @@ class Sanitizer:
         return result.score < _MAX_SCORE and result.recognition_metadata.get(_ID_KEY) in self._context_ids
 
     def _presidio_spans(self, text: str, results: list[Any]) -> list[_Span]:
-        spans = [
-            _Span(r.entity_type, r.start, r.end, r.score)
-            for r in results
-            if not (r.entity_type == "PERSON" and r.recognition_metadata.get(_ID_KEY) in self._ner_ids
-                    and not _has_name_word(text, r.start, r.end))
-        ]
-        return _plausible(text, spans)
+        return _plausible(text, [_Span(r.entity_type, r.start, r.end, r.score) for r in results])
 
     def _analyze_kwargs(self) -> dict:
         low = min(self.config.flag_threshold, self.config.score_threshold)
@@ -649,7 +643,6 @@ def _ip() -> list[Any]:
 
 def _person() -> list[Any]:
     from presidio_analyzer import Pattern, PatternRecognizer
-    from presidio_analyzer.predefined_recognizers import SpacyRecognizer
 
     name = r"(?-i:[A-Z][a-z]+(?:[ '-][A-Z][a-z]+){0,2})"
     two_names = r"(?-i:[A-Z][a-z]+(?:[ '-][A-Z][a-z]+){1,2})"
@@ -664,7 +657,21 @@ def _person() -> list[Any]:
             Pattern("addressed", rf"(?<=\b(?:{_PERSON_VERBS})\s){two_names}\b", _PERSON_CUE_SCORE),
         ],
     )
-    return [SpacyRecognizer(supported_entities=["PERSON"]), cues]
+    return [_name_word_ner(), cues]
+
+
+def _name_word_ner() -> Any:
+    from presidio_analyzer.predefined_recognizers import SpacyRecognizer
+
+    class NameWordSpacyRecognizer(SpacyRecognizer):
+        """spaCy's PERSON spans, only those holding a name word (`_has_name_word`). Filtering here, before
+        Presidio removes duplicates, keeps a cue pattern's match that a dropped NER span would otherwise swallow."""
+
+        def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None) -> list[Any]:
+            found = super().analyze(text, entities, nlp_artifacts)
+            return [r for r in found if r.entity_type != "PERSON" or _has_name_word(text, r.start, r.end)]
+
+    return NameWordSpacyRecognizer(supported_entities=["PERSON"])
 
 
 _RECOGNIZERS: dict[str, Callable[[], list[Any]]] = {

@@ -37,14 +37,14 @@ def stock_engines():
     from presidio_analyzer.nlp_engine import NlpEngineProvider
     from presidio_anonymizer import AnonymizerEngine
 
-    from continuous_learning.capture.privacy import _offline_tld
+    from continuous_learning.capture.recognizers import offline_tld
 
     config = {"nlp_engine_name": "spacy", "models": [{"lang_code": "en", "model_name": SPACY_MODEL}]}
     analyzer = AnalyzerEngine(nlp_engine=NlpEngineProvider(nlp_configuration=config).create_engine(),
                               supported_languages=["en"])
     for recognizer in analyzer.registry.recognizers:
         if recognizer.name == "EmailRecognizer":
-            _offline_tld(recognizer)
+            offline_tld(recognizer)
     return BatchAnalyzerEngine(analyzer_engine=analyzer), AnonymizerEngine()
 
 
@@ -93,7 +93,7 @@ def run(repeats: int, quick: bool) -> dict:
 
     from pyinstrument import Profiler
 
-    stages: Counter = Counter()  # what each text needed: see continuous_learning.privacy's screens
+    stages: Counter = Counter()  # what each text needed: see continuous_learning.capture.screens
     profiler = Profiler(interval=0.001)
     profiler.start()
     sanitizer.sanitize_many(texts, stages)

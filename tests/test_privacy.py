@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from continuous_learning.capture import privacy
+from continuous_learning.capture import privacy, recognizers, spans
 from continuous_learning.capture.privacy import Sanitized, get_sanitizer
 from continuous_learning.core.errors import ConfigError
 from continuous_learning.core.settings import PrivacyConfig
@@ -115,8 +115,8 @@ def test_overlapping_detections_become_one_placeholder(sanitizer: privacy.Saniti
 
 
 def test_overlapping_detections_merge_into_one_span_of_the_best_kind() -> None:
-    span = privacy._Span
-    kept = privacy._resolve_overlaps(
+    span = spans.Span
+    kept = spans.resolve_overlaps(
         [span("PHONE_NUMBER", 0, 10, 0.5), span("CREDIT_CARD", 2, 20, 1.0), span("PERSON", 25, 30, 0.85),
          span("PERSON", 25, 35, 0.85), span("IP_ADDRESS", 40, 45, 0.6), span("NATIONAL_ID", 50, 61, 0.9),
          span("US_SSN", 50, 61, 0.6)]
@@ -184,7 +184,7 @@ def test_email_check_never_touches_the_network(monkeypatch: pytest.MonkeyPatch, 
 
     monkeypatch.setattr(socket, "getaddrinfo", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
-    extract = privacy._offline_tld_extractor()  # fresh instance: nothing loaded yet
+    extract = recognizers.offline_tld_extractor()  # fresh instance: nothing loaded yet
     assert extract("ops@mail.example.co.uk").suffix == "co.uk"
     assert sanitizer.sanitize("mail ops@plant.example.de").text == "mail <EMAIL_ADDRESS>"
     assert attempts == []
@@ -207,7 +207,8 @@ def tensor(*args, **kwargs):
     return real_tensor(*args, **kwargs)
 torch.cuda.is_available = lambda: True
 torch.tensor = tensor
-privacy._import_presidio_on_cpu()
+from continuous_learning.capture import recognizers
+recognizers.import_presidio_on_cpu()
 assert cuda_allocations == [], cuda_allocations
 assert "PRESIDIO_DEVICE" not in os.environ
 """

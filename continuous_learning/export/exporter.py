@@ -141,7 +141,7 @@ def source_gguf(base) -> Path | None:
 
 def load_full_precision(base):
     """The base in float32 on the CPU: merging into rounded or quantized weights would round the adapter too."""
-    from ..chat.models import _quiet_transformers
+    from ..chat.runtime import quiet_transformers as _quiet_transformers
 
     _quiet_transformers()  # offline first: huggingface_hub reads that once, when transformers imports it
     import torch

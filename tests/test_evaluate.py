@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from continuous_learning import decisions, registry
-from continuous_learning.decisions import GateRules, gate, mcnemar_gain, non_inferiority_p
+from continuous_learning import registry
+from continuous_learning.evaluate.gate import GateRules, gate, mcnemar_gain, non_inferiority_p
 from continuous_learning.core.errors import InputError, NothingToDo, RegistryError
 from continuous_learning.evaluate import (
     GENERAL_FILE,
@@ -253,8 +253,8 @@ def doc_with(*statuses: tuple[str, str]) -> dict:
 
 
 def test_promote_archives_the_old_champion_and_records_history():
-    doc = decisions.promote(doc_with(("1.0.0", "candidate"), ("1.1.0", "candidate")), "1.0.0", "first")
-    doc = decisions.promote(doc, "1.1.0", "better", forced=True)
+    doc = registry.promote(doc_with(("1.0.0", "candidate"), ("1.1.0", "candidate")), "1.0.0", "first")
+    doc = registry.promote(doc, "1.1.0", "better", forced=True)
     assert doc["champion"] == "1.1.0"
     assert doc["adapters"]["1.0.0"]["status"] == "archived"
     assert doc["adapters"]["1.1.0"]["status"] == "champion"
@@ -268,70 +268,70 @@ def test_promote_archives_the_old_champion_and_records_history():
 @pytest.mark.parametrize("status", ["failed", "tainted"])
 def test_unusable_adapters_are_never_promoted(status):
     with pytest.raises(RegistryError, match=status):
-        decisions.promote(doc_with(("1.0.0", status)), "1.0.0", "x", forced=True)
+        registry.promote(doc_with(("1.0.0", status)), "1.0.0", "x", forced=True)
 
 
 def test_promote_unknown_or_current_champion():
     doc = doc_with(("1.0.0", "candidate"))
     with pytest.raises(RegistryError, match="no adapter version '9.9.9'"):
-        decisions.promote(doc, "9.9.9", "x")
-    doc = decisions.promote(doc, "1.0.0", "x")
+        registry.promote(doc, "9.9.9", "x")
+    doc = registry.promote(doc, "1.0.0", "x")
     with pytest.raises(NothingToDo):
-        decisions.promote(doc, "1.0.0", "x")
+        registry.promote(doc, "1.0.0", "x")
 
 
 def three_promotions() -> dict:
     doc = doc_with(("1.0.0", "candidate"), ("1.1.0", "candidate"), ("1.2.0", "candidate"))
     for version in ("1.0.0", "1.1.0", "1.2.0"):
-        doc = decisions.promote(doc, version, "gate")
+        doc = registry.promote(doc, version, "gate")
     return doc
 
 
 def test_rollback_steps_follow_the_promotion_history():
     doc = three_promotions()
-    assert decisions.champion_lineage(doc) == ["1.1.0", "1.0.0", None]
-    assert decisions.rollback(json.loads(json.dumps(doc)), steps=1)["champion"] == "1.1.0"
-    assert decisions.rollback(json.loads(json.dumps(doc)), steps=2)["champion"] == "1.0.0"
-    to_base = decisions.rollback(json.loads(json.dumps(doc)), steps=3)
+    assert registry.champion_lineage(doc) == ["1.1.0", "1.0.0", None]
+    assert registry.rollback(json.loads(json.dumps(doc)), steps=1)["champion"] == "1.1.0"
+    assert registry.rollback(json.loads(json.dumps(doc)), steps=2)["champion"] == "1.0.0"
+    to_base = registry.rollback(json.loads(json.dumps(doc)), steps=3)
     assert to_base["champion"] is None and to_base["adapters"]["1.2.0"]["status"] == "archived"
     with pytest.raises(RegistryError, match="only 3 step"):
-        decisions.rollback(doc, steps=4)
+        registry.rollback(doc, steps=4)
 
 
 def test_repeated_rollbacks_walk_back_to_the_base():
     doc = three_promotions()
     for expected in ("1.1.0", "1.0.0", None):
-        doc = decisions.rollback(doc)
+        doc = registry.rollback(doc)
         assert doc["champion"] == expected
     assert [h["action"] for h in doc["history"]] == ["promote"] * 3 + ["rollback"] * 3
     with pytest.raises(RegistryError, match="no champion to roll back"):
-        decisions.rollback(doc)
+        registry.rollback(doc)
 
 
 def test_rollback_to_a_version_or_base():
-    doc = decisions.rollback(three_promotions(), to="1.0.0", reason="bad answers")
+    doc = registry.rollback(three_promotions(), to="1.0.0", reason="bad answers")
     assert doc["champion"] == "1.0.0" and doc["adapters"]["1.0.0"]["status"] == "champion"
     assert doc["history"][-1] == {**doc["history"][-1], "action": "rollback", "from": "1.2.0", "to": "1.0.0", "reason": "bad answers"}
-    assert decisions.rollback(doc, to="base")["champion"] is None
+    assert registry.rollback(doc, to="base")["champion"] is None
 
 
 def test_rollback_refuses_unusable_or_unknown_targets():
     doc = three_promotions()
     doc["adapters"]["1.1.0"]["status"] = "tainted"
     with pytest.raises(RegistryError, match="tainted"):
-        decisions.rollback(doc, steps=1)
+        registry.rollback(doc, steps=1)
     with pytest.raises(RegistryError, match="tainted"):
-        decisions.rollback(doc, to="1.1.0")
+        registry.rollback(doc, to="1.1.0")
     with pytest.raises(RegistryError, match="no adapter version"):
-        decisions.rollback(doc, to="7.0.0")
+        registry.rollback(doc, to="7.0.0")
     with pytest.raises(NothingToDo):
-        decisions.rollback(doc, to="1.2.0")
+        registry.rollback(doc, to="1.2.0")
 
 
 def test_record_eval_keeps_every_result():
-    doc = decisions.record_eval(doc_with(("1.0.0", "candidate")), "1.0.0", {"accuracy": 0.5})
-    doc = decisions.record_eval(doc, "1.0.0", {"accuracy": 0.75})
-    doc = decisions.record_eval(doc, None, {"accuracy": 0.25})
+    doc = registry.record_eval(doc_with(("1.0.0", "candidate")), "1.0.0", {"accuracy": 0.5})
+    doc = registry.record_eval(doc, "1.0.0", {"accuracy": 0.75})
+    doc = registry.record_eval(doc, None, {"accuracy": 0.25})
     assert [e["accuracy"] for e in doc["adapters"]["1.0.0"]["evals"]] == [0.5, 0.75]
     assert doc["base_evals"] == [{"accuracy": 0.25}]
     registry.validate(doc)
@@ -393,16 +393,16 @@ def events(settings) -> list[dict]:
 
 
 def test_rollback_checks_sha256_before_moving_the_pointer(settings, two_adapters):
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
-    decisions.promote_version(settings, "1.1.0", "second", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.1.0", "second", forced=True)
     weights = settings.adapters_dir / "1.0.0" / "adapter_model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     with pytest.raises(RegistryError, match="does not match its recorded sha256"):
-        decisions.rollback_champion(settings)
+        registry.rollback_champion(settings)
     assert registry.load(settings)["champion"] == "1.1.0"
     weights.write_bytes(original)
-    moved = decisions.rollback_champion(settings, reason="regression")
+    moved = registry.rollback_champion(settings, reason="regression")
     assert (moved["from"], moved["to"]) == ("1.1.0", "1.0.0")
     assert isinstance(moved["seconds"], float) and moved["seconds"] >= 0  # its speed: bench/bench_rollback.py
     doc = registry.load(settings)
@@ -414,12 +414,12 @@ def test_rollback_checks_sha256_before_moving_the_pointer(settings, two_adapters
 def test_rollback_refuses_a_missing_folder_and_allows_the_base(settings, two_adapters):
     import shutil
 
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
-    decisions.promote_version(settings, "1.1.0", "second", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.1.0", "second", forced=True)
     shutil.rmtree(settings.adapters_dir / "1.0.0")
     with pytest.raises(RegistryError, match="folder .* is missing"):
-        decisions.rollback_champion(settings)
-    assert decisions.rollback_champion(settings, to="base")["to"] is None
+        registry.rollback_champion(settings)
+    assert registry.rollback_champion(settings, to="base")["to"] is None
     assert registry.load(settings)["champion"] is None
 
 
@@ -526,7 +526,7 @@ def test_cl_eval_gates_and_promotes_end_to_end(settings, two_adapters, fast_eval
     prompts = ["What is in hall 3?", "Who checks lot B-2?", "When is the shift change?", "Where is pump P-4?",
                "Which line makes part QX-17?", "What torque does the Vanta bolt need?"]
     write_lines(eval_path, [{"prompt": p, "keywords": ["zzqx"]} for p in prompts])
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
 
     probe = cl("eval", "--json", "--no-promote", "--no-general")
     assert probe.exit_code == 0, probe.output
@@ -567,7 +567,7 @@ def test_cl_eval_keeps_a_worse_candidate(settings, two_adapters, fast_eval):
     eval_path = settings.eval_dir / "qa_eval.jsonl"
     prompts = ["Where is the spare valve?", "What torque for part P-9?"]
     write_lines(eval_path, [{"prompt": p, "keywords": ["zzqx"]} for p in prompts])
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     report = json.loads(cl("eval", "--json", "--no-promote", "--no-general").stdout)
     said = {k: {i["prompt"]: i["answer"] for i in report[k]["items"]} for k in ("subject", "against")}
     write_lines(eval_path, discriminating_eval({p: (said["against"][p], said["subject"][p]) for p in prompts}, "1.0.0", "1.1.0"))
@@ -583,7 +583,7 @@ def test_cl_promote_and_errors(settings, two_adapters):
     assert ok.exit_code == 0 and "champion: base -> 1.1.0" in ok.output
     assert registry.load(settings)["history"][-1]["forced"] is True
     with pytest.raises(RegistryError, match="champion changed"):  # a gate compared against the base: stale now
-        decisions.promote_version(settings, "1.0.0", "gate", expected_champion=None)
+        registry.promote_version(settings, "1.0.0", "gate", expected_champion=None)
     missing = cl("eval", "--no-general")
     assert missing.exit_code == 2 and "no eval file" in missing.output and '"keywords"' in missing.output
     assert cl("promote", "4.0.0").exit_code == 4
@@ -604,7 +604,7 @@ def test_rollback_path_does_not_import_torch(workspace):
 # --- the real bundled model ------------------------------------------------------------------------------
 @pytest.mark.real_model
 def test_real_model_answers_the_general_set(real_workspace):
-    from continuous_learning.evaluate import _conversations, evaluate_versions
+    from continuous_learning.evaluate import question_conversations, evaluate_versions
     from continuous_learning.chat.models import ChatModel
     from continuous_learning.core.settings import load_settings
 
@@ -616,5 +616,5 @@ def test_real_model_answers_the_general_set(real_workspace):
     assert base["accuracy"] >= 0.8, [(i["prompt"], i["answer"]) for i in base["items"] if not i["passed"]]
     print(f"general accuracy {base['accuracy']:.0%} in {elapsed:.1f} s, {base['tokens_per_s']} tok/s")
     some = load_eval_file(GENERAL_FILE)[:4]
-    one_by_one = chat.generate_batch(_conversations(settings, some), max_new_tokens=settings.eval.max_new_tokens, batch_size=1)
+    one_by_one = chat.generate_batch(question_conversations(settings, some), max_new_tokens=settings.eval.max_new_tokens, batch_size=1)
     assert one_by_one == [i["answer"] for i in base["items"][:4]]

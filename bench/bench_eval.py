@@ -37,7 +37,7 @@ def run(repeats: int, quick: bool) -> dict:
 def _run(home, repeats: int, quick: bool) -> dict:
     env = workspace_env(home)
     apply_env(env)
-    from continuous_learning.evaluate import _answer, _conversations, score_items
+    from continuous_learning.evaluate import answer_in_batches, question_conversations, score_items
     from continuous_learning.chat.models import ChatModel
     from continuous_learning.core.settings import load_settings
 
@@ -47,13 +47,13 @@ def _run(home, repeats: int, quick: bool) -> dict:
     if quick:
         settings = load_settings(overrides={"eval": {"max_new_tokens": new_tokens}})
     items = eval_items(count)
-    conversations = _conversations(settings, items)
+    conversations = question_conversations(settings, items)
     chat = ChatModel.load(settings)
     chat.generate_batch(conversations[:2], max_new_tokens=4, batch_size=2)  # warm-up
     batch_size = settings.eval.batch_size
 
     def ours() -> list[str]:
-        return _answer(chat, conversations, settings)[0]
+        return answer_in_batches(chat, conversations, settings)[0]
 
     def hf_batched() -> list[str]:
         return chat.generate_batch(conversations, max_new_tokens=new_tokens, batch_size=batch_size)
@@ -68,7 +68,7 @@ def _run(home, repeats: int, quick: bool) -> dict:
 
     profiler = Profiler(interval=0.005)
     profiler.start()
-    _answer(chat, conversations[: min(16, count)], settings)
+    answer_in_batches(chat, conversations[: min(16, count)], settings)
     profiler.stop()
 
     same = sum(a == b for a, b in zip(ours_out, base_out))

@@ -101,12 +101,12 @@ def _training(home, env: dict, repeats: int, quick: bool) -> dict:
 
 def _eval(repeats: int, quick: bool) -> dict:
     from .bench_eval import eval_items
-    from continuous_learning.evaluate import _answer, _conversations
+    from continuous_learning.evaluate import answer_in_batches, question_conversations
     from continuous_learning.chat.models import ChatModel
     from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
-    conversations = _conversations(settings, eval_items(8 if quick else 64))
+    conversations = question_conversations(settings, eval_items(8 if quick else 64))
     chat = ChatModel.load(settings)
     chat.generate_batch(conversations[:2], max_new_tokens=4, batch_size=2)
     ours_s, base_s = [], []
@@ -114,7 +114,7 @@ def _eval(repeats: int, quick: bool) -> dict:
         took, base_out = timed(lambda: chat.generate_batch(conversations, settings.eval.max_new_tokens,
                                                            settings.eval.batch_size))
         base_s.append(took)
-        took, ours_out = timed(lambda: _answer(chat, conversations, settings)[0])
+        took, ours_out = timed(lambda: answer_in_batches(chat, conversations, settings)[0])
         ours_s.append(took)
     return {"ours_s": ours_s, "hf_batched_s": base_s, "ratio": paired_ratios(base_s, ours_s),
             "same_answers": sum(a == b for a, b in zip(ours_out, base_out)), "prompts": len(conversations)}

@@ -108,7 +108,7 @@ def _run(home, repeats: int, quick: bool) -> dict:
 def _library_rollbacks(settings, runs: int) -> tuple[list[float], str]:
     from pyinstrument import Profiler
 
-    from continuous_learning.decisions import rollback_champion
+    from continuous_learning.registry import rollback_champion
 
     seconds = []
     profiler = Profiler(interval=0.0005)

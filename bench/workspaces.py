@@ -50,7 +50,7 @@ def apply_env(env: dict) -> None:
 def registry_with_promotions(settings, versions: int, adapter_bytes: int) -> list[str]:
     """`versions` adapters, each promoted in turn (so rollback has `versions` steps of history), each folder
     holding an adapter_config.json and a weights file of `adapter_bytes` with its sha256 recorded."""
-    from continuous_learning import decisions, registry
+    from continuous_learning import registry
     from continuous_learning.storage.store import atomic_write_json, ensure_dir
 
     doc = registry.load(settings)
@@ -64,6 +64,6 @@ def registry_with_promotions(settings, versions: int, adapter_bytes: int) -> lis
         digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
         doc["adapters"][version] = {"version": version, "status": "candidate", "path": f"adapters/{version}",
                                     "sha256": digests, "evals": [], "created_at": f"2026-01-01T00:00:{i % 60:02d}Z"}
-        decisions.promote(doc, version, "bench")
+        registry.promote(doc, version, "bench")
     registry.update(settings, lambda _: doc, "bench_setup", versions=versions)
     return names

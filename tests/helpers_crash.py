@@ -88,7 +88,7 @@ def hold(name: str) -> None:
 def flip(*versions: str) -> None:
     from continuous_learning import registry
     from continuous_learning.core.settings import load_settings
-    from continuous_learning.decisions import promote_version, rollback_champion
+    from continuous_learning.registry import promote_version, rollback_champion
 
     settings = load_settings()
     rng = random.Random()

@@ -9,7 +9,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from continuous_learning import cli, decisions, registry
+from continuous_learning import cli, registry
 from continuous_learning.capture.ingest import Recorder, Turn
 from continuous_learning.core.errors import CLError, InputError, NothingToDo, RegistryError
 from continuous_learning.core.records import Feedback
@@ -126,7 +126,7 @@ def test_promotion_decision_names_every_missing_condition():
 def ab_workspace(settings):
     fake_adapter(settings, "1.0.0")
     fake_adapter(settings, "1.1.0")
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     return settings
 
 
@@ -258,7 +258,7 @@ def test_chat_answers_each_session_from_its_arm(settings, tiny_model_dir):
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
     peft_adapter(settings, tiny_model_dir, "1.1.0", seed=2)
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     chat_model = ChatModel.load(settings)
 
     def session(inputs: list[str], session_id: str | None = None) -> tuple[ChatSession, str]:
@@ -319,7 +319,7 @@ def test_a_forget_that_taints_the_candidate_stops_it_serving_in_the_chat(setting
     peft_adapter(settings, tiny_model_dir, "1.1.0", seed=2)
     alice = hash_user_id("alice", b"test-salt")
     registry.update(settings, lambda d: d["adapters"]["1.1.0"].update(user_hashes=[alice]) or d, "test_lineage")
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     test = ab.start_test(settings, "1.1.0", traffic=0.5)
     forget = object()
     queue = ["hello", "5", forget, "again", "1", "/quit"]
@@ -348,7 +348,7 @@ def test_the_chat_never_serves_an_adapter_whose_files_changed(settings, tiny_mod
     from continuous_learning.storage.store import iter_jsonl
 
     peft_adapter(settings, tiny_model_dir, "1.0.0", seed=1)
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     with open(settings.adapters_dir / "1.0.0" / "adapter_model.safetensors", "ab") as weights:
         weights.write(b"\0" * 8)
     console = Console(record=True, width=200)

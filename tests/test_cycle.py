@@ -13,7 +13,7 @@ import pytest
 from test_ab import events, fake_adapter, invoke, record
 
 import continuous_learning
-from continuous_learning import decisions, registry
+from continuous_learning import registry
 from continuous_learning.core.errors import ConfigError, InputError
 from continuous_learning.core.settings import CycleConfig, load_settings
 from continuous_learning.loop import cycle, schedule
@@ -138,7 +138,7 @@ def test_full_cycle_trains_evaluates_and_is_idempotent(demo_workspace):
 def test_ab_and_health_steps_run_when_new_turns_arrive(settings):
     fake_adapter(settings, "1.0.0")
     fake_adapter(settings, "1.1.0")
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     ab.start_test(settings, "1.1.0", traffic=0.5)
     record(settings, "1.0.0", helpful=3, unhelpful=2, arm="champion")
     first = cycle.run_cycle(settings, ("ab", "health"))
@@ -164,7 +164,7 @@ def test_failed_step_is_reported_and_exits_1(settings):
     (settings.home / "data" / "ingestion").mkdir(parents=True)
     settings.raw_log.write_text('{"type": "interaction", "id": "x", "messages": [], "session_id": "s"}\n')
     fake_adapter(settings, "1.0.0")
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     (settings.home / "eval").mkdir()
     (settings.home / "eval" / "qa_eval.jsonl").write_text("this is not JSON\n")
     out = invoke("cycle", "--only", "eval")
@@ -300,7 +300,7 @@ def test_missing_crontab_is_one_clear_line(settings, monkeypatch, tmp_path):
 def test_cycle_promotes_an_ab_winner_only_when_configured(settings, monkeypatch):
     fake_adapter(settings, "1.0.0")
     fake_adapter(settings, "1.1.0")
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     test = ab.start_test(settings, "1.1.0", traffic=0.5)
     record(settings, "1.0.0", helpful=15, unhelpful=20, arm="champion")
     record(settings, "1.1.0", helpful=30, unhelpful=5, arm="candidate")

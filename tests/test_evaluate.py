@@ -9,8 +9,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from continuous_learning import decisions, registry
-from continuous_learning.decisions import GateRules, gate, mcnemar_gain, non_inferiority_p
+from continuous_learning import registry
 from continuous_learning.core.errors import InputError, NothingToDo, RegistryError
 from continuous_learning.evaluate import (
     GENERAL_FILE,
@@ -19,6 +18,7 @@ from continuous_learning.evaluate import (
     plan,
     score_answer,
 )
+from continuous_learning.evaluate.gate import GateRules, gate, mcnemar_gain, non_inferiority_p
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
@@ -207,9 +207,11 @@ def test_gate_promotes_on_a_significant_gain_without_forgetting():
 
 
 def test_gate_refuses_equal_accuracy_and_an_insignificant_gain():
-    same = gate(result([True, False] * 3, general=EVERYDAY), result([True, False] * 3, version=None, general=EVERYDAY), RULES)
+    same = gate(result([True, False] * 3, general=EVERYDAY),
+                result([True, False] * 3, version=None, general=EVERYDAY), RULES)
     assert not same.promote and "no significant gain" in same.summary
-    small = gate(result([True] * 3 + [False] * 3, general=EVERYDAY), result([False] * 6, version=None, general=EVERYDAY), RULES)
+    small = gate(result([True] * 3 + [False] * 3, general=EVERYDAY),
+                 result([False] * 6, version=None, general=EVERYDAY), RULES)
     assert not small.promote and small.stats["gain_p_value"] == pytest.approx(1 / 8)
 
 
@@ -218,18 +220,20 @@ def test_gate_refuses_a_gain_that_costs_everyday_answers():
     decision = gate(result([True] * 6, general=forgetful), result([False] * 6, version=None, general=EVERYDAY), RULES)
     assert not decision.promote
     assert decision.stats["general_lost"] == 2 and "not shown non-inferior" in decision.summary
-    one = gate(result([True] * 6, general=[False] + [True] * 50), result([False] * 6, version=None, general=EVERYDAY), RULES)
+    one = gate(result([True] * 6, general=[False] + [True] * 50),
+               result([False] * 6, version=None, general=EVERYDAY), RULES)
     assert one.promote
 
 
 def test_gate_with_too_few_questions_judges_the_held_out_loss():
-    lower = gate(result([True, True], eval_loss=1.0, general=EVERYDAY), result([False, False], version=None, eval_loss=2.0,
-                 general=EVERYDAY), RULES)
+    lower = gate(result([True, True], eval_loss=1.0, general=EVERYDAY),
+                 result([False, False], version=None, eval_loss=2.0, general=EVERYDAY), RULES)
     assert lower.promote and "held-out loss 2.000 -> 1.000" in lower.summary
-    flat = gate(result([True, True], eval_loss=1.98, general=EVERYDAY), result([False, False], version=None, eval_loss=2.0,
-                general=EVERYDAY), RULES)
+    flat = gate(result([True, True], eval_loss=1.98, general=EVERYDAY),
+                result([False, False], version=None, eval_loss=2.0, general=EVERYDAY), RULES)
     assert not flat.promote
-    unknown = gate(result([True, True], general=EVERYDAY), result([False, False], version=None, general=EVERYDAY), RULES)
+    unknown = gate(result([True, True], general=EVERYDAY),
+                   result([False, False], version=None, general=EVERYDAY), RULES)
     assert not unknown.promote and "no held-out loss" in unknown.summary
 
 
@@ -253,8 +257,8 @@ def doc_with(*statuses: tuple[str, str]) -> dict:
 
 
 def test_promote_archives_the_old_champion_and_records_history():
-    doc = decisions.promote(doc_with(("1.0.0", "candidate"), ("1.1.0", "candidate")), "1.0.0", "first")
-    doc = decisions.promote(doc, "1.1.0", "better", forced=True)
+    doc = registry.promote(doc_with(("1.0.0", "candidate"), ("1.1.0", "candidate")), "1.0.0", "first")
+    doc = registry.promote(doc, "1.1.0", "better", forced=True)
     assert doc["champion"] == "1.1.0"
     assert doc["adapters"]["1.0.0"]["status"] == "archived"
     assert doc["adapters"]["1.1.0"]["status"] == "champion"
@@ -268,70 +272,71 @@ def test_promote_archives_the_old_champion_and_records_history():
 @pytest.mark.parametrize("status", ["failed", "tainted"])
 def test_unusable_adapters_are_never_promoted(status):
     with pytest.raises(RegistryError, match=status):
-        decisions.promote(doc_with(("1.0.0", status)), "1.0.0", "x", forced=True)
+        registry.promote(doc_with(("1.0.0", status)), "1.0.0", "x", forced=True)
 
 
 def test_promote_unknown_or_current_champion():
     doc = doc_with(("1.0.0", "candidate"))
     with pytest.raises(RegistryError, match="no adapter version '9.9.9'"):
-        decisions.promote(doc, "9.9.9", "x")
-    doc = decisions.promote(doc, "1.0.0", "x")
+        registry.promote(doc, "9.9.9", "x")
+    doc = registry.promote(doc, "1.0.0", "x")
     with pytest.raises(NothingToDo):
-        decisions.promote(doc, "1.0.0", "x")
+        registry.promote(doc, "1.0.0", "x")
 
 
 def three_promotions() -> dict:
     doc = doc_with(("1.0.0", "candidate"), ("1.1.0", "candidate"), ("1.2.0", "candidate"))
     for version in ("1.0.0", "1.1.0", "1.2.0"):
-        doc = decisions.promote(doc, version, "gate")
+        doc = registry.promote(doc, version, "gate")
     return doc
 
 
 def test_rollback_steps_follow_the_promotion_history():
     doc = three_promotions()
-    assert decisions.champion_lineage(doc) == ["1.1.0", "1.0.0", None]
-    assert decisions.rollback(json.loads(json.dumps(doc)), steps=1)["champion"] == "1.1.0"
-    assert decisions.rollback(json.loads(json.dumps(doc)), steps=2)["champion"] == "1.0.0"
-    to_base = decisions.rollback(json.loads(json.dumps(doc)), steps=3)
+    assert registry.champion_lineage(doc) == ["1.1.0", "1.0.0", None]
+    assert registry.rollback(json.loads(json.dumps(doc)), steps=1)["champion"] == "1.1.0"
+    assert registry.rollback(json.loads(json.dumps(doc)), steps=2)["champion"] == "1.0.0"
+    to_base = registry.rollback(json.loads(json.dumps(doc)), steps=3)
     assert to_base["champion"] is None and to_base["adapters"]["1.2.0"]["status"] == "archived"
     with pytest.raises(RegistryError, match="only 3 step"):
-        decisions.rollback(doc, steps=4)
+        registry.rollback(doc, steps=4)
 
 
 def test_repeated_rollbacks_walk_back_to_the_base():
     doc = three_promotions()
     for expected in ("1.1.0", "1.0.0", None):
-        doc = decisions.rollback(doc)
+        doc = registry.rollback(doc)
         assert doc["champion"] == expected
     assert [h["action"] for h in doc["history"]] == ["promote"] * 3 + ["rollback"] * 3
     with pytest.raises(RegistryError, match="no champion to roll back"):
-        decisions.rollback(doc)
+        registry.rollback(doc)
 
 
 def test_rollback_to_a_version_or_base():
-    doc = decisions.rollback(three_promotions(), to="1.0.0", reason="bad answers")
+    doc = registry.rollback(three_promotions(), to="1.0.0", reason="bad answers")
     assert doc["champion"] == "1.0.0" and doc["adapters"]["1.0.0"]["status"] == "champion"
-    assert doc["history"][-1] == {**doc["history"][-1], "action": "rollback", "from": "1.2.0", "to": "1.0.0", "reason": "bad answers"}
-    assert decisions.rollback(doc, to="base")["champion"] is None
+    assert doc["history"][-1] == {**doc["history"][-1], "action": "rollback", "from": "1.2.0", "to": "1.0.0",
+                                  "reason": "bad answers"}
+    assert registry.rollback(doc, to="base")["champion"] is None
 
 
 def test_rollback_refuses_unusable_or_unknown_targets():
     doc = three_promotions()
     doc["adapters"]["1.1.0"]["status"] = "tainted"
     with pytest.raises(RegistryError, match="tainted"):
-        decisions.rollback(doc, steps=1)
+        registry.rollback(doc, steps=1)
     with pytest.raises(RegistryError, match="tainted"):
-        decisions.rollback(doc, to="1.1.0")
+        registry.rollback(doc, to="1.1.0")
     with pytest.raises(RegistryError, match="no adapter version"):
-        decisions.rollback(doc, to="7.0.0")
+        registry.rollback(doc, to="7.0.0")
     with pytest.raises(NothingToDo):
-        decisions.rollback(doc, to="1.2.0")
+        registry.rollback(doc, to="1.2.0")
 
 
 def test_record_eval_keeps_every_result():
-    doc = decisions.record_eval(doc_with(("1.0.0", "candidate")), "1.0.0", {"accuracy": 0.5})
-    doc = decisions.record_eval(doc, "1.0.0", {"accuracy": 0.75})
-    doc = decisions.record_eval(doc, None, {"accuracy": 0.25})
+    doc = registry.record_eval(doc_with(("1.0.0", "candidate")), "1.0.0", {"accuracy": 0.5})
+    doc = registry.record_eval(doc, "1.0.0", {"accuracy": 0.75})
+    doc = registry.record_eval(doc, None, {"accuracy": 0.25})
     assert [e["accuracy"] for e in doc["adapters"]["1.0.0"]["evals"]] == [0.5, 0.75]
     assert doc["base_evals"] == [{"accuracy": 0.25}]
     registry.validate(doc)
@@ -369,7 +374,8 @@ def make_adapter(settings, version: str, seed: int, parent: str | None = None, s
         "base_model": {"name": base.name, "sha256": base.sha256},
         "snapshot": {"id": snapshot, "sha256": "0" * 64} if snapshot else None, "parent": parent,
         "hyperparameters": {"lora_r": 4, "learning_rate": 5e-4}, "library_versions": {"peft": "test"},
-        "sha256": {name: file_sha256(folder / name) for name in files}, "metrics": {"train_loss": 1.5}, "note": f"adapter {version}",
+        "sha256": {name: file_sha256(folder / name) for name in files}, "metrics": {"train_loss": 1.5},
+        "note": f"adapter {version}",
     }
     registry.update(settings, lambda d: registry.register_adapter(d, entry), "register", version=version)
     return folder
@@ -393,16 +399,16 @@ def events(settings) -> list[dict]:
 
 
 def test_rollback_checks_sha256_before_moving_the_pointer(settings, two_adapters):
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
-    decisions.promote_version(settings, "1.1.0", "second", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.1.0", "second", forced=True)
     weights = settings.adapters_dir / "1.0.0" / "adapter_model.safetensors"
     original = weights.read_bytes()
     weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
     with pytest.raises(RegistryError, match="does not match its recorded sha256"):
-        decisions.rollback_champion(settings)
+        registry.rollback_champion(settings)
     assert registry.load(settings)["champion"] == "1.1.0"
     weights.write_bytes(original)
-    moved = decisions.rollback_champion(settings, reason="regression")
+    moved = registry.rollback_champion(settings, reason="regression")
     assert (moved["from"], moved["to"]) == ("1.1.0", "1.0.0")
     assert isinstance(moved["seconds"], float) and moved["seconds"] >= 0  # its speed: bench/bench_rollback.py
     doc = registry.load(settings)
@@ -414,12 +420,12 @@ def test_rollback_checks_sha256_before_moving_the_pointer(settings, two_adapters
 def test_rollback_refuses_a_missing_folder_and_allows_the_base(settings, two_adapters):
     import shutil
 
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
-    decisions.promote_version(settings, "1.1.0", "second", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.1.0", "second", forced=True)
     shutil.rmtree(settings.adapters_dir / "1.0.0")
     with pytest.raises(RegistryError, match="folder .* is missing"):
-        decisions.rollback_champion(settings)
-    assert decisions.rollback_champion(settings, to="base")["to"] is None
+        registry.rollback_champion(settings)
+    assert registry.rollback_champion(settings, to="base")["to"] is None
     assert registry.load(settings)["champion"] is None
 
 
@@ -432,7 +438,8 @@ def test_evaluate_versions_loads_the_base_once(settings, two_adapters, fast_eval
     loads = []
     real_load = models.ChatModel.load.__func__
     monkeypatch.setattr(models.ChatModel, "load", classmethod(lambda cls, s: loads.append(1) or real_load(cls, s)))
-    eval_file = write_lines(settings.eval_dir / "qa_eval.jsonl", [{"prompt": f"Question {i}?", "keywords": ["zzqx"]} for i in range(4)])
+    eval_file = write_lines(settings.eval_dir / "qa_eval.jsonl",
+                            [{"prompt": f"Question {i}?", "keywords": ["zzqx"]} for i in range(4)])
     results = evaluate.evaluate_versions(settings, ["1.1.0", "1.0.0", "base"], include_general=False)
     assert len(loads) == 1
     assert [r["label"] for r in results] == ["1.1.0", "1.0.0", "base"]
@@ -453,13 +460,16 @@ def test_held_out_loss_on_a_snapshot(settings, fast_eval):
     settings = load_settings()
     make_adapter(settings, "1.0.0", seed=1, snapshot="snap-1")
     held_out = settings.curated_dir / "curated_1_eval.jsonl"
-    write_lines(held_out, [{"messages": [{"role": "user", "content": "Where is lot A-17?"}, {"role": "assistant", "content": "In hall 3."}]}])
-    registry.update(settings, lambda d: registry.add_snapshot(d, {"id": "snap-1", "eval_file": "data/curated/curated_1_eval.jsonl"}), "snapshot")
+    write_lines(held_out, [{"messages": [{"role": "user", "content": "Where is lot A-17?"},
+                                         {"role": "assistant", "content": "In hall 3."}]}])
+    snapshot = {"id": "snap-1", "eval_file": "data/curated/curated_1_eval.jsonl"}
+    registry.update(settings, lambda d: registry.add_snapshot(d, snapshot), "snapshot")
     write_lines(settings.eval_dir / "qa_eval.jsonl", [{"prompt": "Where is lot A-17?", "keywords": ["hall 3"]}])
     report = evaluate.evaluate_and_gate(settings, "1.0.0", promote=False, include_general=False)
     subject, base = report["subject"], report["against"]
     assert subject["snapshot"] == "snap-1" and base["snapshot"] == "snap-1"
-    assert math.isfinite(subject["eval_loss"]) and subject["perplexity"] == pytest.approx(math.exp(subject["eval_loss"]))
+    assert math.isfinite(subject["eval_loss"])
+    assert subject["perplexity"] == pytest.approx(math.exp(subject["eval_loss"]))
     assert subject["eval_loss"] != pytest.approx(base["eval_loss"])
 
 
@@ -517,7 +527,8 @@ def discriminating_eval(answers: dict[str, str], winner: str, loser: str) -> lis
             lines.append({"prompt": prompt, "keywords": [words[0]]})
         else:
             extra = [w for w in bad.split() if w.casefold() not in good.casefold()]
-            lines.append({"prompt": prompt, "keywords": [good.split()[0] if good.split() else "zzqx"], "forbidden": extra[:1] or ["zzqx"]})
+            lines.append({"prompt": prompt, "keywords": [good.split()[0] if good.split() else "zzqx"],
+                          "forbidden": extra[:1] or ["zzqx"]})
     return lines
 
 
@@ -526,14 +537,16 @@ def test_cl_eval_gates_and_promotes_end_to_end(settings, two_adapters, fast_eval
     prompts = ["What is in hall 3?", "Who checks lot B-2?", "When is the shift change?", "Where is pump P-4?",
                "Which line makes part QX-17?", "What torque does the Vanta bolt need?"]
     write_lines(eval_path, [{"prompt": p, "keywords": ["zzqx"]} for p in prompts])
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
 
     probe = cl("eval", "--json", "--no-promote", "--no-general")
     assert probe.exit_code == 0, probe.output
     report = json.loads(probe.stdout)
     assert (report["subject"]["label"], report["against"]["label"]) == ("1.1.0", "1.0.0")
-    said = {v: {i["prompt"]: i["answer"] for i in report[k]["items"]} for k, v in (("subject", "1.1.0"), ("against", "1.0.0"))}
-    write_lines(eval_path, discriminating_eval({p: (said["1.1.0"][p], said["1.0.0"][p]) for p in prompts}, "1.1.0", "1.0.0"))
+    said = {v: {i["prompt"]: i["answer"] for i in report[k]["items"]}
+            for k, v in (("subject", "1.1.0"), ("against", "1.0.0"))}
+    answers = {p: (said["1.1.0"][p], said["1.0.0"][p]) for p in prompts}
+    write_lines(eval_path, discriminating_eval(answers, "1.1.0", "1.0.0"))
 
     run = cl("eval")
     assert run.exit_code == 0, run.output
@@ -567,10 +580,11 @@ def test_cl_eval_keeps_a_worse_candidate(settings, two_adapters, fast_eval):
     eval_path = settings.eval_dir / "qa_eval.jsonl"
     prompts = ["Where is the spare valve?", "What torque for part P-9?"]
     write_lines(eval_path, [{"prompt": p, "keywords": ["zzqx"]} for p in prompts])
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     report = json.loads(cl("eval", "--json", "--no-promote", "--no-general").stdout)
     said = {k: {i["prompt"]: i["answer"] for i in report[k]["items"]} for k in ("subject", "against")}
-    write_lines(eval_path, discriminating_eval({p: (said["against"][p], said["subject"][p]) for p in prompts}, "1.0.0", "1.1.0"))
+    answers = {p: (said["against"][p], said["subject"][p]) for p in prompts}
+    write_lines(eval_path, discriminating_eval(answers, "1.0.0", "1.1.0"))
     run = cl("eval", "--no-general")
     assert run.exit_code == 0, run.output
     assert "keep as candidate" in run.output and "1.1.0 is not promoted over 1.0.0" in " ".join(run.output.split())
@@ -583,7 +597,7 @@ def test_cl_promote_and_errors(settings, two_adapters):
     assert ok.exit_code == 0 and "champion: base -> 1.1.0" in ok.output
     assert registry.load(settings)["history"][-1]["forced"] is True
     with pytest.raises(RegistryError, match="champion changed"):  # a gate compared against the base: stale now
-        decisions.promote_version(settings, "1.0.0", "gate", expected_champion=None)
+        registry.promote_version(settings, "1.0.0", "gate", expected_champion=None)
     missing = cl("eval", "--no-general")
     assert missing.exit_code == 2 and "no eval file" in missing.output and '"keywords"' in missing.output
     assert cl("promote", "4.0.0").exit_code == 4
@@ -604,9 +618,9 @@ def test_rollback_path_does_not_import_torch(workspace):
 # --- the real bundled model ------------------------------------------------------------------------------
 @pytest.mark.real_model
 def test_real_model_answers_the_general_set(real_workspace):
-    from continuous_learning.evaluate import _conversations, evaluate_versions
     from continuous_learning.chat.models import ChatModel
     from continuous_learning.core.settings import load_settings
+    from continuous_learning.evaluate import evaluate_versions, question_conversations
 
     settings = load_settings()
     chat = ChatModel.load(settings)
@@ -616,5 +630,6 @@ def test_real_model_answers_the_general_set(real_workspace):
     assert base["accuracy"] >= 0.8, [(i["prompt"], i["answer"]) for i in base["items"] if not i["passed"]]
     print(f"general accuracy {base['accuracy']:.0%} in {elapsed:.1f} s, {base['tokens_per_s']} tok/s")
     some = load_eval_file(GENERAL_FILE)[:4]
-    one_by_one = chat.generate_batch(_conversations(settings, some), max_new_tokens=settings.eval.max_new_tokens, batch_size=1)
+    one_by_one = chat.generate_batch(question_conversations(settings, some),
+                                     max_new_tokens=settings.eval.max_new_tokens, batch_size=1)
     assert one_by_one == [i["answer"] for i in base["items"][:4]]

@@ -5,7 +5,7 @@ import orjson
 import pytest
 from test_ab import events, fake_adapter, invoke, record
 
-from continuous_learning import decisions, registry
+from continuous_learning import registry
 from continuous_learning.core.settings import HealthConfig
 from continuous_learning.monitor.ab import Tally, two_proportion_z
 from continuous_learning.monitor.health import DEGRADED, INSUFFICIENT, OK, check_health, health_decision
@@ -40,9 +40,9 @@ def test_decision_insufficient_below_min_samples():
 def promoted_twice(settings):
     fake_adapter(settings, "1.0.0")
     fake_adapter(settings, "1.1.0")
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     record(settings, "1.0.0", helpful=32, unhelpful=8)  # 80% helpful while it was champion
-    decisions.promote_version(settings, "1.1.0", "gate", forced=False)
+    registry.promote_version(settings, "1.1.0", "gate", forced=False)
     return settings
 
 

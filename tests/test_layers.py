@@ -10,12 +10,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "continuous_learning"
 
-# Lowest floor first. The five top-level modules of the training work sit on the floor of the package they will
-# move into (decisions -> registry; curate, train, rehearsal, evaluate beside export).
+# Lowest floor first. The top-level modules of the training work sit on the floor of the package they will
+# move into (curate, train, rehearsal beside evaluate and export).
 FLOORS = [
     {"core"},
     {"storage"},
-    {"registry", "decisions"},
+    {"registry"},
     {"monitor"},  # A/B state is read by capture (forget stops a tainted test) and chat (which arm serves)
     {"capture"},
     {"chat"},

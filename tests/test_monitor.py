@@ -11,7 +11,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from continuous_learning import cli, decisions, registry
+from continuous_learning import cli, registry
 from continuous_learning.capture.ingest import update_feedback_counters
 from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
 from continuous_learning.core.settings import load_settings
@@ -65,7 +65,7 @@ def add_adapter(settings, version: str, status: str, accuracy: float, losses: li
     store.atomic_write_jsonl(settings.adapters_dir / version / "metrics.jsonl",
                              [{"step": i + 1, "loss": loss, "lr": 1e-4, "tokens_per_s": 100.0} for i,
                               loss in enumerate(losses)])
-    decisions.record_eval_result(settings, version, {"accuracy": accuracy, "general_accuracy": 0.9})
+    registry.record_eval_result(settings, version, {"accuracy": accuracy, "general_accuracy": 0.9})
 
 
 @pytest.fixture
@@ -82,9 +82,9 @@ def populated(settings):
     add_adapter(settings, "1.0.0", "candidate", 0.5, [2.0, 1.5, 1.2])
     add_adapter(settings, "1.1.0", "candidate", 0.75, [1.9, 1.1, 0.8, 0.6])
     add_adapter(settings, "1.2.0", "candidate", 0.8, [1.8, 1.0])
-    registry.update(settings, lambda d: decisions.promote(d, "1.0.0", "test"), "promote", reason="test",
+    registry.update(settings, lambda d: registry.promote(d, "1.0.0", "test"), "promote", reason="test",
                     **{"from": None, "to": "1.0.0"})
-    registry.update(settings, lambda d: decisions.promote(d, "1.1.0", "test"), "promote", reason="test",
+    registry.update(settings, lambda d: registry.promote(d, "1.1.0", "test"), "promote", reason="test",
                     **{"from": "1.0.0", "to": "1.1.0"})
     registry.log_event(settings, "drift", status="warn", worst_feature="prompt_chars")
     registry.log_event(settings, "cycle", ran=["curate", "drift"], failed=[], nothing_due=False)

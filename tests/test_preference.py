@@ -194,7 +194,7 @@ def test_unknown_objective_is_refused_before_anything_heavy(settings):
 
 # --- evaluation and the gate ----------------------------------------------------------------------------------
 def test_gate_refuses_a_candidate_that_made_rejected_answers_more_likely():
-    from continuous_learning.decisions import gate
+    from continuous_learning.evaluate.gate import gate
     from tests.test_evaluate import EVERYDAY, RULES, result
 
     def with_rejected(res: dict, loglik: float | None) -> dict:

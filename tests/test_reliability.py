@@ -465,7 +465,7 @@ def champions_consistent(doc: dict) -> None:
 
 
 def test_kill9_during_promote_and_rollback_keeps_one_valid_champion(tmp_path):
-    from continuous_learning.decisions import verify_adapter_files
+    from continuous_learning.registry import verify_adapter_files
 
     rng = random.Random(SEED + 6)
     home = tmp_path / "ws"
@@ -541,7 +541,7 @@ def registry_hash(user: str) -> str:
 
 def test_kill9_during_train_registers_nothing_half_made(workspace, monkeypatch):
     from continuous_learning.curate import run_curate
-    from continuous_learning.decisions import verify_adapter_files
+    from continuous_learning.registry import verify_adapter_files
     from continuous_learning.train import run_training
 
     rng = random.Random(SEED + 8)

@@ -15,7 +15,7 @@ import orjson
 import pytest
 from typer.testing import CliRunner
 
-from continuous_learning import cli, decisions, registry
+from continuous_learning import cli, registry
 from continuous_learning.capture.privacy import hash_user_id
 from continuous_learning.core.settings import load_settings
 from continuous_learning.serve.app import bind_socket, make_server
@@ -354,12 +354,12 @@ def make_adapter(settings, version: str, seed: int) -> None:
 def test_promotion_and_rollback_take_effect_on_the_next_request(settings):
     make_adapter(settings, "1.0.0", seed=1)
     make_adapter(settings, "1.1.0", seed=2)
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     with running(admin_token=TOKEN) as (url, _):
         api = client(url)
         assert [m.id for m in api.models.list().data] == ["champion", "base", "1.0.0", "1.1.0"]
         assert api.chat.completions.create(model="champion", messages=QUESTION, max_tokens=3).model == "1.0.0"
-        decisions.promote_version(settings, "1.1.0", "second", forced=True)  # e.g. `cl promote` in another shell
+        registry.promote_version(settings, "1.1.0", "second", forced=True)  # e.g. `cl promote` in another shell
         assert api.chat.completions.create(model="champion", messages=QUESTION, max_tokens=3).model == "1.1.0"
         assert api.chat.completions.create(model="base", messages=QUESTION, max_tokens=3).model == "base"
         moved = httpx.post(f"{url}/admin/rollback", json={"reason": "regression"},
@@ -620,7 +620,7 @@ def test_a_running_service_drops_a_forgotten_user_at_once(settings):
     make_adapter(settings, "1.0.0", seed=1)
     alice = hash_user_id("alice", b"test-salt")
     registry.update(settings, lambda d: d["adapters"]["1.0.0"].update(user_hashes=[alice]) or d, "test_lineage")
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     with running() as (url, service):
         api = client(url)
         hers = api.chat.completions.create(model="champion", max_tokens=2, user="alice",
@@ -647,7 +647,7 @@ def test_a_running_service_drops_a_forgotten_user_at_once(settings):
 
 def test_the_service_refuses_an_adapter_changed_behind_the_registry(settings):
     make_adapter(settings, "1.0.0", seed=1)
-    decisions.promote_version(settings, "1.0.0", "first", forced=True)
+    registry.promote_version(settings, "1.0.0", "first", forced=True)
     with open(settings.adapters_dir / "1.0.0" / "adapter_model.safetensors", "ab") as weights:
         weights.write(b"\0" * 16)  # changed after it was registered
     with running() as (url, _):

@@ -29,7 +29,7 @@ from .. import registry
 from ..core.errors import InputError
 from ..core.records import FEEDBACK, INTERACTION, Feedback, FeedbackEvent, Interaction, parse_time, utc_now
 from ..core.settings import Settings
-from ..decisions import UNUSABLE, champion_lineage
+from ..registry import UNUSABLE, champion_lineage
 from ..storage.crypto import cipher_from_env, open_messages
 from ..storage.keys import hash_user_id, load_salt
 from ..storage.store import (

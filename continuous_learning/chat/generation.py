@@ -80,7 +80,7 @@ class ChatModel:
         recorded (RegistryError when they differ), so a chat, the service or an A/B arm never answers with
         weights that changed behind the registry's back. Versions already loaded were checked when they were."""
         if version is not None and version not in self.adapters:
-            from ..decisions import verify_adapter_files
+            from ..registry import verify_adapter_files
 
             entry = doc["adapters"].get(version)
             if entry is None:

@@ -564,7 +564,7 @@ def promote_cmd(
     reason: str = typer.Option("manual promotion", "--reason", help="Why (kept in the history)."),
 ) -> None:
     """Make VERSION the champion now, without the gate (its files are still checked)."""
-    from ..decisions import label, promote_version
+    from ..registry import label, promote_version
 
     moved = promote_version(settings_from(ctx), version, reason, forced=True)
     console.print(f"champion: {label(moved['from'])} -> {label(moved['to'])}")
@@ -579,7 +579,7 @@ def rollback_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Move the champion pointer back (the target's files are checked against their sha256 first)."""
-    from ..decisions import label, rollback_champion
+    from ..registry import label, rollback_champion
 
     moved = rollback_champion(settings_from(ctx), steps=steps, to=to, reason=reason)
     if as_json:
@@ -597,7 +597,7 @@ app.add_typer(adapters_app, name="adapters")
 
 
 def _adapter_rows(doc: dict) -> list[dict]:
-    from ..decisions import latest_eval, sorted_versions
+    from ..registry import latest_eval, sorted_versions
 
     rows = []
     for version in sorted_versions(doc):
@@ -648,7 +648,7 @@ def adapters_show_cmd(
 ) -> None:
     """One adapter's lineage: base model, snapshot, parent chain, hyperparameters, metrics and evals."""
     from .. import registry
-    from ..decisions import adapter
+    from ..registry import adapter
 
     doc = registry.load(settings_from(ctx))
     entry = adapter(doc, version)
@@ -760,7 +760,7 @@ def forget_cmd(
         console.print(f"deleted the weights of {', '.join(report.weights_deleted) or '-'}; discarded "
                       f"{len(report.partial_runs_discarded)} unfinished training run(s)")
     if report.champion_move:
-        from ..decisions import label
+        from ..registry import label
 
         move = report.champion_move
         console.print(f"champion: {label(move['from'])} -> {label(move['to'])} (the old one was trained on this user's "

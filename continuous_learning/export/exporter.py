@@ -75,7 +75,7 @@ class Source:
 # --- choosing and checking what to export --------------------------------------------------------------------------
 def resolve_source(settings: Settings, doc: dict, requested: str) -> Source:
     """VERSION, 'champion' or 'base' -> a Source whose adapter files matched their recorded sha256."""
-    from ..decisions import adapter, verify_adapter_files
+    from ..registry import adapter, verify_adapter_files
 
     if requested == "base":
         return Source("base", None, None)

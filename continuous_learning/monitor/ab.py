@@ -174,7 +174,7 @@ def running_test(settings: Settings) -> dict | None:
 def can_serve(test: dict | None, doc: dict) -> bool:
     """Whether a running test's candidate may still answer: registered and neither failed nor tainted (a forget
     that taints it also stops the test; this guards the moments in between and hand-edited state files)."""
-    from ..decisions import UNUSABLE
+    from ..registry import UNUSABLE
 
     if not test or test.get("status") != RUNNING:
         return False
@@ -202,7 +202,7 @@ def check_candidate(doc: dict, candidate: str) -> None:
 
 def start_test(settings: Settings, candidate: str, traffic: float | None = None) -> dict:
     """Start routing `traffic` of new chat sessions to `candidate`. Refuses while another test runs."""
-    from ..decisions import verify_adapter_files
+    from ..registry import verify_adapter_files
 
     traffic = settings.ab.traffic if traffic is None else traffic
     if not 0 < traffic < 1:
@@ -270,7 +270,7 @@ def stop_test(settings: Settings, promote: bool = False) -> dict:
 
 
 def _promote(settings: Settings, test: dict, reason: str) -> dict:
-    from ..decisions import promote_version
+    from ..registry import promote_version
 
     return promote_version(settings, test["candidate"], reason, forced=False, expected_champion=test["champion"])
 

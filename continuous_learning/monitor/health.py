@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .. import registry
 from ..core.settings import HealthConfig, Settings
-from ..decisions import BASE, UNUSABLE, champion_lineage, label, rollback_champion
+from ..registry import BASE, UNUSABLE, champion_lineage, label, rollback_champion
 from .ab import Tally, rated_tallies, two_proportion_z
 
 OK, DEGRADED, INSUFFICIENT, NO_CHAMPION = "ok", "degraded", "insufficient", "no_champion"

@@ -44,7 +44,7 @@ def loss_history(settings: Settings, entry: dict) -> list[tuple[int, float]]:
 
 def eval_points(doc: dict) -> list[tuple[str, float, float | None]]:
     """(label, keyword accuracy, general accuracy) of the latest eval of the base model and every adapter."""
-    from ..decisions import latest_eval, sorted_versions
+    from ..registry import latest_eval, sorted_versions
 
     points = []
     base = (doc.get("base_evals") or [None])[-1]

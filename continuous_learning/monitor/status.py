@@ -191,7 +191,7 @@ def _details(event: dict) -> dict:
 
 # --- the registry ---------------------------------------------------------------------------------------
 def adapters_summary(doc: dict, feedback: dict[str, dict]) -> list[dict]:
-    from ..decisions import latest_eval, sorted_versions
+    from ..registry import latest_eval, sorted_versions
 
     rows = []
     for version in sorted_versions(doc):

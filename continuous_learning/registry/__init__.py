@@ -1,7 +1,9 @@
 """The registry: `adapters/registry.json`, the only shared mutable state (snapshots, adapter versions, the
 champion pointer and its history), with its schema checks and ordered migrations (`document`), typed read-only
-views (`views`) and the one file digest (`integrity`). Stands on core and storage. Promotion and rollback rules live in
-`continuous_learning.decisions` for now."""
+views (`views`), the one file digest (`integrity`), the pure champion transitions (`transitions`: promote, roll
+back, record an eval) and their application under the lock after the adapter's files are checked (`champion`).
+Stands on core and storage. The statistical promotion gate lives in `continuous_learning.evaluate.gate`."""
+from .champion import promote_version, record_eval_result, rollback_champion, verify_adapter_files
 from .document import (
                        ADAPTER_MARKERS,
                        ADAPTER_STATUSES,
@@ -28,10 +30,28 @@ from .document import (
                        validate,
 )
 from .integrity import file_sha256
+from .transitions import (
+                       BASE,
+                       UNUSABLE,
+                       adapter,
+                       champion_lineage,
+                       label,
+                       latest_eval,
+                       move_champion,
+                       newest_candidate,
+                       promote,
+                       record_eval,
+                       rollback,
+                       rollback_target,
+                       sorted_versions,
+)
 from .views import Adapter, Snapshot, adapter_view, adapters, champion, snapshots
 
 __all__ = ["ADAPTER_MARKERS", "ADAPTER_STATUSES", "FIX", "MIGRATIONS", "REGISTRY_SCHEMA_VERSION", "SNAPSHOT_FILE",
            "VERSION_DIR", "add_snapshot", "champion_entry", "confined", "empty_registry", "find_snapshot",
            "latest_snapshot", "load", "locked", "log_event", "migrate", "next_version", "refuse_if_lost",
            "register_adapter", "unregistered_evidence", "update", "validate",
-           "Adapter", "Snapshot", "adapter_view", "adapters", "champion", "file_sha256", "snapshots"]
+           "Adapter", "Snapshot", "adapter_view", "adapters", "champion", "file_sha256", "snapshots",
+           "BASE", "UNUSABLE", "adapter", "champion_lineage", "label", "latest_eval", "move_champion",
+           "newest_candidate", "promote", "record_eval", "rollback", "rollback_target", "sorted_versions",
+           "promote_version", "record_eval_result", "rollback_champion", "verify_adapter_files"]

@@ -24,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from ..capture.ingest import Recorder
 from ..core.errors import CLError, ConfigError, InputError
 from ..core.records import Interaction
-from ..decisions import rollback_champion
+from ..registry import rollback_champion
 from ..storage.store import file_lock
 from .schemas import (
     ApiError,

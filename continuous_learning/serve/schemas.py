@@ -28,8 +28,8 @@ from ..core.errors import (
 )
 from ..core.records import Feedback, new_id
 from ..core.settings import Settings
-from ..decisions import BASE, UNUSABLE, sorted_versions
 from ..loop.jobs import JobConflict
+from ..registry import BASE, UNUSABLE, sorted_versions
 from ..storage.keys import workspace_secret
 
 CHAMPION = "champion"

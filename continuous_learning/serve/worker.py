@@ -20,9 +20,9 @@ from ..chat.models import ChatModel, GenerationStats, RepetitionControl
 from ..core.errors import CLError, ConfigError, InputError
 from ..core.records import Interaction
 from ..core.settings import Settings
-from ..decisions import sorted_versions
 from ..loop.jobs import JobManager
 from ..monitor.status import collect_status
+from ..registry import sorted_versions
 from ..storage import keys
 from ..storage.crypto import cipher_from_env
 from ..storage.keys import secrets_problem

@@ -1,0 +1,194 @@
+"""Evaluating adapter versions on the same prompts: the base model is loaded once, each version selected in turn
+(its files checked first), its answers scored, and parts already scored under the same context reused."""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import orjson
+
+from .. import registry
+from ..core.errors import InputError, RegistryError
+from ..core.records import utc_now
+from ..core.settings import Settings
+from ..registry import BASE, label
+from ..storage.store import atomic_write_json, read_json
+from .generation import answer_in_batches, question_conversations, timing_summary
+from .heldout import held_out_loss
+from .likelihoods import preference_answers, preference_likelihoods
+from .questions import GENERAL_FILE, file_info, general_file, load_eval_file, target_set
+from .scoring import score_items
+from .snapshots import load_messages_file, snapshot_eval_path
+
+Progress = Callable[[str], None]
+SCORED_KEYS = ("accuracy", "passed", "total", "items")  # what a scored part holds
+SCORER = 2  # bump when scoring or decoding changes: earlier results are then not reused
+
+
+def result_context(settings: Settings, base_sha256: str) -> dict:
+    """What an answer depends on besides the version and the questions: results agree on it to be reused."""
+    return {"base_sha256": base_sha256, "system_prompt": settings.chat.system_prompt,
+            "max_new_tokens": settings.eval.max_new_tokens, "scorer": SCORER}
+
+
+def earlier_part(doc: dict, version: str | None, context: dict, part: str, sha256: str) -> dict | None:
+    """The scored `part` ("target" or "general") of an earlier result of `version` on the same questions under the
+    same context, from the registry; None when there is none. Greedy answers of the same weights do not change."""
+    results = doc.get("base_evals", []) if version is None else doc["adapters"][version].get("evals", [])
+    for result in reversed(results):
+        if not isinstance(result, dict) or result.get("context") != context:
+            continue
+        if part == "target" and (result.get("eval_file") or {}).get("sha256") == sha256:
+            return {k: result[k] for k in SCORED_KEYS}
+        if part == "general" and (result.get("general") or {}).get("sha256") == sha256:
+            return {k: result["general"][k] for k in SCORED_KEYS}
+    return None
+
+
+def _machine_cache(settings: Settings, context: dict, sha256: str) -> Path:
+    """The base model's answers to the SHIPPED everyday set are the same in every workspace: kept once per cache."""
+    key = hashlib.sha256(orjson.dumps([context, sha256])).hexdigest()[:20]
+    return settings.model_cache / "evals" / f"base-general-{key}.json"
+
+
+def evaluate_versions(
+    settings: Settings,
+    versions: list[str | None],
+    eval_file: Path | str | None = None,
+    include_general: bool = True,
+    snapshot: str | None = None,
+    chat=None,
+    progress: Progress | None = None,
+    known_losses: Mapping[str | None, float] | None = None,
+    known_preference: Mapping[str | None, dict] | None = None,
+) -> list[dict]:
+    """Evaluate each version (None or "base" = the base model alone) on the same prompts, loading the base once.
+
+    `snapshot`: a registered snapshot whose held-out slice gives each version's eval loss (and, without a keyword
+    file, the questions). `known_losses`: held-out losses already measured (by the training run) on that slice.
+    Parts already scored for a version under the same context are reused, not generated again.
+    `known_preference`: the rejected / chosen answers' log-likelihoods the training run measured, likewise."""
+    from ..chat.models import ChatModel
+
+    say = progress or (lambda _msg: None)
+    versions = [None if v in (None, BASE) else v for v in versions]
+    doc = registry.load(settings)
+    target = target_set(settings, doc, eval_file, snapshot)
+    general = load_eval_file(general_file(settings)) if include_general else []
+    held_out = _held_out(settings, doc, snapshot)
+    answers = preference_answers(settings, registry.find_snapshot(doc, snapshot)) if snapshot else None
+    if chat is None:
+        say(f"loading base model {settings.model.base_model}")
+        chat = ChatModel.load(settings)
+    # one short generation first, so the first version's timings do not include one-off warm-up costs
+    chat.generate_batch(question_conversations(settings, target.items[:1]), max_new_tokens=2, batch_size=1)
+    context = {
+        "eval_file": target.info,
+        "general_file": file_info(settings, general_file(settings)) if include_general else None,
+        "snapshot": snapshot if held_out is not None else None,
+        "base_model": {"name": chat.base.name, "sha256": chat.base.sha256},
+        "context": result_context(settings, chat.base.sha256),
+        "shipped_general": general_file(settings) == GENERAL_FILE,
+    }
+    say(f"target questions: {target.info['name']}")
+    results = []
+    for version in versions:
+        loss = (known_losses or {}).get(version)
+        result = _evaluate_one(settings, chat, doc, version, target.items, general, held_out, context, loss, say)
+        if answers is not None:
+            known = (known_preference or {}).get(version)
+            result.update(known if known is not None else
+                          preference_likelihoods(chat.model, chat.tokenizer, answers, chat.context_limit))
+            say(f"{label(version)}: rejected answers' mean log-likelihood {result['rejected_loglik']:.3f}, "
+                f"corrections / desirable {_fmt(result['chosen_loglik'])}")
+        results.append(result)
+    return results
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _held_out(settings: Settings, doc: dict, snapshot: str | None) -> list[list[dict]] | None:
+    if snapshot is None:
+        return None
+    path = snapshot_eval_path(settings, registry.find_snapshot(doc, snapshot))
+    if path is None:
+        raise InputError(f"snapshot {snapshot} has no held-out eval file on disk",
+                         "re-run 'cl curate' or drop --snapshot")
+    from ..train import with_system_prompt
+
+    return [with_system_prompt(m, settings.chat.system_prompt) for m in load_messages_file(path)] or None
+
+
+def _scored_part(settings, chat, doc, version, items, part, sha256, context, parts) -> dict:
+    """Score `items` for the selected version, reusing an earlier identical run when there is one."""
+    earlier = earlier_part(doc, version, context["context"], part, sha256)
+    cache = _machine_cache(settings, context["context"], sha256)
+    use_machine_cache = version is None and part == "general" and context["shipped_general"]
+    if earlier is None and use_machine_cache and cache.is_file():
+        earlier = read_json(cache, default=None)
+    if earlier is not None:
+        return {**earlier, "reused": True}
+    answers, timing = answer_in_batches(chat, question_conversations(settings, items), settings)
+    parts.append(timing)
+    scored = score_items(items, answers)
+    if use_machine_cache:
+        atomic_write_json(cache, scored)
+    return scored
+
+
+def _evaluate_one(settings, chat, doc, version, items, general, held_out, context, known_loss, say) -> dict:
+    entry = _select(chat, settings, doc, version)
+    parts: list[dict] = []
+    target_sha, general_sha = context["eval_file"]["sha256"], (context["general_file"] or {}).get("sha256")
+    scored = _scored_part(settings, chat, doc, version, items, "target", target_sha, context, parts)
+    general_scored = (_scored_part(settings, chat, doc, version, general, "general", general_sha, context, parts)
+                      if general else None)
+    reused = [name for name, p in (("target", scored), ("everyday", general_scored)) if p and p.get("reused")]
+    say(f"evaluated {label(version)}: {scored['passed']}/{scored['total']} target"
+        + (f", {general_scored['passed']}/{general_scored['total']} everyday" if general_scored else "")
+        + (f" (reused earlier answers: {', '.join(reused)})" if reused else ""))
+    loss = None
+    if held_out and known_loss is not None:
+        loss = {"eval_loss": known_loss, "perplexity": math.exp(min(known_loss, 50.0))}
+    elif held_out:
+        loss = held_out_loss(chat.model, chat.tokenizer, held_out, chat.context_limit)
+    return {
+        "version": version,
+        "label": label(version),
+        "status": entry["status"] if entry else None,
+        "created_at": utc_now(),
+        **{k: scored[k] for k in SCORED_KEYS},
+        "eval_file": context["eval_file"],
+        "general_accuracy": general_scored["accuracy"] if general_scored else None,
+        "general": ({**context["general_file"], **{k: general_scored[k] for k in SCORED_KEYS}}
+                    if general_scored else None),
+        "eval_loss": loss["eval_loss"] if loss else None,
+        "perplexity": loss["perplexity"] if loss else None,
+        "snapshot": context["snapshot"] if loss else None,
+        **timing_summary(parts or [{"seconds": 0.0, "tokens": 0, "prompts": 0}]),
+        "reused": reused,
+        "max_new_tokens": settings.eval.max_new_tokens,
+        "base_model": context["base_model"],
+        "context": context["context"],
+    }
+
+
+def _select(chat, settings: Settings, doc: dict, version: str | None) -> dict | None:
+    """Switch the loaded model to `version` (checking its files first); returns its registry entry."""
+    if version is None:
+        chat.use(None)
+        return None
+    entry = registry.adapter(doc, version)
+    trained_on = (entry.get("base_model") or {}).get("sha256")
+    if trained_on and trained_on != chat.base.sha256:
+        raise RegistryError(
+            f"adapter {version} was trained on another base model ({entry['base_model'].get('name')})",
+            f"evaluate it with that base (--base-model), or train a new adapter on {chat.base.name}",
+        )
+    folder = registry.verify_adapter_files(settings, entry)
+    chat.use(version, folder)
+    return entry

@@ -96,3 +96,30 @@ def test_a_broken_keyword_file_fails_before_any_training(loop_workspace):
     assert result.exit_code == 2 and "'keywords' must list at least one keyword" in result.output
     doc = registry.load(load_settings())
     assert doc["snapshots"] == [] and doc["adapters"] == {}  # nothing curated or trained: it was known up front
+
+
+def test_every_form_of_the_loop_options_is_derived_from_one_declaration():
+    from dataclasses import fields
+
+    from continuous_learning.loop import jobs, pipeline, workflow
+    from continuous_learning.serve import schemas
+
+    declared = {f.name for f in fields(workflow.LoopOptions)}
+    assert set(schemas.TrainRequest.model_fields) <= declared and set(jobs.TRAIN_KNOBS) <= declared
+    flags = pipeline.build_parser().parse_args(["--curate", "--include-unrated", "--no-promote", "--note", "n"])
+    chosen = (flags.curate, flags.include_unrated, flags.promote, flags.note, flags.full)
+    assert chosen == (True, True, False, "n", False)
+    assert pipeline.build_parser().parse_args(["--eval"]).include_unrated is None  # None: the configured default
+
+
+def test_a_cancelled_loop_stops_before_any_stage(settings):
+    from continuous_learning.loop.workflow import CollectingEvents, LoopCancelled, LoopOptions, run_loop
+
+    class Cancelled(CollectingEvents):
+        def cancelled(self) -> bool:
+            return True
+
+    events = Cancelled()
+    with pytest.raises(LoopCancelled):
+        run_loop(settings, LoopOptions(curate=True, train=True), events)
+    assert events.events == [] and registry.load(settings)["snapshots"] == []

@@ -9,23 +9,23 @@ ran, writes `logs/reports/cycle_<ts>.md`.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 from .. import registry
 from ..core.errors import CLError, InputError, LockHeldError, NothingToDo
 from ..core.records import helpful_verdict, parse_time, utc_now
 from ..core.settings import Settings
 from ..storage.store import atomic_write_bytes, atomic_write_json, read_json, workspace_lock
+from .workflow import CollectingEvents, LoopOptions, describe_curate, run_loop
 
 STEPS = ("curate", "train", "eval", "drift", "ab", "health")
 RAN, SKIPPED, FAILED = "ran", "skipped", "failed"
 Say = Callable[[str], None]
+NOTE = "cl cycle"  # stored with the snapshots and adapters a cycle makes
 
 
 class CycleRunning(NothingToDo):
@@ -232,31 +232,34 @@ class Cycle:
 
     # the steps; each returns (one-line summary, small JSON-able details)
     def step_curate(self) -> tuple[str, dict]:
-        from .pipeline import _describe_curate, curate_stage
-
-        manifest = curate_stage(self.settings, _args())
-        return _describe_curate(manifest), {"snapshot": manifest.get("id"), "status": manifest["status"]}
+        manifest = run_loop(self.settings, LoopOptions(curate=True, note=NOTE))["curate"]
+        return describe_curate(manifest), {"snapshot": manifest.get("id"), "status": manifest["status"]}
 
     def step_train(self) -> tuple[str, dict]:
-        from ..evaluate import check_eval_ready
-        from .pipeline import eval_stage, train_stage
-
         snapshot = untrained_snapshot(registry.load(self.settings))
-        check_eval_ready(self.settings)  # before the expensive stages
+        options = LoopOptions(train=True, evaluate=True, snapshot=snapshot, note=NOTE,
+                              promote=self.settings.cycle.gate_promote)
+        events = CollectingEvents()
         try:
-            entry = train_stage(self.settings, _args(), snapshot)
+            results = run_loop(self.settings, options, events)
         except CLError:
-            self.state["train_failed_snapshot"] = snapshot
+            self._remember_training(events, snapshot)
             raise
-        self.state.pop("train_failed_snapshot", None)
-        version = entry["version"]
-        report = eval_stage(self.settings, _args(no_promote=not self.settings.cycle.gate_promote), version)
+        self._remember_training(events, snapshot)
+        report, version = results["eval"], results["train"]["version"]
         subject, decision = report["subject"], report.get("decision")
         verdict = "promoted" if report["promoted"] else ("kept as candidate" + (": " + decision["summary"] if decision
                                                                                 else ""))
         summary = f"adapter {version} trained on {snapshot}; accuracy {subject['passed']}/{subject['total']}; {verdict}"
         return summary, {"snapshot": snapshot, "version": version, "accuracy": subject.get("accuracy"),
                          "promoted": report["promoted"]}
+
+    def _remember_training(self, events: CollectingEvents, snapshot: str | None) -> None:
+        """A snapshot whose training failed is not tried again by later cycles; one that trained clears that."""
+        if "train" in events.stages("finished"):
+            self.state.pop("train_failed_snapshot", None)
+        elif "train" in events.stages("started"):
+            self.state["train_failed_snapshot"] = snapshot
 
     def step_eval(self) -> tuple[str, dict]:
         from ..evaluate import evaluate_and_gate
@@ -308,11 +311,6 @@ class Cycle:
 
     def save_state(self) -> None:
         atomic_write_json(state_path(self.settings), self.state)
-
-
-def _args(**overrides: Any) -> argparse.Namespace:
-    values = {"full": False, "include_unrated": False, "note": "cl cycle", "no_promote": False}
-    return argparse.Namespace(**{**values, **overrides})
 
 
 def _rate(arm: dict) -> str:

@@ -7,24 +7,21 @@ from __future__ import annotations
 
 import threading
 import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..core.errors import CLError, NothingToDo
 from ..core.records import new_id, utc_now
 from ..core.settings import Settings
 from ..storage.store import workspace_lock
+from .workflow import TRAIN_KNOBS, LoopCancelled, LoopOptions, NoEvents, run_loop, train_settings
 
 FINISHED = ("succeeded", "failed", "nothing_to_do", "cancelled")
-TRAIN_KNOBS = ("max_steps", "epochs", "learning_rate", "objective")
+__all__ = ["TRAIN_KNOBS", "Job", "JobConflict", "JobManager", "probe_lock", "train_settings"]
 
 
 class JobConflict(CLError):
     """A learning job is already running."""
-
-
-class JobCancelled(Exception):
-    """Raised inside a job's progress callback when the service shuts down."""
 
 
 @dataclass
@@ -54,10 +51,17 @@ def probe_lock(settings: Settings, name: str) -> None:
         pass
 
 
-def train_settings(settings: Settings, options: dict) -> Settings:
-    """The settings with the request's training knobs applied (validated by the trainer before heavy work)."""
-    knobs = {k: options[k] for k in TRAIN_KNOBS if options.get(k) is not None}
-    return replace(settings, train=replace(settings.train, **knobs)) if knobs else settings
+class _JobEvents(NoEvents):
+    """The job's stage follows the loop; the service's shutdown cancels it."""
+
+    def __init__(self, manager: JobManager, job: Job):
+        self.manager, self.job = manager, job
+
+    def started(self, stage: str) -> None:
+        self.manager._set(self.job, stage=stage)
+
+    def cancelled(self) -> bool:
+        return self.manager.cancel.is_set()
 
 
 class JobManager:
@@ -117,45 +121,15 @@ class JobManager:
             for key, value in values.items():
                 setattr(job, key, value)
 
-    def _check_cancel(self, *_: Any) -> None:
-        if self.cancel.is_set():
-            raise JobCancelled("the service shut down")
-
-    def _curate(self, job: Job, settings: Settings | None = None) -> dict:
-        from ..curate import run_curate
-
-        self._set(job, stage="curate")
-        opts = job.options
-        return run_curate(settings or self.settings, full=bool(opts.get("full")),
-                          include_unrated=opts.get("include_unrated"),
-                          note=opts.get("note"), progress=self._check_cancel)
+    def _curate(self, job: Job) -> dict:
+        options = LoopOptions.from_mapping({**job.options, "curate": True, "train": False, "evaluate": False})
+        return run_loop(self.settings, options, _JobEvents(self, job))["curate"]
 
     def _train(self, job: Job) -> dict:
-        from ..evaluate import evaluate_and_gate
-        from ..train import run_training
-
-        opts, results = job.options, {}
-        settings = train_settings(self.settings, opts)
-        snapshot = opts.get("snapshot")
-        if opts.get("evaluate", True):
-            from ..evaluate import check_eval_ready
-
-            check_eval_ready(settings)  # before the expensive stages
-        if opts.get("curate", True):
-            results["curate"] = self._curate(job, settings)
-            if results["curate"]["status"] != "created":
-                return results
-            snapshot = results["curate"]["id"]
-        self._check_cancel()
-        self._set(job, stage="train")
-        results["train"] = run_training(settings, snapshot_id=snapshot, fresh=bool(opts.get("fresh")),
-                                        note=opts.get("note"), progress=self._check_cancel)
-        if opts.get("evaluate", True):
-            self._check_cancel()
-            self._set(job, stage="eval")
-            results["eval"] = evaluate_and_gate(settings, candidate=results["train"]["version"],
-                                                promote=bool(opts.get("promote", True)), progress=self._check_cancel)
-        return results
+        """curate -> train -> eval -> gate, each on unless the request turned it off."""
+        values = {"curate": True, "evaluate": True, "promote": True, **job.options, "train": True}
+        options = LoopOptions.from_mapping(values)
+        return run_loop(self.settings, options, _JobEvents(self, job))
 
     def shutdown(self, wait_s: float = 30.0) -> None:
         """Ask running jobs to stop at their next progress report and wait for them (a cut training is resumable)."""
@@ -166,11 +140,8 @@ class JobManager:
 
 def _outcome(exc: BaseException) -> dict:
     """Job status and error for an exception that ended a job."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, JobCancelled):
-            return {"status": "cancelled", "error": "the service shut down while the job ran"}
-        cause = cause.__cause__
+    if isinstance(exc, LoopCancelled):
+        return {"status": "cancelled", "error": "the service shut down while the job ran"}
     if isinstance(exc, NothingToDo):
         return {"status": "nothing_to_do", "error": exc.message}
     if isinstance(exc, CLError):

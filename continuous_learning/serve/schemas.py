@@ -9,11 +9,12 @@ import hmac
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import fields as dataclass_fields
+from typing import Any, Literal, get_type_hints
 from urllib.parse import urlsplit
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
 from starlette.responses import Response
 
 from ..chat.models import RepetitionControl
@@ -29,6 +30,7 @@ from ..core.errors import (
 from ..core.records import Feedback, new_id
 from ..core.settings import Settings
 from ..loop.jobs import JobConflict
+from ..loop.workflow import TRAIN_KNOBS, LoopOptions
 from ..registry import BASE, UNUSABLE, sorted_versions
 from ..storage.keys import workspace_secret
 
@@ -281,23 +283,26 @@ class FeedbackRequest(BaseModel):
                                "string_too_long", name)
 
 
-class CurateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    full: bool = False
-    include_unrated: bool | None = None
-    note: str | None = Field(None, max_length=1000)
+def loop_request_fields(names: tuple[str, ...], **defaults: Any) -> dict[str, Any]:
+    """Request fields for these LoopOptions fields: the option's type, default, limits and help text."""
+    by_name = {f.name: f for f in dataclass_fields(LoopOptions)}
+    hints = get_type_hints(LoopOptions)
+    result: dict[str, Any] = {}
+    for name in names:
+        meta = by_name[name].metadata
+        kind = Literal[meta["choices"]] | None if "choices" in meta else hints[name]
+        limits = {k: meta[k] for k in ("ge", "gt", "max_length") if k in meta}
+        result[name] = (kind, Field(defaults.get(name, by_name[name].default), description=meta["help"], **limits))
+    return result
 
 
-class TrainRequest(CurateRequest):
-    curate: bool = True
-    evaluate: bool = True
-    promote: bool = True
-    snapshot: str | None = None
-    fresh: bool = False
-    max_steps: int | None = Field(None, ge=1)
-    epochs: int | None = Field(None, ge=0)
-    learning_rate: float | None = Field(None, gt=0)
-    objective: Literal["auto", "sft", "kto", "dpo"] | None = None
+_STRICT = ConfigDict(extra="forbid")
+CurateRequest = create_model("CurateRequest", __config__=_STRICT,
+                             **loop_request_fields(("full", "include_unrated", "note")))
+TrainRequest = create_model(
+    "TrainRequest", __base__=CurateRequest,
+    **loop_request_fields(("curate", "evaluate", "promote", "snapshot", "fresh", *TRAIN_KNOBS),
+                          curate=True, evaluate=True))
 
 
 class RollbackRequest(BaseModel):

@@ -16,7 +16,7 @@ GOAL_S = 120.0
 GOAL_MB = 1024.0
 GOAL_SCALING = 11.0
 GOAL_MEMORY_RATIO = 1.5  # "flat in the log size": peak at 10x the log at most 1.5x the smaller run's peak
-CURATE_FILE = "curate.py"
+CURATE_FILE = "curate/"  # the package: every stage module
 LARGE_RUNS = 1  # the 1M run takes minutes on a loaded machine; the 100k runs have the repeats
 
 # `cl curate --json` in-process under pyinstrument; prints the session's summary after a marker.
@@ -108,7 +108,7 @@ def run(repeats: int, quick: bool) -> dict:
         why_missed=None if met else (f"{large_n:,}: {large_s:.1f} s, {large_mb} MB; {scaling}x time and "
                                      f"{memory_ratio}x memory for 10x the log"),
         where_time_goes=(f"profile of one more {small_n:,} run ({profile['seconds']} s under the profiler), each "
-                         f"sample charged to the innermost curate.py function on its stack: {profile['stages']}. "
+                         f"sample charged to the innermost curate/ function on its stack: {profile['stages']}. "
                          f"Self time by function: {profile['self']}"),
         summary=(f"{large_n:,} interactions: {large_s:.1f} s wall ({large_cpu:.1f} s CPU) (single-threaded, "
                  f"{len(large)} run(s), {raw['spread_s'][1][0]}-{raw['spread_s'][1][1]} s), peak {large_mb} MB; "

@@ -133,15 +133,17 @@ def gpu_name() -> str | None:
 
 
 def summarise_by_file(session: Any, file_name: str, top: int = 8) -> str:
-    """Time charged to the functions defined in `file_name`: every sample goes to the innermost such function on
-    its stack (library calls included), so the shares partition the run and nothing counts twice."""
+    """Time charged to the functions defined in `file_name` (or in any file of a folder given as "name/"): every
+    sample goes to the innermost such function on its stack (library calls included), so the shares partition the
+    run and nothing counts twice."""
     root = session.root_frame()
     if root is None:
         return "no samples"
     totals: dict[str, float] = {}
 
     def walk(frame: Any, owner: str) -> None:
-        if not frame.is_synthetic and Path(frame.file_path or "").name == file_name:
+        path = Path(frame.file_path or "")
+        if not frame.is_synthetic and file_name in (path.name, f"{path.parent.name}/"):
             owner = frame.function
         own = frame.time - sum(c.time for c in frame.children)
         totals[owner] = totals.get(owner, 0.0) + max(own, 0.0)

@@ -21,20 +21,16 @@ from continuous_learning.curate import (
     Example,
     Rules,
     blocklist_pattern,
-    cap_domains,
-    dedupe_exact,
-    dedupe_near,
     jaccard,
-    leaked_prompts,
     normalise,
     run_curate,
     sample_replay,
     select,
     shingles,
-    split_eval,
 )
 from continuous_learning.core.errors import ConfigError, LockHeldError
 from continuous_learning.core.records import Feedback, FeedbackEvent, Interaction
+from curate_oracle import cap_domains, dedupe_exact, dedupe_near, leaked_prompts, pooled_split, split_eval
 
 T0 = datetime(2026, 1, 5, 9, 0, tzinfo=timezone.utc)
 
@@ -436,8 +432,10 @@ def test_split_never_puts_a_prompt_on_both_sides(items, fraction, seed):
     topics = ["reset my password", "install python on windows", "bake sourdough bread", "tie a bowline knot",
               "change a flat tyre", "plant tomato seedlings", "learn the guitar chords"]
     examples = [ex(f"How do I {topics[t]}{tail}", f"answer variant {v} for topic {t}") for t, tail, v in items]
-    train, held = split_eval(examples, fraction, seed, 0.8)
+    train, held = pooled_split(examples, fraction, seed, 0.8)  # the split the chain runs
     assert train and len(train) + len(held) == len(examples)
+    assert ([e.id for e in train], [e.id for e in held]) == tuple([e.id for e in side] for side in
+                                                                  split_eval(examples, fraction, seed, 0.8))
     assert not leaked_prompts(train, held, 0.8)
     assert not {e.prompt_key for e in train} & {e.prompt_key for e in held}
 

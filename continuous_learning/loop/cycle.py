@@ -81,7 +81,8 @@ def log_mark(settings: Settings) -> list[int]:
 def new_rated_count(settings: Settings, doc: dict) -> int:
     """Rated interactions that are new since the last snapshot's cursor (or got their rating since)."""
     from ..capture.ingest import iter_interactions
-    from ..curate import _moment, previous_cursor, scan_feedback
+    from ..curate import moment_of as _moment
+    from ..curate import previous_cursor, scan_feedback
 
     cursor = previous_cursor(doc["snapshots"])
     scan = scan_feedback(settings.raw_log, cursor)

@@ -1,0 +1,200 @@
+"""Near-duplicate lookup: numpy MinHash signatures of character shingles, LSH bands over them (`NearIndex`), and
+the earlier-candidate search over precomputed band keys that dedupe and split use."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from functools import lru_cache
+from typing import Any
+
+from .text import SHINGLE_CHARS, jaccard, shingles
+
+NUM_PERM = 64
+_SIGNATURE_CELLS = 1 << 21  # permutations x shingle positions hashed at once (bounds the temporary arrays)
+
+
+@lru_cache(maxsize=1)
+def _permutations() -> tuple[Any, Any]:
+    """Fixed multiply-shift hash parameters (odd multipliers), so signatures are the same in every run."""
+    import numpy as np
+
+    rng = np.random.default_rng(20261123)
+    a = rng.integers(1, 2**63, NUM_PERM, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    return a, rng.integers(0, 2**63, NUM_PERM, dtype=np.uint64)
+
+
+_PAD = "\U0010ffff"  # a noncharacter: pads a text shorter than a shingle, which is then one shingle, itself
+
+
+def _signatures(texts: list[str]) -> Iterator[Any]:
+    """MinHash signature (NUM_PERM uint32 minima) of each text's character shingles, numpy-vectorised over
+    chunks of texts; identical texts get identical signatures, repeated shingles count once (a min ignores them)."""
+    import numpy as np
+
+    a, b = _permutations()
+    per_chunk = _SIGNATURE_CELLS // NUM_PERM
+    start = 0
+    while start < len(texts):
+        chunk, size = [], 0
+        while start < len(texts) and (not chunk or size < per_chunk):
+            text = texts[start]
+            chunk.append(text if len(text) >= SHINGLE_CHARS else text + _PAD * (SHINGLE_CHARS - len(text)))
+            size += len(chunk[-1])
+            start += 1
+        hashes, offsets = _window_hashes(chunk)
+        with np.errstate(over="ignore"):
+            cells = np.multiply.outer(a, hashes)
+            cells += b[:, None]
+        cells >>= np.uint64(32)
+        yield from np.minimum.reduceat(cells, offsets, axis=1).T.astype(np.uint32)
+
+
+def _window_hashes(texts: list[str]) -> tuple[Any, Any]:
+    """A 64-bit hash of every SHINGLE_CHARS-long window inside each text (a polynomial over code points, then a
+    mixer), all texts at once; and where each text's windows start in the result."""
+    import numpy as np
+
+    points = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32).astype(np.uint64)
+    lengths = np.fromiter((len(t) for t in texts), dtype=np.int64, count=len(texts))
+    count = len(points) - SHINGLE_CHARS + 1
+    with np.errstate(over="ignore"):
+        h = np.zeros(count, dtype=np.uint64)
+        for k in range(SHINGLE_CHARS):
+            h = h * np.uint64(0x100000001B3) + points[k : k + count]
+        h ^= h >> np.uint64(29)
+        h *= np.uint64(0xBF58476D1CE4E5B9)
+        h ^= h >> np.uint64(32)
+    keep = np.ones(count, dtype=bool)
+    ends = np.cumsum(lengths)
+    crossing = (ends[:, None] - np.arange(1, SHINGLE_CHARS)).ravel()  # windows running into the next text
+    keep[crossing[crossing < count]] = False
+    windows = lengths - SHINGLE_CHARS + 1
+    return h[keep], np.concatenate([[0], np.cumsum(windows)[:-1]])
+
+
+def _band_shape(threshold: float) -> tuple[int, int]:
+    """(bands, rows) of LSH over NUM_PERM values whose candidate curve 1-(1-J^r)^b best separates pairs above and
+    below `threshold` (equal weight on missed pairs above and needless candidates below)."""
+
+    best, shape = float("inf"), (NUM_PERM, 1)
+    for bands in range(1, NUM_PERM + 1):
+        for rows in range(1, NUM_PERM // bands + 1):
+            error = _band_error(bands, rows, threshold)
+            if error < best:
+                best, shape = error, (bands, rows)
+    return shape
+
+
+def _band_error(bands: int, rows: int, threshold: float) -> float:
+    """Missed pairs above `threshold` plus needless candidates below it, for one LSH shape."""
+
+    def hit(j: float) -> float:
+        return 1 - (1 - j**rows) ** bands
+
+    return _area(hit, 0.0, threshold) + _area(lambda j: 1 - hit(j), threshold, 1.0)
+
+
+def _area(f: Callable[[float], float], lo: float, hi: float, steps: int = 200) -> float:
+    width = (hi - lo) / steps
+    return sum(f(lo + (i + 0.5) * width) for i in range(steps)) * width
+
+
+@lru_cache(maxsize=8)
+def _cached_band_shape(threshold: float) -> tuple[int, int]:
+    return _band_shape(threshold)
+
+
+class NearIndex:
+    """Near-duplicate lookup: MinHash LSH (banded signatures) proposes candidates, exact shingle Jaccard decides.
+
+    The LSH band threshold sits below the real one so that pairs just above it are not missed.
+    """
+
+    def __init__(self, threshold: float):
+        self.threshold = threshold
+        self._bands, self._rows = _cached_band_shape(round(max(0.1, threshold - 0.2), 4))
+        self._tables: list[dict[int, int | list[int]]] = [{} for _ in range(self._bands)]
+        self._texts: dict[int, str] = {}
+
+    def band_keys(self, texts: list[str]) -> Any:
+        """(texts x bands) uint64: each text's MinHash signature cut into bands, each band hashed to one integer."""
+        import numpy as np
+
+        weights = np.array([0x9E3779B97F4A7C15 * (2 * i + 1) % 2**64 for i in range(self._rows)], dtype=np.uint64)
+        width = self._bands * self._rows
+        out = np.empty((len(texts), self._bands), dtype=np.uint64)
+        for start in range(0, len(texts), 4096):
+            chunk = np.stack(list(_signatures(texts[start : start + 4096])))[:, :width].astype(np.uint64)
+            with np.errstate(over="ignore"):
+                out[start : start + len(chunk)] = (chunk.reshape(len(chunk), self._bands, self._rows) * weights).sum(
+                    axis=2, dtype=np.uint64)
+        return out
+
+    def signatures(self, texts: list[str]) -> Iterator[list[int]]:
+        """Each text's band keys as a list (what `add`, `candidates` and `matches` take)."""
+        yield from self.band_keys(texts).tolist()
+
+    def earlier_candidates(self, texts: list[str]) -> dict[int, list[int]]:
+        """For each text, the earlier texts sharing an LSH band with it (ascending), found by sorting each band's
+        keys: what probing an index holding every earlier text would propose, without holding that index."""
+        return earlier_from_keys(self.band_keys(texts))
+
+    def add(self, key: int, text: str, signature: list[int]) -> None:
+        for table, band in zip(self._tables, signature):
+            hits = table.get(band)  # most bands hold one key: store it bare, a list only on a collision
+            if hits is None:
+                table[band] = key
+            elif isinstance(hits, int):
+                table[band] = [hits, key]
+            else:
+                hits.append(key)
+        self._texts[key] = text
+
+    def candidates(self, signature: list[int]) -> set[int]:
+        found: set[int] = set()
+        for table, band in zip(self._tables, signature):
+            hits = table.get(band)
+            if hits is None:
+                continue
+            if isinstance(hits, int):
+                found.add(hits)
+            else:
+                found.update(hits)
+        return found
+
+    def matches(self, text: str, signature: Any) -> list[int]:
+        candidates = self.candidates(signature)
+        if not candidates:
+            return []
+        mine = shingles(text)
+        return sorted(k for k in candidates if jaccard(mine, shingles(self._texts[k])) >= self.threshold)
+
+    @classmethod
+    def of(cls, texts: list[str], threshold: float) -> NearIndex:
+        index = cls(threshold)
+        for i, (text, signature) in enumerate(zip(texts, index.signatures(texts))):
+            index.add(i, text, signature)
+        return index
+
+    def matches_any(self, texts: list[str]) -> list[bool]:
+        if not self._texts:
+            return [False] * len(texts)
+        return [bool(self.matches(t, s)) for t, s in zip(texts, self.signatures(texts))]
+
+
+def earlier_from_keys(keys: Any) -> dict[int, list[int]]:
+    """`NearIndex.earlier_candidates` over precomputed band keys (rows in text order)."""
+    import numpy as np
+
+    earlier: dict[int, set[int]] = {}
+    for band in range(keys.shape[1]):
+        order = np.argsort(keys[:, band], kind="stable")  # equal keys keep ascending text order
+        column = keys[order, band]
+        repeats = np.flatnonzero(column[1:] == column[:-1])
+        group: list[int] = []
+        for position in repeats.tolist():
+            if not group or group[-1] != int(order[position]):
+                group = [int(order[position])]
+            later = int(order[position + 1])
+            earlier.setdefault(later, set()).update(group)
+            group.append(later)
+    return {i: sorted(js) for i, js in earlier.items()}

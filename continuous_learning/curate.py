@@ -32,7 +32,8 @@ from typing import Any, Callable, Iterable, Iterator, Optional
 
 import orjson
 
-from . import preference, registry
+from . import registry
+from .train import preference
 from .storage.crypto import cipher_from_env, open_messages, seal_messages
 from .core.errors import ConfigError
 from .core.records import (FEEDBACK, INTERACTION, ROLES, SCHEMA_VERSION, Feedback, Interaction, helpful_verdict,

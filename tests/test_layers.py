@@ -10,8 +10,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "continuous_learning"
 
-# Lowest floor first. The five top-level modules of the training work sit on the floor of the package they will
-# move into (decisions -> registry; curate, train, rehearsal, evaluate beside export).
+# Lowest floor first. The loose top-level modules of the training work sit on the floor of the package they will
+# move into (decisions -> registry; curate, evaluate beside export).
 FLOORS = [
     {"core"},
     {"storage"},
@@ -19,7 +19,7 @@ FLOORS = [
     {"monitor"},  # A/B state is read by capture (forget stops a tainted test) and chat (which arm serves)
     {"capture"},
     {"chat"},
-    {"curate", "train", "rehearsal", "preference", "evaluate", "export"},
+    {"curate", "train", "evaluate", "export"},
     {"loop"},
     {"serve"},
     {"cli"},

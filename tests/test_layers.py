@@ -10,8 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "continuous_learning"
 
-# Lowest floor first. The top-level modules of the training work sit on the floor of the package they will
-# move into (curate, train, rehearsal beside evaluate and export).
+# Lowest floor first.
 FLOORS = [
     {"core"},
     {"storage"},
@@ -19,7 +18,7 @@ FLOORS = [
     {"monitor"},  # A/B state is read by capture (forget stops a tainted test) and chat (which arm serves)
     {"capture"},
     {"chat"},
-    {"curate", "train", "rehearsal", "preference", "evaluate", "export"},
+    {"curate", "train", "evaluate", "export"},
     {"loop"},
     {"serve"},
     {"cli"},

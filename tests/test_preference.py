@@ -7,8 +7,7 @@ import math
 
 import pytest
 
-from continuous_learning import preference
-from continuous_learning.train import Trainer, run_training
+from continuous_learning.train import Trainer, preference, run_training
 from tests.test_train import FACTS, add_snapshot, fast
 
 NO_ANSWERS = [

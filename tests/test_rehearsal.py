@@ -1,9 +1,9 @@
 """Rehearsal examples: the base model's own answers, generated once per base model and mixed into training."""
 from __future__ import annotations
 
-from continuous_learning import rehearsal
 from continuous_learning.chat.models import resolve_base
 from continuous_learning.core.settings import load_settings
+from continuous_learning.train import rehearsal
 
 
 def test_rehearsal_records_are_generated_once_and_cached(workspace, monkeypatch):
@@ -13,7 +13,8 @@ def test_rehearsal_records_are_generated_once_and_cached(workspace, monkeypatch)
     base = resolve_base(settings)
     asked = []
     real_generate = rehearsal._generate
-    monkeypatch.setattr(rehearsal, "_generate", lambda s, b, prompts: asked.append(prompts) or real_generate(s, b, prompts))
+    monkeypatch.setattr(rehearsal, "_generate",
+                        lambda s, b, prompts: asked.append(prompts) or real_generate(s, b, prompts))
     records = rehearsal.rehearsal_records(settings, base)
     prompts = rehearsal.rehearsal_prompts()
     assert asked == [prompts[:20]] and len(records) <= 20  # the random tiny model may say nothing: those are dropped
@@ -37,8 +38,7 @@ def test_rehearsal_off_means_nothing_is_generated(workspace):
 
 
 def test_no_rehearsal_prompt_is_in_the_general_ability_anchor():
-    from continuous_learning.evaluate import load_eval_file
-    from continuous_learning.evaluate import general_file
+    from continuous_learning.evaluate import general_file, load_eval_file
 
     anchor = {item.prompt.lower() for item in load_eval_file(general_file(load_settings(home=".", env={})))}
     assert not anchor & {p.lower() for p in rehearsal.rehearsal_prompts()}

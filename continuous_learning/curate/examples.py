@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from .. import preference
+from ..train import preference
 from ..storage.crypto import open_messages, seal_messages
 from .text import clean_messages, normalise, short_hash
 

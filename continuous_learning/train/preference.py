@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .storage.crypto import Cipher, decrypt_text, encrypt_text
+from ..storage.crypto import Cipher, decrypt_text, encrypt_text
 
 OBJECTIVES = ("auto", "sft", "kto", "dpo")
 # Log-ratios enter the losses per token (the sum over the answer divided by its length, as SimPO, Meng et al. 2024,

@@ -13,20 +13,21 @@ from pathlib import Path
 
 import orjson
 
-from .chat.models import BaseModel, ChatModel, load_model, load_tokenizer
-from .core.settings import Settings
-from .storage.store import atomic_write_jsonl, iter_jsonl
+from ..chat.models import BaseModel, ChatModel, load_model, load_tokenizer
+from ..core.settings import Settings
+from ..storage.store import atomic_write_jsonl, iter_jsonl
 
 ANSWER_TOKENS = 32
 
 
 def rehearsal_prompts() -> list[str]:
-    path = Path(__file__).parent / "data" / "rehearsal_prompts.jsonl"
+    path = Path(__file__).parents[1] / "data" / "rehearsal_prompts.jsonl"
     return [orjson.loads(line)["prompt"] for line in path.read_bytes().splitlines() if line.strip()]
 
 
 def _cache_file(settings: Settings, base: BaseModel, prompts: list[str]) -> Path:
-    key = hashlib.sha256(orjson.dumps([base.sha256, settings.chat.system_prompt, prompts, ANSWER_TOKENS])).hexdigest()[:16]
+    material = orjson.dumps([base.sha256, settings.chat.system_prompt, prompts, ANSWER_TOKENS])
+    key = hashlib.sha256(material).hexdigest()[:16]
     return settings.model_cache / f"rehearsal-{key}.jsonl"
 
 

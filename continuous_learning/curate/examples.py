@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from ..train import preference
 from ..storage.crypto import open_messages, seal_messages
+from ..train import preference
 from .text import clean_messages, normalise, short_hash
 
 KIND_WEIGHTS = {"corrected": 2.0, "helpful": 1.0, "unrated": 0.5, "unhelpful": 1.0}

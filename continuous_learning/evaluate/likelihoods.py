@@ -6,9 +6,10 @@ from pathlib import Path
 
 import orjson
 
-from .. import preference, registry
+from .. import registry
 from ..core.settings import Settings
 from ..storage.crypto import cipher_from_env, open_messages
+from ..train import preference
 from .heldout import final_answer_logits
 
 

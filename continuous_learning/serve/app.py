@@ -288,43 +288,7 @@ def create_app(service: Service) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest) -> Response:
-        if service.closing:
-            raise ApiError(503, "the server is shutting down", "shutting_down", headers={"Retry-After": "5"})
-        problem = await run_in_threadpool(service.recording_problem)
-        if problem is not None:  # refuse now rather than generate an answer that cannot be recorded
-            raise ApiError(503, f"answers cannot be recorded: {problem}", "not_recorded")
-        job = service.new_completion(body)
-        try:
-            service.worker.submit(job)
-        except ApiError:
-            service.counts["rejected"] += 1
-            raise
-        kind, first = await _next_event(job)
-        if kind == "error":
-            service.counts["failed"] += 1
-            raise ApiError(first["status"], first["message"], first.get("code"), first.get("param"))
-        token = service.tokens.mint(job.id)
-        headers = {"X-Interaction-Id": job.id, "X-Model-Version": first["model"], "X-Feedback-Token": token}
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(_sse(service, job, first["model"], include_usage, token), media_type="text/event-stream",
-                               headers={**headers, "Cache-Control": "no-cache"})
-        while kind != "end":
-            kind, data = await _next_event(job)
-            if kind == "error":
-                service.counts["failed"] += 1
-                raise ApiError(data["status"], data["message"], data.get("code"))
-        problem = await _stored(service, data)
-        if problem is not None:
-            raise ApiError(503, problem, "not_recorded")
-        service.counts["completions"] += 1
-        return json_response({
-            "id": job.id, "object": "chat.completion", "created": int(time.time()), "model": first["model"],
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": data["answer"].strip()},
-                         "logprobs": None, "finish_reason": data["finish_reason"]}],
-            "usage": data["usage"], "feedback_token": token,
-        }, headers=headers)
+        return await _complete(service, body)
 
     @app.post("/v1/feedback")
     async def feedback(body: FeedbackRequest, request: Request) -> Response:
@@ -341,6 +305,47 @@ def create_app(service: Service) -> FastAPI:
 
     _admin_routes(app)
     return app
+
+
+async def _complete(service: Service, body: ChatRequest) -> Response:
+    """One chat completion: submitted to the generation worker, answered whole or streamed, and recorded."""
+    if service.closing:
+        raise ApiError(503, "the server is shutting down", "shutting_down", headers={"Retry-After": "5"})
+    problem = await run_in_threadpool(service.recording_problem)
+    if problem is not None:  # refuse now rather than generate an answer that cannot be recorded
+        raise ApiError(503, f"answers cannot be recorded: {problem}", "not_recorded")
+    job = service.new_completion(body)
+    try:
+        service.worker.submit(job)
+    except ApiError:
+        service.counts["rejected"] += 1
+        raise
+    kind, first = await _next_event(job)
+    if kind == "error":
+        service.counts["failed"] += 1
+        raise ApiError(first["status"], first["message"], first.get("code"), first.get("param"))
+    token = service.tokens.mint(job.id)
+    headers = {"X-Interaction-Id": job.id, "X-Model-Version": first["model"], "X-Feedback-Token": token}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return EventStream(_sse(service, job, first["model"], include_usage, token), media_type="text/event-stream",
+                           headers={**headers, "Cache-Control": "no-cache"})
+    while kind != "end":
+        kind, data = await _next_event(job)
+        if kind == "error":
+            service.counts["failed"] += 1
+            raise ApiError(data["status"], data["message"], data.get("code"))
+    problem = await _stored(service, data)
+    if problem is not None:
+        raise ApiError(503, problem, "not_recorded")
+    service.counts["completions"] += 1
+    return json_response({
+        "id": job.id, "object": "chat.completion", "created": int(time.time()), "model": first["model"],
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": data["answer"].strip()},
+                     "logprobs": None, "finish_reason": data["finish_reason"]}],
+        "usage": data["usage"], "feedback_token": token,
+    }, headers=headers)
 
 
 def record_api_feedback(recorder: Recorder, writer: Writer, body: FeedbackRequest):

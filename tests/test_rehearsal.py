@@ -1,8 +1,11 @@
 """Rehearsal examples: the base model's own answers, generated once per base model and mixed into training."""
 from __future__ import annotations
 
-from continuous_learning.chat.models import resolve_base
+import pytest
+
+from continuous_learning.chat.models import BaseModel, bundled_gguf, resolve_base
 from continuous_learning.core.settings import load_settings
+from continuous_learning.registry import file_sha256
 from continuous_learning.train import rehearsal
 
 
@@ -29,6 +32,21 @@ def test_rehearsal_records_are_generated_once_and_cached(workspace, monkeypatch)
 
     monkeypatch.setattr(rehearsal, "_generate", no_generation)
     assert rehearsal.rehearsal_records(settings, base) == records
+
+
+def test_the_bundled_model_on_defaults_gets_the_shipped_answers(tmp_path, monkeypatch):
+    """A fresh machine does not spend a minute and a half generating what every install of the bundled model
+    would generate alike; the shipped file must match the defaults' cache key, or it is stale."""
+    for name in ("CL_BASE_MODEL", "CL_TRAIN_REHEARSAL_EXAMPLES", "CL_CHAT_SYSTEM_PROMPT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CL_MODEL_CACHE", str(tmp_path / "cache"))
+    settings = load_settings(home=tmp_path)
+    gguf = bundled_gguf()
+    base = BaseModel(name=gguf.stem, path=str(gguf), sha256=file_sha256(gguf))  # what resolve_base fingerprints
+    monkeypatch.setattr(rehearsal, "_generate", lambda *args: pytest.fail("the shipped answers should be used"))
+    records = rehearsal.rehearsal_records(settings, base)
+    assert len(records) == settings.train.rehearsal_examples == len(rehearsal.rehearsal_prompts())
+    assert [r["messages"][0]["content"] for r in records] == rehearsal.rehearsal_prompts()
 
 
 def test_rehearsal_off_means_nothing_is_generated(workspace):

@@ -3,7 +3,7 @@
 Training on a dozen new facts pulls a small model away from what it already knew, most visibly on numbers.
 The trainer keeps the adapter close to the frozen base on these answers (a KL term in every step, `train.rehearsal =
 "kl"`), or trains on them as extra examples (`"sft"`). The answers are generated greedily once per base model and
-cached beside it. None of these prompts is in the shipped everyday eval sets, so the gate's forgetting check is not
+cached beside it; for the bundled model on the defaults they ship with the package (`data/rehearsal-<key>.jsonl`). None of these prompts is in the shipped everyday eval sets, so the gate's forgetting check is not
 flattered by them.
 """
 from __future__ import annotations
@@ -18,10 +18,11 @@ from ..core.settings import Settings
 from ..storage.store import atomic_write_jsonl, iter_jsonl
 
 ANSWER_TOKENS = 32
+SHIPPED_DIR = Path(__file__).parents[1] / "data"
 
 
 def rehearsal_prompts() -> list[str]:
-    path = Path(__file__).parents[1] / "data" / "rehearsal_prompts.jsonl"
+    path = SHIPPED_DIR / "rehearsal_prompts.jsonl"
     return [orjson.loads(line)["prompt"] for line in path.read_bytes().splitlines() if line.strip()]
 
 
@@ -39,7 +40,9 @@ def rehearsal_records(settings: Settings, base: BaseModel) -> list[dict]:
     prompts = rehearsal_prompts()[:count]
     cache = _cache_file(settings, base, prompts)
     if not cache.exists():
-        atomic_write_jsonl(cache, _generate(settings, base, prompts))
+        shipped = SHIPPED_DIR / cache.name  # the bundled model's answers on the defaults, generated the same way
+        records = list(iter_jsonl(shipped)) if shipped.is_file() else []
+        atomic_write_jsonl(cache, [r for _, r in records] if records else _generate(settings, base, prompts))
     weight = settings.train.rehearsal_weight
     return [{**record, "weight": weight, "kind": "rehearsal"} for _, record in iter_jsonl(cache)]
 

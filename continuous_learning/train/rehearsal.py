@@ -3,8 +3,8 @@
 Training on a dozen new facts pulls a small model away from what it already knew, most visibly on numbers.
 The trainer keeps the adapter close to the frozen base on these answers (a KL term in every step, `train.rehearsal =
 "kl"`), or trains on them as extra examples (`"sft"`). The answers are generated greedily once per base model and
-cached beside it; for the bundled model on the defaults they ship with the package (`data/rehearsal-<key>.jsonl`). None of these prompts is in the shipped everyday eval sets, so the gate's forgetting check is not
-flattered by them.
+cached beside it; for the bundled model on the defaults they ship with the package (`data/rehearsal-<key>.jsonl`).
+None of these prompts is in the shipped everyday eval sets, so the gate's forgetting check is not flattered by them.
 """
 from __future__ import annotations
 

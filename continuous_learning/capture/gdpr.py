@@ -27,9 +27,9 @@ from typing import Any
 
 from .. import registry
 from ..core.errors import InputError
-from ..core.records import FEEDBACK, INTERACTION, Feedback, FeedbackEvent, Interaction, parse_time, utc_now
+from ..core.records import FEEDBACK, INTERACTION, Feedback, FeedbackEvent, Interaction, parse_time
 from ..core.settings import Settings
-from ..registry import UNUSABLE, champion_lineage
+from ..registry import retire_tainted_champion, taint_adapters
 from ..storage.crypto import cipher_from_env, open_messages
 from ..storage.keys import hash_user_id, load_salt
 from ..storage.store import (
@@ -181,51 +181,17 @@ def update_manifest(path: Path | None, changes: dict, absent: set[str]) -> None:
         atomic_write_json(path, manifest)
 
 
-def taint_adapters(doc: dict, user_hash: str, snapshot_ids: set[str]) -> list[str]:
-    """Mark every adapter trained on the user's data `tainted` and drop the user's hash from every adapter entry
-    (pure on `doc`); returns the newly tainted."""
-    tainted = []
-    for version, entry in doc["adapters"].items():
-        hashes = entry.get("user_hashes") or []
-        trained_on = user_hash in hashes or (entry.get("snapshot") or {}).get("id") in snapshot_ids
-        if user_hash in hashes:
-            entry["user_hashes"] = [h for h in hashes if h != user_hash]
-        if trained_on and entry.get("status") != "tainted":
-            entry.update(status="tainted", tainted_at=utc_now(), tainted_reason="trained on data of a forgotten user")
-            tainted.append(version)
-    return tainted
-
-
-def retire_tainted_champion(doc: dict) -> dict | None:
-    """If the champion is tainted, serve the nearest untainted ancestor in the promotion history instead
-    (or the base model). Pure on `doc`; returns the move, or None when the champion is fine.
-
-    The ancestor's files are not re-verified here: `cl rollback --to` does that when choosing by hand."""
-    old = doc.get("champion")
-    if old is None or doc["adapters"][old].get("status") != "tainted":
-        return None
-    lineage = champion_lineage(doc)
-    target = next((v for v in lineage if v is None or doc["adapters"].get(v, {}).get("status") not in UNUSABLE), None)
-    if target is not None:
-        doc["adapters"][target]["status"] = "champion"
-    doc["champion"] = target
-    move = {"action": "forget", "from": old, "to": target, "at": utc_now(), "reason": "champion trained on data of a "
-                                                                                      "forgotten user"}
-    doc["history"].append(move)
-    return move
-
-
 # --- tainted adapters on disk -------------------------------------------------------------------------------
 def delete_tainted_weights(settings: Settings, doc: dict, user_hash: str | None = None) -> list[str]:
     """Delete the weight files (and checkpoints) of every tainted adapter, keep its metadata, and scrub the user's
     hash from every adapter's lineage.json. Idempotent: a forget killed midway is finished by the next one."""
     deleted = []
-    for version, entry in doc["adapters"].items():
-        folder = registry.confined(settings, entry.get("path") or f"adapters/{version}")
+    for entry in registry.adapters(doc):
+        folder = registry.confined(settings, entry.path or f"adapters/{entry.version}")
         if user_hash is not None:
             scrub_lineage(folder / "lineage.json", user_hash)
-        if entry.get("status") == "tainted" and folder.is_dir() and _remove_weights(folder):
-            deleted.append(version)
+        if entry.status == "tainted" and folder.is_dir() and _remove_weights(folder):
+            deleted.append(entry.version)
     return deleted
 
 
@@ -268,8 +234,8 @@ def stop_tainted_ab_test(settings: Settings, doc: dict) -> dict | None:
     test = ab.load_test(settings)
     if not test or test.get("status") != ab.RUNNING:
         return None
-    tainted = [v for v in (test.get("candidate"), test.get("champion")) if v and
-               doc["adapters"].get(v, {}).get("status") == "tainted"]
+    tainted = [v for v in (test.get("candidate"), test.get("champion"))
+               if v and registry.adapter_status(doc, v) == "tainted"]
     if not tainted:
         return None
     stopped = ab.stopped(test, reason=f"adapter {', '.join(tainted)} trained on data of a forgotten user")
@@ -462,9 +428,9 @@ def export_user(settings: Settings, user_id: str) -> Iterator[dict]:
                     snapshot_ids.add(snap["id"])
                     yield {"category": "snapshot_example", "snapshot": snap["id"], "split": name,
                            "record": open_messages(record, cipher)}
-    for version, entry in doc["adapters"].items():
-        if user_hash in (entry.get("user_hashes") or []) or (entry.get("snapshot") or {}).get("id") in snapshot_ids:
-            yield {"category": "adapter", "record": _adapter_summary(version, entry)}
+    for entry in registry.adapters(doc):
+        if user_hash in entry.user_hashes or entry.snapshot_id in snapshot_ids:
+            yield {"category": "adapter", "record": _adapter_summary(entry)}
 
 
 def _export_raw(path: Path, user_hash: str, cipher=None) -> Iterator[dict]:
@@ -492,6 +458,6 @@ def _unreadable_of(path: Path, user_hash: str, numbers: set[int]) -> Iterator[di
             yield {"category": "unreadable_record", "record": record}
 
 
-def _adapter_summary(version: str, entry: dict) -> dict:
+def _adapter_summary(entry: registry.Adapter) -> dict:
     keys = ("status", "created_at", "snapshot", "base_model", "tainted_at", "tainted_reason")
-    return {"version": version, **{k: entry[k] for k in keys if k in entry}}
+    return {"version": entry.version, **{k: entry.record[k] for k in keys if k in entry.record}}

@@ -80,12 +80,12 @@ class ChatModel:
         recorded (RegistryError when they differ), so a chat, the service or an A/B arm never answers with
         weights that changed behind the registry's back. Versions already loaded were checked when they were."""
         if version is not None and version not in self.adapters:
-            from ..registry import verify_adapter_files
+            from ..registry import adapter_view, verify_adapter_files
 
-            entry = doc["adapters"].get(version)
+            entry = adapter_view(doc, version)
             if entry is None:
                 raise ModelNotFoundError(f"adapter {version} is not registered", "see 'cl adapters'")
-            self.use(version, verify_adapter_files(settings, {"version": version, **entry}))
+            self.use(version, verify_adapter_files(settings, entry))
             return
         self.use(version)
 

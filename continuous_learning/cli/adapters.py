@@ -24,19 +24,19 @@ def register(app: typer.Typer) -> None:
 
 
 def _adapter_rows(doc: dict) -> list[dict]:
-    from ..registry import latest_eval, sorted_versions
+    from ..registry import adapters_by_version
 
     rows = []
-    for version in sorted_versions(doc):
-        entry, last = doc["adapters"][version], latest_eval(doc["adapters"][version])
+    for entry in adapters_by_version(doc):
+        last = entry.latest_eval
         rows.append({
-            "version": version,
-            "status": entry["status"],
-            "champion": doc["champion"] == version,
+            "version": entry.version,
+            "status": entry.status,
+            "champion": doc["champion"] == entry.version,
             "accuracy": last.get("accuracy") if last else None,
             "general_accuracy": last.get("general_accuracy") if last else None,
-            "created_at": entry.get("created_at"),
-            "note": entry.get("note"),
+            "created_at": entry.created_at,
+            "note": entry.note,
         })
     return rows
 
@@ -116,12 +116,15 @@ def adapters_export_cmd(
 
 
 def _adapter_parents(doc: dict, version: str) -> list[str]:
+    from ..registry import adapter_view, registered_adapter
+
     chain, seen = [], {version}
-    parent = doc["adapters"][version].get("parent")
+    parent = registered_adapter(doc, version).parent
     while parent and parent not in seen:
         chain.append(parent)
         seen.add(parent)
-        parent = (doc["adapters"].get(parent) or {}).get("parent")
+        view = adapter_view(doc, parent)
+        parent = view.parent if view is not None else None
     return chain
 
 

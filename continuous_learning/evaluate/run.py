@@ -34,7 +34,7 @@ def plan(doc: dict, version: str | None = None, against: str | None = None) -> d
             registry.adapter(doc, other)
     if compare and other == subject:
         raise InputError(f"cannot evaluate {label(subject)} against itself", "pick another with --against")
-    is_candidate = subject is not None and doc["adapters"][subject]["status"] == "candidate"
+    is_candidate = subject is not None and registry.registered_adapter(doc, subject).status == "candidate"
     gated = compare and is_candidate and other == doc["champion"]
     return {"subject": subject, "against": other, "compare": compare, "gated": gated}
 
@@ -108,12 +108,12 @@ def _measured_in_training(doc: dict, steps: dict, snapshot: str | None, key: str
     subject = steps["subject"]
     if subject is None or snapshot is None:
         return {}
-    entry = doc["adapters"][subject]
-    metrics = entry.get("metrics") or {}
-    if (entry.get("snapshot") or {}).get("id") != snapshot or metrics.get(key) is None:
+    entry = registry.registered_adapter(doc, subject)
+    metrics = entry.metrics
+    if entry.snapshot_id != snapshot or metrics.get(key) is None:
         return {}
     known = {subject: figures(metrics, "")}
-    started_from = (entry.get("warm_start") or {}).get("from")
+    started_from = entry.warm_start_from
     if steps["compare"] and steps["against"] == started_from and metrics.get(f"{key}_start") is not None:
         known[started_from] = figures(metrics, "_start")
     needed = {subject, steps["against"]} if steps["compare"] else {subject}
@@ -122,7 +122,7 @@ def _measured_in_training(doc: dict, steps: dict, snapshot: str | None, key: str
 
 def _own_snapshot(settings: Settings, doc: dict, version: str) -> str | None:
     """The snapshot an adapter was trained on, when its held-out slice is still on disk."""
-    snapshot_id = (doc["adapters"][version].get("snapshot") or {}).get("id")
+    snapshot_id = registry.registered_adapter(doc, version).snapshot_id
     if not snapshot_id:
         return None
     try:

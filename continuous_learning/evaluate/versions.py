@@ -36,7 +36,7 @@ def result_context(settings: Settings, base_sha256: str) -> dict:
 def earlier_part(doc: dict, version: str | None, context: dict, part: str, sha256: str) -> dict | None:
     """The scored `part` ("target" or "general") of an earlier result of `version` on the same questions under the
     same context, from the registry; None when there is none. Greedy answers of the same weights do not change."""
-    results = doc.get("base_evals", []) if version is None else doc["adapters"][version].get("evals", [])
+    results = doc.get("base_evals", []) if version is None else list(registry.registered_adapter(doc, version).evals)
     for result in reversed(results):
         if not isinstance(result, dict) or result.get("context") != context:
             continue

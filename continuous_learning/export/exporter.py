@@ -96,9 +96,12 @@ def resolve_source(settings: Settings, doc: dict, requested: str) -> Source:
 def check_same_base(doc: dict, source: Source, base) -> None:
     if source.version is None:
         return
-    recorded = (doc["adapters"][source.version].get("base_model") or {}).get("sha256")
+    from ..registry import registered_adapter
+
+    trained_on = registered_adapter(doc, source.version).base_model
+    recorded = trained_on.get("sha256")
     if recorded and recorded != base.sha256:
-        name = (doc["adapters"][source.version].get("base_model") or {}).get("name", "another base")
+        name = trained_on.get("name", "another base")
         raise RegistryError(f"adapter {source.version} was trained on {name} (sha256 {recorded[:12]}), not on the "
                             f"configured base {base.name} (sha256 {base.sha256[:12]})",
                             "pass the base it was trained on with --base-model")

@@ -104,12 +104,12 @@ def untrained_snapshot(doc: dict) -> str | None:
     latest = registry.latest_snapshot(doc)
     if latest is None:
         return None
-    trained = {(e.get("snapshot") or {}).get("id") for e in doc["adapters"].values()}
+    trained = {a.snapshot_id for a in registry.adapters(doc)}
     return None if latest["id"] in trained else latest["id"]
 
 
 def latest_eval_time(doc: dict) -> datetime | None:
-    evals = doc["adapters"][doc["champion"]].get("evals", [])
+    evals = registry.registered_adapter(doc, doc["champion"]).evals
     times = [parse_time(e["created_at"]) for e in evals if isinstance(e, dict) and isinstance(e.get("created_at"), str)]
     return max(times) if times else None
 

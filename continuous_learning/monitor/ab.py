@@ -174,12 +174,10 @@ def running_test(settings: Settings) -> dict | None:
 def can_serve(test: dict | None, doc: dict) -> bool:
     """Whether a running test's candidate may still answer: registered and neither failed nor tainted (a forget
     that taints it also stops the test; this guards the moments in between and hand-edited state files)."""
-    from ..registry import UNUSABLE
-
     if not test or test.get("status") != RUNNING:
         return False
-    entry = doc["adapters"].get(test.get("candidate"))
-    return entry is not None and entry.get("status") not in UNUSABLE
+    entry = registry.adapter_view(doc, test.get("candidate"))
+    return entry is not None and entry.can_serve
 
 
 def session_arm(test: dict | None, session_id: str, session_started: str) -> str | None:
@@ -190,12 +188,9 @@ def session_arm(test: dict | None, session_id: str, session_started: str) -> str
 
 
 def check_candidate(doc: dict, candidate: str) -> None:
-    entry = doc["adapters"].get(candidate)
-    if entry is None:
-        known = ", ".join(sorted(doc["adapters"])) or "none yet"
-        raise RegistryError(f"no adapter version '{candidate}'", f"known versions: {known} (see 'cl adapters')")
-    if entry["status"] in UNUSABLE:
-        raise RegistryError(f"adapter {candidate} is {entry['status']} and cannot serve", "choose another candidate")
+    entry = registry.registered_adapter(doc, candidate)
+    if not entry.can_serve:
+        raise RegistryError(f"adapter {candidate} is {entry.status} and cannot serve", "choose another candidate")
     if doc["champion"] == candidate:
         raise InputError(f"adapter {candidate} is already the champion", "A/B-test a candidate against it instead")
 
@@ -210,7 +205,7 @@ def start_test(settings: Settings, candidate: str, traffic: float | None = None)
                                                                                             "10% of new sessions")
     doc = registry.load(settings)
     check_candidate(doc, candidate)
-    verify_adapter_files(settings, doc["adapters"][candidate])
+    verify_adapter_files(settings, registry.registered_adapter(doc, candidate))
     with registry.locked(settings):
         doc = registry.load(settings)
         check_candidate(doc, candidate)

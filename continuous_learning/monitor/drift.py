@@ -285,14 +285,12 @@ def champion_snapshot_ids(doc: dict) -> tuple[str | None, list[str]]:
     snapshots: list[str] = []
     seen: set[str] = set()
     version = champion
-    while version and version in doc["adapters"] and version not in seen:
+    while version and (entry := registry.adapter_view(doc, version)) is not None and version not in seen:
         seen.add(version)
-        entry = doc["adapters"][version]
-        snap = (entry.get("snapshot") or {}).get("id")
+        snap = entry.snapshot_id
         if snap and snap not in snapshots:
             snapshots.append(snap)
-        warm = entry.get("warm_start")
-        version = warm.get("from") if isinstance(warm, dict) else None
+        version = entry.warm_start_from
     return champion, snapshots
 
 

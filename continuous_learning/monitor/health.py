@@ -75,7 +75,7 @@ def _roll_back(settings: Settings, champion: str, predecessor: str | None, decis
     doc = registry.load(settings)
     if doc["champion"] != champion:  # someone moved it meanwhile: their decision stands
         return False
-    status = doc["adapters"][predecessor]["status"] if predecessor is not None else "base"
+    status = registry.registered_adapter(doc, predecessor).status if predecessor is not None else "base"
     if status in UNUSABLE:
         decision["reasons"].append(f"predecessor {predecessor} is {status}: choose a target with 'cl rollback --to "
                                    f"VERSION'")

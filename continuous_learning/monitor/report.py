@@ -28,10 +28,10 @@ class Section:
 
 
 # --- data -------------------------------------------------------------------------------------------------
-def loss_history(settings: Settings, entry: dict) -> list[tuple[int, float]]:
+def loss_history(settings: Settings, entry: registry.Adapter) -> list[tuple[int, float]]:
     """(step, loss) rows an adapter's training wrote to `metrics.jsonl` in its folder."""
     try:
-        folder = registry.confined(settings, entry.get("path") or f"adapters/{entry.get('version')}")
+        folder = registry.confined(settings, entry.path or f"adapters/{entry.version}")
     except CLError:
         return []
     rows = []
@@ -44,16 +44,16 @@ def loss_history(settings: Settings, entry: dict) -> list[tuple[int, float]]:
 
 def eval_points(doc: dict) -> list[tuple[str, float, float | None]]:
     """(label, keyword accuracy, general accuracy) of the latest eval of the base model and every adapter."""
-    from ..registry import latest_eval, sorted_versions
+    from ..registry import adapters_by_version
 
     points = []
     base = (doc.get("base_evals") or [None])[-1]
     if base and base.get("accuracy") is not None:
         points.append(("base", float(base["accuracy"]), base.get("general_accuracy")))
-    for version in sorted_versions(doc):
-        last = latest_eval(doc["adapters"][version])
+    for entry in adapters_by_version(doc):
+        last = entry.latest_eval
         if last and last.get("accuracy") is not None:
-            points.append((version, float(last["accuracy"]), last.get("general_accuracy")))
+            points.append((entry.version, float(last["accuracy"]), last.get("general_accuracy")))
     return points
 
 
@@ -168,7 +168,7 @@ def adapters_section(status: dict, doc: dict) -> Section:
 
 def loss_section(settings: Settings, doc: dict) -> Section:
     section = Section("Training loss", chart="training_loss")
-    curves = {v: rows for v, e in doc["adapters"].items() if (rows := loss_history(settings, {"version": v, **e}))}
+    curves = {a.version: rows for a in registry.adapters(doc) if (rows := loss_history(settings, a))}
     if curves:
         section.png = loss_chart(curves)
         section.text.append("Loss on the assistant tokens per optimizer step, from each adapter's metrics.jsonl.")

@@ -191,21 +191,21 @@ def _details(event: dict) -> dict:
 
 # --- the registry ---------------------------------------------------------------------------------------
 def adapters_summary(doc: dict, feedback: dict[str, dict]) -> list[dict]:
-    from ..registry import latest_eval, sorted_versions
+    from ..registry import adapters_by_version
 
     rows = []
-    for version in sorted_versions(doc):
-        entry = doc["adapters"][version]
-        last = latest_eval(entry) or {}
+    for entry in adapters_by_version(doc):
+        version = entry.version
+        last = entry.latest_eval or {}
         rows.append({
             "version": version,
-            "status": entry.get("status"),
-            "created_at": entry.get("created_at"),
-            "snapshot": (entry.get("snapshot") or {}).get("id"),
-            "final_loss": (entry.get("metrics") or {}).get("final_loss"),
+            "status": entry.status,
+            "created_at": entry.created_at,
+            "snapshot": entry.snapshot_id,
+            "final_loss": entry.metrics.get("final_loss"),
             "eval_accuracy": last.get("accuracy"),
             "general_accuracy": last.get("general_accuracy"),
-            "evals": len(entry.get("evals") or []),
+            "evals": len(entry.evals),
             "helpful_rate": (feedback.get(version) or {}).get("helpful_rate"),
             "rated": (feedback.get(version) or {}).get("rated", 0),
         })

@@ -13,10 +13,13 @@ from ..core.settings import Settings
 from .document import confined, load, update
 from .integrity import file_sha256
 from .transitions import adapter, label, move_champion, promote, record_eval, rollback_target
+from .views import Adapter
 
 
-def verify_adapter_files(settings: Settings, entry: dict) -> Path:
-    """The adapter's folder, after checking every recorded file against its sha256."""
+def verify_adapter_files(settings: Settings, entry: dict | Adapter) -> Path:
+    """The adapter's folder, after checking every recorded file against its sha256 (an entry or its view)."""
+    if isinstance(entry, Adapter):
+        entry = {"version": entry.version, "path": entry.path, "sha256": entry.sha256}
     version = entry.get("version", "?")
     folder = confined(settings, entry.get("path") or f"adapters/{version}")
     expected = entry.get("sha256") or {}

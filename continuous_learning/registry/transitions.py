@@ -1,12 +1,13 @@
-"""Champion transitions on the registry document: promote, roll back, record an eval, and the read helpers
-(version order, latest eval, who may serve). Pure: a document in, the same document changed out; no files."""
+"""Champion transitions on the registry document: promote, roll back, record an eval, taint what a forgotten user's
+data trained and retire a tainted champion, and the read helpers (version order, latest eval, who may serve).
+Pure: a document in, the same document changed out; no files."""
 from __future__ import annotations
 
 from typing import Any
 
 from ..core.errors import NothingToDo, RegistryError
 from ..core.records import utc_now
-from .views import UNUSABLE_STATUSES
+from .views import UNUSABLE_STATUSES, Adapter, adapter_status, version_key
 
 UNUSABLE = UNUSABLE_STATUSES
 BASE = "base"  # how users name "no adapter" on the command line
@@ -21,6 +22,11 @@ def adapter(doc: dict, version: str) -> dict:
         known = ", ".join(sorted(doc["adapters"])) or "none yet"
         raise RegistryError(f"no adapter version '{version}'", f"known versions: {known} (see 'cl adapters')")
     return entry
+
+
+def registered_adapter(doc: dict, version: str) -> Adapter:
+    """The view of a registered version; RegistryError naming the known ones when it is not registered."""
+    return Adapter.from_entry(version, adapter(doc, version))
 
 
 def _usable(doc: dict, version: str | None) -> None:
@@ -108,22 +114,49 @@ def record_eval(doc: dict, version: str | None, result: dict) -> dict:
 
 
 def newest_candidate(doc: dict) -> str | None:
-    candidates = [(e.get("created_at", ""), _version_key(v), v)
+    candidates = [(e.get("created_at", ""), version_key(v), v)
                   for v, e in doc["adapters"].items() if e["status"] == "candidate"]
     return max(candidates)[2] if candidates else None
 
 
-def _version_key(version: str) -> tuple:
-    try:
-        return tuple(int(p) for p in version.split("."))
-    except ValueError:
-        return (version,)
-
-
 def sorted_versions(doc: dict) -> list[str]:
-    return sorted(doc["adapters"], key=_version_key)
+    return sorted(doc["adapters"], key=version_key)
 
 
 def latest_eval(entry: dict) -> dict | None:
     return entry["evals"][-1] if entry.get("evals") else None
 
+
+
+def taint_adapters(doc: dict, user_hash: str, snapshot_ids: set[str]) -> list[str]:
+    """Mark every adapter trained on the user's data `tainted` and drop the user's hash from every adapter entry
+    (pure on `doc`); returns the newly tainted."""
+    tainted = []
+    for version, entry in doc["adapters"].items():
+        hashes = entry.get("user_hashes") or []
+        trained_on = user_hash in hashes or (entry.get("snapshot") or {}).get("id") in snapshot_ids
+        if user_hash in hashes:
+            entry["user_hashes"] = [h for h in hashes if h != user_hash]
+        if trained_on and entry.get("status") != "tainted":
+            entry.update(status="tainted", tainted_at=utc_now(), tainted_reason="trained on data of a forgotten user")
+            tainted.append(version)
+    return tainted
+
+
+def retire_tainted_champion(doc: dict) -> dict | None:
+    """If the champion is tainted, serve the nearest untainted ancestor in the promotion history instead
+    (or the base model). Pure on `doc`; returns the move, or None when the champion is fine.
+
+    The ancestor's files are not re-verified here: `cl rollback --to` does that when choosing by hand."""
+    old = doc.get("champion")
+    if old is None or adapter(doc, old).get("status") != "tainted":
+        return None
+    lineage = champion_lineage(doc)
+    target = next((v for v in lineage if v is None or adapter_status(doc, v) not in UNUSABLE), None)
+    if target is not None:
+        adapter(doc, target)["status"] = "champion"
+    doc["champion"] = target
+    move = {"action": "forget", "from": old, "to": target, "at": utc_now(),
+            "reason": "champion trained on data of a forgotten user"}
+    doc["history"].append(move)
+    return move

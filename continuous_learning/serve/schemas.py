@@ -31,7 +31,7 @@ from ..core.records import Feedback, new_id
 from ..core.settings import Settings
 from ..loop.jobs import JobConflict
 from ..loop.workflow import TRAIN_KNOBS, LoopOptions
-from ..registry import BASE, UNUSABLE, sorted_versions
+from ..registry import BASE, adapter_view, serving_adapters
 from ..storage.keys import workspace_secret
 
 CHAMPION = "champion"
@@ -118,17 +118,17 @@ def resolve_model(doc: dict, requested: str | None, base_name: str = "") -> str 
         return doc.get("champion")
     if name in (BASE, base_name):
         return None
-    entry = doc["adapters"].get(name)
+    entry = adapter_view(doc, name)
     if entry is None:
         known = ", ".join([CHAMPION, BASE, *usable_versions(doc)])
         raise ApiError(404, f"the model '{name}' does not exist; known models: {known}", "model_not_found", "model")
-    if entry["status"] in UNUSABLE:
-        raise ApiError(404, f"adapter {name} is {entry['status']} and cannot serve", "model_not_found", "model")
+    if not entry.can_serve:
+        raise ApiError(404, f"adapter {name} is {entry.status} and cannot serve", "model_not_found", "model")
     return name
 
 
 def usable_versions(doc: dict) -> list[str]:
-    return [v for v in sorted_versions(doc) if doc["adapters"][v]["status"] not in UNUSABLE]
+    return [a.version for a in serving_adapters(doc)]
 
 
 def model_label(version: str | None) -> str:
@@ -142,7 +142,7 @@ def model_list(doc: dict, base_name: str, created: int) -> dict:
 
     champion = doc.get("champion")
     data = [item(CHAMPION, serves=model_label(champion)), item(BASE, base_model=base_name)]
-    data += [item(v, status=doc["adapters"][v]["status"]) for v in usable_versions(doc)]
+    data += [item(a.version, status=a.status) for a in serving_adapters(doc)]
     return {"object": "list", "data": data}
 
 

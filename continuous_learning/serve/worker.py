@@ -22,7 +22,7 @@ from ..core.records import Interaction
 from ..core.settings import Settings
 from ..loop.jobs import JobManager
 from ..monitor.status import collect_status
-from ..registry import sorted_versions
+from ..registry import adapters_by_version
 from ..storage import keys
 from ..storage.crypto import cipher_from_env
 from ..storage.keys import secrets_problem
@@ -409,8 +409,8 @@ class Service:
         return {
             "object": "status", "base_model": self.chat.base.name, "champion": model_label(doc.get("champion")),
             "serving": model_label(self.chat.active),
-            "candidates": [v for v in sorted_versions(doc) if doc["adapters"][v]["status"] == "candidate"],
-            "adapters": {v: doc["adapters"][v]["status"] for v in sorted_versions(doc)},
+            "candidates": [a.version for a in adapters_by_version(doc) if a.status == "candidate"],
+            "adapters": {a.version: a.status for a in adapters_by_version(doc)},
             "snapshots": len(doc["snapshots"]),
             "queue": {"depth": self.worker.depth, "waiting": self.worker.queue.qsize(),
                       "capacity": self.settings.serve.queue_size},

@@ -326,7 +326,7 @@ class Trainer:
         """Move the finished run into `adapters/<version>/` and register it as a candidate. Returns the entry."""
         run_folder.clear_run_files(self.run_dir)
         doc = registry.load(self.settings)
-        if self.version in doc["adapters"] or (self.settings.adapters_dir / self.version).exists():
+        if registry.adapter_view(doc, self.version) is not None or (self.settings.adapters_dir / self.version).exists():
             # taken meanwhile, or a folder the registry does not know (an older registry restored): never
             # overwrite it, take the next free version
             self.version = run_folder.free_version(self.settings, doc, self.base.sha256)

@@ -244,4 +244,4 @@ def register_candidate(settings: Settings, run_dir: Path, lineage: dict, metrics
     doc = registry.update(settings, lambda d: registry.register_adapter(d, entry), "adapter_trained",
                           version=version, snapshot=lineage["snapshot"]["id"], parent=lineage["parent"],
                           final_loss=metrics.get("final_loss"))
-    return final, doc["adapters"][version]
+    return final, registry.adapter(doc, version)

@@ -26,16 +26,16 @@ class WarmStart:
 
 def verified_adapter_dir(settings: Settings, doc: dict, version: str) -> Path:
     """The folder of registered adapter `version`, refused when a file no longer matches its sha256."""
-    entry = doc["adapters"].get(version)
+    entry = registry.adapter_view(doc, version)
     if entry is None:
         raise TrainingFailed(f"the parent adapter {version} of this run is no longer registered",
                              "start over with 'cl train --fresh'")
-    folder = registry.confined(settings, entry["path"])
-    for name, digest in (entry.get("sha256") or {}).items():
+    folder = registry.confined(settings, entry.path)
+    for name, digest in entry.sha256.items():
         path = folder / name
         if not path.exists() or file_sha256(path) != digest:
             raise TrainingFailed(
-                f"adapter {version} at {entry['path']} does not match its registered sha256 ({name})",
+                f"adapter {version} at {entry.path} does not match its registered sha256 ({name})",
                 "train from the base model with 'cl train --fresh', or roll back to a sound champion",
             )
     return folder

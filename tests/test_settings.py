@@ -61,6 +61,24 @@ def test_cli_reports_a_bad_setting_in_one_line(tmp_path):
     assert "Traceback" not in result.output
 
 
+def test_train_section_refuses_bad_values_when_built_naming_every_one(tmp_path):
+    (tmp_path / "cl.toml").write_text('[train]\nlora_r = 0\nobjective = "orpo"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_settings(home=tmp_path, env={"CL_TRAIN_LEARNING_RATE": "-1"})
+    assert caught.value.message == ("train.lora_r must be >= 1 (got 0); train.learning_rate must be a positive number "
+                                    "(got -1.0); train.objective must be one of auto, sft, kto, dpo (got 'orpo')")
+    assert caught.value.hint == "change the flag, the [train] section of cl.toml or the CL_TRAIN_* variable"
+    with pytest.raises(ConfigError, match="train.target_modules is empty"):
+        dataclasses.replace(load_settings(home=tmp_path / "x", env={}).train, target_modules=" , ")
+
+
+def test_cli_reports_a_bad_train_flag_in_one_line(tmp_path):
+    result = CliRunner().invoke(cli.app, ["--home", str(tmp_path), "train", "--lr", "-1"])
+    assert result.exit_code == ConfigError.exit_code
+    assert "train.learning_rate must be a positive number (got -1.0)" in result.output
+    assert "Traceback" not in result.output
+
+
 def test_importing_the_model_runtime_leaves_the_environment_alone():
     code = ("import os; before = dict(os.environ); import continuous_learning.chat.models as m\n"
             "assert dict(os.environ) == before, 'import changed os.environ'\n"

@@ -109,9 +109,9 @@ def test_schedule_steps_and_data_order_are_deterministic(settings):
 
 def test_bad_config_is_refused_before_anything_heavy(settings):
     add_snapshot(settings, [qa(*FACTS[0])])
-    bad = dataclasses.replace(settings, train=dataclasses.replace(settings.train, learning_rate=math.inf, lora_r=0))
-    with pytest.raises(ConfigError) as info:
-        run_training(bad)
+    with pytest.raises(ConfigError) as info:  # the config refuses the values when it is built
+        run_training(dataclasses.replace(settings, train=dataclasses.replace(settings.train, learning_rate=math.inf,
+                                                                            lora_r=0)))
     assert "learning_rate" in info.value.message and "lora_r" in info.value.message
     assert not list(settings.adapters_dir.glob(".*.partial")) and registry.load(settings)["adapters"] == {}
 

@@ -2,7 +2,7 @@
 candidate (`recipe`: `Trainer` with setup / train / save / register / cleanup, and `run_training`), and the parts
 it composes:
 
-- `config`: validation of the [train] settings, the step budget and the learning-rate schedule;
+- `config`: the step budget and the learning-rate schedule of the [train] settings (which validate themselves, in core);
 - `run_folder`: the partial run folder, its FAILED marker, checkpoints, resume and run.json;
 - `warm_start`: which adapter a run starts from;
 - `data`, `encode`, `rehearsal`, `preference`: what a run learns from (snapshot records, label masking, the base
@@ -17,16 +17,15 @@ it composes:
 Stands on core, storage, registry and chat. torch, transformers, peft and bitsandbytes are imported inside
 functions only, so importing this package stays cheap.
 """
+from ..core.settings import REHEARSAL_MODES, target_modules
 from .collate import Batch, KlTargets, SequenceTargets, collate_packed, collate_padded, loss_positions, micro_batches
 from .command import TRAIN_FLAGS, _parse_args, main
 from .config import (
     EPOCHS_FLAG_CEILING,
     MAX_GRAD_NORM,
-    REHEARSAL_MODES,
     lr_multiplier,
     step_overrides,
     step_size,
-    target_modules,
     total_steps,
     validate_train_config,
     warmup_steps,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from ..chat.models import BaseModel, load_model
 from ..core.errors import ConfigError, TrainingFailed
-from ..core.settings import TrainConfig
-from .config import lr_multiplier, target_modules, warmup_steps
+from ..core.settings import TrainConfig, target_modules
+from .config import lr_multiplier, warmup_steps
 
 
 @dataclasses.dataclass

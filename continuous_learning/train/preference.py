@@ -22,9 +22,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..core.settings import OBJECTIVES
 from ..storage.crypto import Cipher, decrypt_text, encrypt_text
 
-OBJECTIVES = ("auto", "sft", "kto", "dpo")
 # Log-ratios enter the losses per token (the sum over the answer divided by its length, as SimPO, Meng et al. 2024,
 # does for DPO): with sums, a long answer saturates the loss after a small per-token change and a short one needs
 # a large one; per token, every answer is pushed until it is about 3 / BETA nats per token below the base (in the

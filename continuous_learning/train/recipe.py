@@ -34,7 +34,7 @@ from ..core.settings import Settings, TrainConfig
 from ..storage.store import append_jsonl, atomic_write_json, workspace_lock
 from . import launcher, losses, metrics, preference, references, run_folder
 from .collate import Batch, collate_padded, micro_batches
-from .config import total_steps, validate_train_config
+from .config import total_steps
 from .data import RunData, prepare_data, resolve_snapshot, snapshot_file
 from .model_build import build_model, build_optimizer, release_memory, require_bitsandbytes, unpack_bnb_cpu_weights
 from .plan import shard, step_anchors, step_examples, step_undesirable
@@ -95,9 +95,8 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        """Validate, resolve snapshot and base, load and wrap the model, build optimizer and schedule."""
+        """Resolve snapshot and base, load and wrap the model, build optimizer and schedule."""
         started = time.perf_counter()
-        validate_train_config(self.cfg)
         quiet_known_warnings()  # before anything imports bitsandbytes
         self.world, self.rank, self.accelerator = launcher.join_process_group()
         require_bitsandbytes(self.cfg)
@@ -348,11 +347,10 @@ def run_training(settings: Settings, snapshot_id: str | None = None, fresh: bool
     """Train, save and register a candidate adapter under the workspace 'train' lock. Returns its registry entry.
 
     Raises LockHeldError when another training holds the lock, NothingToDo without a snapshot (or, with
-    resume, without an interrupted run), ConfigError for bad hyperparameters (before anything heavy is loaded),
-    and TrainingFailed for everything that goes wrong once a run folder exists (NaN, exceptions, Ctrl-C):
-    then nothing is registered and the run folder keeps a FAILED file with the reason.
+    resume, without an interrupted run), and TrainingFailed for everything that goes wrong once a run folder exists
+    (NaN, exceptions, Ctrl-C): then nothing is registered and the run folder keeps a FAILED file with the reason.
+    Bad hyperparameters never get this far: `TrainConfig` refuses them (ConfigError) when the settings are built.
     """
-    validate_train_config(settings.train)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1 and settings.train.num_processes > 1:
         with workspace_lock(settings.lock_dir, "train"):

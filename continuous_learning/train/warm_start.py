@@ -8,9 +8,8 @@ from pathlib import Path
 from .. import registry
 from ..chat.models import file_sha256
 from ..core.errors import TrainingFailed
-from ..core.settings import Settings, TrainConfig
+from ..core.settings import Settings, TrainConfig, target_modules
 from ..storage.store import read_json
-from .config import target_modules
 
 
 @dataclasses.dataclass(frozen=True)

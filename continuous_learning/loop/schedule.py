@@ -126,7 +126,7 @@ def job_secrets(settings: Settings, env: dict | None = None) -> dict[str, str]:
     """Environment for the jobs: *_FILE variables naming 0600 files that hold the key and the salt this shell
     uses (written now when they come from the environment). Never a secret itself: those stay off every command
     line and out of the crontab."""
-    env = dict(os.environ) if env is None else env
+    env = dict(keys.secret_env(env))
     out: dict[str, str] = {}
     key_file = _secret_file(env, keys.KEY_ENV, keys.KEY_FILE_ENV, secrets_dir(settings.home) / "encryption_key")
     if key_file:

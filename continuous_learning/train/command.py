@@ -8,7 +8,7 @@ from pathlib import Path
 from ..core.errors import CLError
 from ..storage.store import atomic_write_json
 from .config import step_overrides
-from .launcher import PROGRESS_ENV, RESULT_ENV, child_progress, settings_from_env
+from .launcher import child_progress, process_role, settings_from_env
 from .recipe import run_training
 
 
@@ -51,8 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     import sys
 
     args = _parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    result_file = os.environ.get(RESULT_ENV)
+    role = process_role()
+    rank, result_file = role.rank, role.result_file
     try:
         overrides = {"train": {**{k: getattr(args, k) for k in TRAIN_FLAGS}, **step_overrides(args.steps, args.epochs)}}
         if args.base_model:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             env["CL_HOME"] = args.home
         settings = settings_from_env(env, overrides, debug=args.debug)
         entry = run_training(settings, snapshot_id=args.snapshot, fresh=args.fresh, resume=args.resume, note=args.note,
-                             progress=child_progress(os.environ.get(PROGRESS_ENV) == "1"))
+                             progress=child_progress(role.progress_json))
     except CLError as exc:
         if result_file:  # rank 0's error is the one shown; another rank's only when rank 0 had none
             target = Path(result_file if rank == 0 else f"{result_file}.rank{rank}")

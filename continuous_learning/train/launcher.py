@@ -3,8 +3,9 @@ read back as JSON lines, the result or error read from a file rank 0 writes) and
 process group, DDP over the LoRA weights, summing a step's metrics over the processes)."""
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from ..core.errors import CLError, ConfigError, TrainingFailed
@@ -20,10 +21,32 @@ PROGRESS_PREFIX = "@cl-progress "
 SETTINGS_ENV = "CL_TRAIN_SETTINGS_JSON"  # the launcher's resolved settings, for launched processes
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessRole:
+    """This process's place in a launch, from the variables torchrun / accelerate / `launch_processes` set: the one
+    place they are read."""
+    world: int = 1
+    rank: int = 0
+    lock_held_by_launcher: bool = False  # the launching process holds the workspace 'train' lock
+    result_file: str | None = None  # where this launch's result goes (launched by `launch_processes`)
+    progress_json: bool = False  # rank 0 prints progress events as JSON lines for the launcher
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def process_role(env: Mapping[str, str] | None = None) -> ProcessRole:
+    env = os.environ if env is None else env
+    return ProcessRole(world=int(env.get("WORLD_SIZE", "1")), rank=int(env.get("RANK", "0")),
+                       lock_held_by_launcher=env.get(LOCK_HELD_ENV) == "1", result_file=env.get(RESULT_ENV),
+                       progress_json=env.get(PROGRESS_ENV) == "1")
+
+
 def join_process_group():
     """(world, rank, accelerator): the process group joined when a launcher (torchrun, accelerate launch) started
     several processes, else (1, 0, None)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if process_role().world <= 1:
         return 1, 0, None
     import torch
     from accelerate import Accelerator

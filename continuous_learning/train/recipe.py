@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -351,14 +350,13 @@ def run_training(settings: Settings, snapshot_id: str | None = None, fresh: bool
     (NaN, exceptions, Ctrl-C): then nothing is registered and the run folder keeps a FAILED file with the reason.
     Bad hyperparameters never get this far: `TrainConfig` refuses them (ConfigError) when the settings are built.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 and settings.train.num_processes > 1:
+    role = launcher.process_role()
+    if role.world <= 1 and settings.train.num_processes > 1:
         with workspace_lock(settings.lock_dir, "train"):
             return launcher.launch_processes(settings, snapshot_id=snapshot_id, fresh=fresh, resume=resume, note=note,
                                     progress=progress)
     # under a launcher the lock is held by whoever launched us (LOCK_HELD_ENV), else by rank 0 alone
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    take_lock = rank0 and os.environ.get(launcher.LOCK_HELD_ENV) != "1"
+    take_lock = role.is_main and not role.lock_held_by_launcher
     with workspace_lock(settings.lock_dir, "train") if take_lock else contextlib.nullcontext():
         trainer = Trainer(settings, snapshot_id=snapshot_id, fresh=fresh, resume=resume, note=note, progress=progress)
         try:

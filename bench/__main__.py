@@ -25,7 +25,7 @@ NOT_ALONE = {GPU_WORKLOAD, "export"}  # export's llama.cpp figures are part of t
 # Workloads with their own budget (minutes, and a 10 GB generated log): run them with --only, not by default.
 OWN_BUDGET = {"curate_10m"}
 # the default run's order: quick workloads first, so an error shows early; the 10M curate last
-ORDER = ("rollback", "eval", "chat", "sanitize", "train", "curate", "curate_10m")
+ORDER = ("rollback", "eval", "chat", "sanitize", "train", "loop", "curate", "curate_10m")
 
 
 def discover() -> list[str]:

@@ -5,8 +5,9 @@ TRL's `SFTTrainer` on the same tokens. Each repeat runs every side once, interle
 them alike; ratios are per repeat, then the median and the spread.
 
 The equal-work runs of `cl train` turn rehearsal off (`CL_TRAIN_REHEARSAL=off`): its KL term toward the frozen base
-is work the baselines do not do. A default `cl train` (rehearsal on) runs too, so the cost of each extra per-step
-term is measured rather than guessed (`extra_term_variants`)."""
+is work the baselines do not do. A default `cl train` (rehearsal on) runs too, and so does the preference term (KTO
+on answers rated "no") against SFT alone on the same snapshot, so the cost of each extra per-step term is measured
+rather than guessed (`extra_term_variants`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -47,21 +48,38 @@ MAX_REPEATS = 3  # one repeat trains the real model three times
 # entropy and top-1 metrics at every position): it trains one epoch of the same examples, and its tokens/s (a rate)
 # is compared; its whole-command time is not comparable and is not reported as a ratio.
 TRL_EPOCHS = 1
-# One TRL run per benchmark run: at its speed here, three did not fit a whole run on 2 cores under a load of 10.
-TRL_REPEATS = 1
+TRL_REPEATS = MAX_REPEATS  # a median of three, like the other sides (about 100 s each here)
 
 WORDS = ("valve pump line lot torque pressure gauge shift batch seal filter motor sensor belt panel cooling "
          "operator inspect release check start stop record replace clean calibrate wait confirm open close "
          "north south hall orion kestrel vanta amsel quickly carefully first then finally before after").split()
 
 
-def extra_term_variants() -> dict[str, dict[str, str]]:
-    """The `cl train` variants whose per-step cost is reported, as environment settings: 'none' is the equal-work
-    run. A new per-step loss term (e.g. a preference term) adds its own entry here, with the settings that turn it
-    on, and its seconds per step appear next to the KL term's in RESULTS.md."""
+PREFERENCE_SNAPSHOT = "bench_pref"
+REJECTED_PER_EXAMPLE = 2  # one answer rated "no" for every second helpful one
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A `cl train` run whose seconds per step are reported: its settings, snapshot, and the run it is compared
+    with (the same data without the term)."""
+
+    env: dict[str, str]
+    snapshot: str = "bench"
+    compared_with: str = "none"
+
+
+def extra_term_variants() -> dict[str, Variant]:
+    """'none' is the equal-work run. Each other entry turns one per-step loss term on, and its extra seconds per
+    step over `compared_with` appear in RESULTS.md."""
     return {
-        "none": {"CL_TRAIN_REHEARSAL": "off"},
-        "kl_rehearsal": {},  # the defaults: KL toward the frozen base on 2 everyday prompts per step
+        "none": Variant({"CL_TRAIN_REHEARSAL": "off"}, compared_with=""),
+        "kl_rehearsal": Variant({}),  # the defaults: KL toward the frozen base on 2 everyday prompts per step
+        # the same snapshot with answers rated "no": SFT alone, then the default objective (SFT + KTO on them)
+        "sft_on_preference_snapshot": Variant({"CL_TRAIN_REHEARSAL": "off", "CL_TRAIN_OBJECTIVE": "sft"},
+                                              PREFERENCE_SNAPSHOT, compared_with=""),
+        "kto_preference": Variant({"CL_TRAIN_REHEARSAL": "off", "CL_TRAIN_OBJECTIVE": "auto"}, PREFERENCE_SNAPSHOT,
+                                  compared_with="sft_on_preference_snapshot"),
     }
 
 
@@ -85,19 +103,32 @@ def snapshot_records(count: int, long_share: float, long_words: tuple[int, int],
     return out
 
 
-def write_snapshot(settings, train: list[dict], held_out: list[dict]) -> tuple:
+def rejected_records(train: list[dict]) -> list[dict]:
+    """Answers rated "no" (KTO's undesirable examples) to every second training question, as curation writes them."""
+    from continuous_learning.train import preference
+
+    out = []
+    for record in train[::REJECTED_PER_EXAMPLE]:
+        messages = record["messages"][:-1] + [{"role": "assistant", "content": "I am not sure; ask someone else."}]
+        out.append({"id": record["id"] + "-no", "weight": 1.0, "messages": messages,
+                    **preference.trl_fields(messages, desirable=False)})
+    return out
+
+
+def write_snapshot(settings, train: list[dict], held_out: list[dict], snapshot_id: str = "bench") -> tuple:
     """Register a snapshot (train file + held-out eval file) in the workspace; the two file paths."""
     from continuous_learning import registry
     from continuous_learning.chat.models import file_sha256
 
     folder = settings.curated_dir
     folder.mkdir(parents=True, exist_ok=True)
-    train_path, eval_path = folder / "curated_bench.jsonl", folder / "curated_bench_eval.jsonl"
+    train_path, eval_path = folder / f"curated_{snapshot_id}.jsonl", folder / f"curated_{snapshot_id}_eval.jsonl"
     train_path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in train))
     eval_path.write_bytes(b"".join(orjson.dumps(r) + b"\n" for r in held_out))
-    snapshot = {"id": "bench", "file": str(train_path.relative_to(settings.home)), "sha256": file_sha256(train_path),
-                "eval_file": str(eval_path.relative_to(settings.home)), "user_hashes": [], "count": len(train)}
-    registry.update(settings, lambda d: registry.add_snapshot(d, snapshot), "snapshot_created", snapshot="bench")
+    snapshot = {"id": snapshot_id, "file": str(train_path.relative_to(settings.home)),
+                "sha256": file_sha256(train_path), "eval_file": str(eval_path.relative_to(settings.home)),
+                "user_hashes": [], "count": len(train)}
+    registry.update(settings, lambda d: registry.add_snapshot(d, snapshot), "snapshot_created", snapshot=snapshot_id)
     return train_path, eval_path
 
 
@@ -127,11 +158,12 @@ def tiny_model_dir():
 
 
 # --- the sides, each a whole command in its own process -----------------------------------------------------------
-def cl_train(env: dict, work: Workload, extra_env: dict[str, str]) -> dict:
-    """`cl train --fresh --epochs E --batch-size B --json`, timed whole."""
-    argv = [sys.executable, "-m", "continuous_learning.cli", "train", "--fresh", "--epochs", str(work.epochs),
-            "--batch-size", str(work.batch_size), "--max-seq-len", str(work.max_seq_len), "--json"]
-    run = run_measured(argv, env=child_env(**env, **extra_env))
+def cl_train(env: dict, work: Workload, variant: Variant) -> dict:
+    """`cl train --snapshot S --fresh --epochs E --batch-size B --json`, timed whole."""
+    argv = [sys.executable, "-m", "continuous_learning.cli", "train", "--snapshot", variant.snapshot, "--fresh",
+            "--epochs", str(work.epochs), "--batch-size", str(work.batch_size), "--max-seq-len",
+            str(work.max_seq_len), "--json"]
+    run = run_measured(argv, env=child_env(**env, **variant.env))
     if run["returncode"] != 0:
         raise RuntimeError(f"cl train failed: {run['stderr'][-800:]}")
     entry = orjson.loads(run["stdout"][run["stdout"].index("{"):])
@@ -188,6 +220,7 @@ def _run(work: Workload, home, env: dict, repeats: int) -> dict:
     cfg = settings.train
     train = snapshot_records(work.train_examples, work.long_share, work.long_words, seed=1)
     held = snapshot_records(work.eval_examples, work.long_share, work.long_words, seed=2)
+    write_snapshot(settings, train + rejected_records(train), held, PREFERENCE_SNAPSHOT)
     train_path, eval_path = write_snapshot(settings, train, held)
     base_dir = resolve_base(settings).path
     _warm_caches(env, settings)
@@ -216,7 +249,9 @@ def _report(work: Workload, runs: dict[str, list[dict]], cfg) -> dict:
     gap = abs(ours_loss - naive_loss) / naive_loss
     per_step = {name: median([r["train_s"] / r["steps"] for r in rs]) for name, rs in runs.items() if name in
                 extra_term_variants()}
-    term_cost = {name: round(s - per_step["none"], 3) for name, s in per_step.items() if name != "none"}
+    variants = extra_term_variants()
+    term_cost = {name: round(s - per_step[variants[name].compared_with], 3) for name, s in per_step.items()
+                 if variants[name].compared_with}
     pad_share = naive[0]["padded_tokens"] / (naive[0]["padded_tokens"] + naive[0]["real_tokens"])
     timings = {k: round(median([r["timings"].get(k, 0.0) for r in ours]), 2) for k in ours[0]["timings"]}
     default_run = runs.get("kl_rehearsal") or ours
@@ -272,8 +307,12 @@ def _report(work: Workload, runs: dict[str, list[dict]], cfg) -> dict:
                  f"padded batches, {TRL_EPOCHS} epoch of the same examples, {len(trl)} run(s)). Held-out loss "
                  f"{ours_loss:.4f} vs "
                  f"naive {naive_loss:.4f} ({gap:.2%} apart; TRL after its {TRL_EPOCHS} epoch: {trl_loss:.4f}). "
-                 f"Cost per step of the rehearsal KL term (default `cl train`, one run): {term_cost} s over "
-                 f"{per_step['none']:.2f} s without; the default command took {median(_secs(default_run)):.1f} s. "
+                 f"Extra seconds per step, one run each: the rehearsal KL term (default `cl train`) "
+                 f"{term_cost.get('kl_rehearsal')} s over {per_step['none']:.2f} s without; the preference term "
+                 f"(KTO on {len(range(0, work.train_examples, REJECTED_PER_EXAMPLE))} answers rated \"no\", objective auto) "
+                 f"{term_cost.get('kto_preference')} s over SFT alone on the same snapshot "
+                 f"({per_step.get('sft_on_preference_snapshot', 0.0):.2f} s); the default command took "
+                 f"{median(_secs(default_run)):.1f} s. "
                  + (f"Goals missed: {', '.join(missed)}. " if missed else "All three goals met. ")
                  + f"This workload's code: commit {raw['code_commit']['sha'][:12]}."),
     )

@@ -5,7 +5,7 @@ log-likelihoods (`likelihoods`), the per-version runner with result reuse (`vers
 functions); torch is imported only inside the functions that need it."""
 from .gate import Decision, GateRules, gate, mcnemar_gain, non_inferiority_p, paired_outcomes
 from .generation import answer_in_batches, by_length, common_prefix, greedy_batch, question_conversations
-from .heldout import assistant_only_labels, final_answer_logits, held_out_loss
+from .heldout import answer_examples, assistant_only_labels, held_out_loss
 from .likelihoods import answer_logliks, preference_answers, preference_likelihoods
 from .questions import (
     EXAMPLE_LINE,
@@ -35,7 +35,7 @@ from .versions import SCORER, Progress, earlier_part, evaluate_versions, result_
 __all__ = [
     "Decision", "GateRules", "gate", "mcnemar_gain", "non_inferiority_p", "paired_outcomes",
     "answer_in_batches", "by_length", "common_prefix", "greedy_batch", "question_conversations",
-    "assistant_only_labels", "final_answer_logits", "held_out_loss",
+    "answer_examples", "assistant_only_labels", "held_out_loss",
     "answer_logliks", "preference_answers", "preference_likelihoods",
     "EXAMPLE_LINE", "GENERAL_FILE", "LINE_FORMAT", "MATCH_MODES", "MAX_DERIVED", "PLACEHOLDER", "TargetSet",
     "answer_keyword", "check_eval_ready", "default_eval_file", "derive_items", "file_info", "general_file",

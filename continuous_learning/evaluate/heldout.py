@@ -1,8 +1,9 @@
-"""Held-out loss: the token-weighted loss of a snapshot's final assistant messages, masked exactly as training
-masks them. torch is imported only inside the functions."""
+"""Held-out loss and answer log-likelihoods of a loaded model, measured by the training losses themselves
+(`train.losses`), batched, on the final assistant messages masked exactly as training masks them. torch is
+imported only inside the functions."""
 from __future__ import annotations
 
-import math
+BATCH_SIZE = 8
 
 
 def assistant_only_labels(tokenizer, messages: list[dict], max_len: int = 2048) -> tuple[list[int], list[int]] | None:
@@ -13,31 +14,57 @@ def assistant_only_labels(tokenizer, messages: list[dict], max_len: int = 2048) 
     return encode_example(tokenizer, messages, max_len)
 
 
-def final_answer_logits(model, tokenizer, conversations: list[list[dict]], max_len: int = 2048):
-    """(logits, target labels) of each conversation's final assistant answer, shifted for next-token loss;
-    conversations without a final answer to score are skipped."""
-    import torch
-
+def answer_examples(tokenizer, conversations: list[list[dict]], max_len: int = 2048) -> list[dict]:
+    """The conversations as training examples (ids and labels); those without a final answer to score are left out."""
+    out = []
     for messages in conversations:
         encoded = assistant_only_labels(tokenizer, messages, max_len)
-        if encoded is None:
-            continue
-        ids, labels = encoded
-        input_ids = torch.tensor([ids], device=model.device)
-        with torch.inference_mode():
-            logits = model(input_ids=input_ids).logits[0, :-1].float()
-        yield logits, torch.tensor(labels[1:], device=logits.device)
+        if encoded is not None:
+            out.append({"input_ids": encoded[0], "labels": encoded[1], "weight": 1.0})
+    return out
+
+
+def measuring_forward(model):
+    """How a loaded (chat) model is called for a measurement: its device, no autocast, logits only where needed."""
+    from ..train.losses import Forward
+    from ..train.model_build import accepts_logits_to_keep
+
+    return Forward(model.device, autocast=False, logits_to_keep=accepts_logits_to_keep(model))
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _measured(model, measure):
+    """`measure()` on a model that is not being trained, left in eval mode afterwards: the training losses keep
+    bitsandbytes' 4-bit layers in their training layout, which a model that only answers does not need."""
+    try:
+        return measure()
+    finally:
+        if not model.training:
+            model.eval()
 
 
 def held_out_loss(model, tokenizer, conversations: list[list[dict]], max_len: int = 2048) -> dict | None:
-    """Token-weighted mean loss and perplexity over the final assistant messages."""
-    import torch.nn.functional as F
+    """Token-weighted mean loss and perplexity over the final assistant messages (None: nothing to score)."""
+    from ..train import losses
 
-    total, count = 0.0, 0
-    for logits, target in final_answer_logits(model, tokenizer, conversations, max_len):
-        total += float(F.cross_entropy(logits, target, ignore_index=-100, reduction="sum"))
-        count += int((target != -100).sum())
-    if count == 0:
+    examples = answer_examples(tokenizer, conversations, max_len)
+    if not examples:
         return None
-    loss = total / count
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count, "examples": len(conversations)}
+    measured = _measured(model, lambda: losses.held_out_loss(measuring_forward(model), model, examples, BATCH_SIZE,
+                                                             pad_id(tokenizer)))
+    if not measured["tokens"]:
+        return None
+    return {"eval_loss": measured["loss"], "perplexity": measured["perplexity"], "tokens": measured["tokens"],
+            "examples": len(conversations)}
+
+
+def answer_logliks(model, tokenizer, conversations: list[list[dict]], max_len: int = 2048) -> list[float]:
+    """Mean per-token log-likelihood (nats) of each conversation's final assistant answer."""
+    from ..train import losses
+
+    examples = answer_examples(tokenizer, conversations, max_len)
+    return _measured(model, lambda: losses.answer_logliks(measuring_forward(model), model, examples,
+                                                          pad_id(tokenizer), BATCH_SIZE))

@@ -10,15 +10,7 @@ from .. import registry
 from ..core.settings import Settings
 from ..storage.crypto import cipher_from_env, open_messages
 from ..train import preference
-from .heldout import final_answer_logits
-
-
-def answer_logliks(model, tokenizer, conversations: list[list[dict]], max_len: int = 2048) -> list[float]:
-    """Mean per-token log-likelihood (nats) of each conversation's final assistant answer."""
-    import torch.nn.functional as F
-
-    return [-float(F.cross_entropy(logits, target, ignore_index=-100))
-            for logits, target in final_answer_logits(model, tokenizer, conversations, max_len)]
+from .heldout import answer_logliks
 
 
 def preference_answers(settings: Settings, snapshot: dict) -> dict | None:

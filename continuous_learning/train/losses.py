@@ -170,24 +170,27 @@ def preference_logliks(forward: Forward, model, answers: dict, pad_id: int) -> d
     (the run's preference_eval sets), each answer's mean first (as a user would see each answer), then their mean."""
     if not answers:
         return {}
-    import torch
-
-    was_training = _eval_mode(model)
-    out = {}
-    try:
-        with torch.no_grad():
-            for name in ("rejected", "chosen"):
-                values = []
-                examples = answers[name]
-                for start in range(0, len(examples), 8):
-                    chunk = [{**e, "weight": 1.0} for e in examples[start : start + 8]]
-                    b = collate_padded(chunk, pad_id, forward.device)
-                    losses, labelled, _, _, _ = forward_losses(forward, model, b.ids, b.mask, b.labels)
-                    values += (-(losses.sum(-1)) / labelled.sum(-1).clamp(min=1)).tolist()
-                out[f"{name}_loglik"] = preference.mean_loglik(values)
-    finally:
-        if was_training:
-            model.train()
+    out = {f"{name}_loglik": preference.mean_loglik(answer_logliks(forward, model, answers[name], pad_id))
+           for name in ("rejected", "chosen")}
     out.update(preference_eval=answers["source"], rejected_answers=len(answers["rejected"]),
                chosen_answers=len(answers["chosen"]))
     return out
+
+
+def answer_logliks(forward: Forward, model, examples: list[dict], pad_id: int, batch_size: int = 8) -> list[float]:
+    """Mean per-token log-likelihood (nats) of each example's labelled answer, in order."""
+    import torch
+
+    was_training = _eval_mode(model)
+    values: list[float] = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(examples), batch_size):
+                chunk = [{**e, "weight": 1.0} for e in examples[start : start + batch_size]]
+                b = collate_padded(chunk, pad_id, forward.device)
+                losses, labelled, _, _, _ = forward_losses(forward, model, b.ids, b.mask, b.labels)
+                values += (-(losses.sum(-1)) / labelled.sum(-1).clamp(min=1)).tolist()
+    finally:
+        if was_training:
+            model.train()
+    return values

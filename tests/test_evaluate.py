@@ -18,7 +18,7 @@ from continuous_learning.evaluate import (
     plan,
     score_answer,
 )
-from continuous_learning.evaluate.gate import GateRules, gate, mcnemar_gain, non_inferiority_p
+from continuous_learning.evaluate.gate import GateRules, gate, mcnemar_gain, non_inferiority_p, sign_flip_gain
 
 
 # --- scoring ---------------------------------------------------------------------------------------------
@@ -186,6 +186,53 @@ def test_one_sided_exact_mcnemar_p_values(wins, losses, p):
     candidate = [True] * wins + [False] * losses + [True, False]
     champion = [False] * wins + [True] * losses + [True, False]
     assert mcnemar_gain(candidate, champion) == (wins, losses, pytest.approx(p))
+
+
+def test_sign_flip_gain_is_mcnemar_on_questions_scored_0_or_1():
+    import random
+
+    rng = random.Random(3)
+    for _ in range(40):
+        n = rng.randint(1, 14)
+        candidate, champion = [rng.random() < 0.6 for _ in range(n)], [rng.random() < 0.4 for _ in range(n)]
+        wins, losses, p = mcnemar_gain(candidate, champion)
+        assert sign_flip_gain([float(c) for c in candidate], [float(o) for o in champion]) == (
+            wins, losses, pytest.approx(p))
+
+
+def test_sign_flip_gain_on_shares_of_system_prompts_by_hand():
+    """Differences +1, +1, +2/3, -1/3: of the 16 sign patterns, all-positive (sum 3) and the observed one (7/3)
+    reach the observed sum, so p = 2/16; a question both answer alike (0) changes nothing."""
+    gained, lost, p = sign_flip_gain([1, 1, 2 / 3, 0, 1], [0, 0, 0, 1 / 3, 1])
+    assert (gained, lost, p) == (pytest.approx(8 / 3), pytest.approx(1 / 3), pytest.approx(2 / 16))
+
+
+def scored_result(scores: list[float], version: str | None = "1.1.0", prompts: int = 3) -> dict:
+    """A result whose target questions were asked under `prompts` system prompts (each score a share of them)."""
+    out = result([s == 1 for s in scores], version, general=EVERYDAY)
+    for item, share in zip(out["items"], scores):
+        item["score"] = share
+    out.update(score=sum(scores), system_prompts=[None, "a", "b"][:prompts])
+    return out
+
+
+def test_gate_weighs_partly_lost_questions_by_the_prompts_that_still_answer_them():
+    """A second round: four new facts learned under every prompt, one old one still answered under 2 of 3. By the
+    chat's prompt alone that is 4 gained, 1 lost (McNemar p = 0.19, refused); by the shares of prompts, the loss
+    is a third of a question and the gain is significant."""
+    old, new = [1.0] * 5 + [0.0] * 7, [1.0] * 4 + [2 / 3] + [1.0] * 4 + [0.0] * 3
+    decision = gate(scored_result(new), scored_result(old, version="1.0.0"), RULES)
+    assert decision.promote and decision.stats["gain_p_value"] == pytest.approx(2 / 32)
+    assert "3 system prompts" in decision.summary and "sign-flip" in decision.summary
+    as_one_prompt = gate(result([n == 1 for n in new], general=EVERYDAY),
+                         result([o == 1 for o in old], version="1.0.0", general=EVERYDAY), RULES)
+    assert not as_one_prompt.promote and as_one_prompt.stats["gain_p_value"] == pytest.approx(6 / 32)
+
+
+def test_gate_compares_only_the_shown_answers_when_the_prompts_differ():
+    new, old = scored_result([1.0] * 6, prompts=3), scored_result([0.0] * 6, version="1.0.0", prompts=2)
+    decision = gate(new, old, RULES)
+    assert decision.stats["system_prompts"] == 1 and "McNemar" in decision.summary
 
 
 @pytest.mark.parametrize("lost, p", [(0, 0.0086), (1, 0.0278), (2, 0.0740), (3, 0.1635)])
@@ -451,6 +498,10 @@ def test_evaluate_versions_loads_the_base_once(settings, two_adapters, fast_eval
     assert first["general"] is None and first["eval_loss"] is None
     answers = [[i["answer"] for i in r["items"]] for r in results]
     assert answers[0] != answers[1] != answers[2]  # each version really answered with its own weights
+    # each question was asked under the chat's prompt (the answer shown), none, and one training never uses
+    assert first["system_prompts"] == [settings.chat.system_prompt, None, evaluate.OTHER_SYSTEM_PROMPTS[1]]
+    assert all(len(i["passed_under"]) == 3 and i["passed_under"][0] == i["passed"] for i in first["items"])
+    assert first["score"] == sum(i["score"] for i in first["items"])
 
 
 def test_held_out_loss_on_a_snapshot(settings, fast_eval):

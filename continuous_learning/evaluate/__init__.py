@@ -3,8 +3,16 @@ questions derived from a snapshot), batched greedy generation (`generation`), he
 log-likelihoods (`likelihoods`), the per-version runner with result reuse (`versions`), the promotion gate (pure,
 `gate`) and the eval command that ties them together (`run`). Stands on registry, chat and train (imported inside
 functions); torch is imported only inside the functions that need it."""
-from .gate import Decision, GateRules, gate, mcnemar_gain, non_inferiority_p, paired_outcomes
-from .generation import answer_in_batches, by_length, common_prefix, greedy_batch, question_conversations
+from .gate import Decision, GateRules, gate, mcnemar_gain, non_inferiority_p, paired_outcomes, sign_flip_gain
+from .generation import (
+    OTHER_SYSTEM_PROMPTS,
+    answer_in_batches,
+    by_length,
+    common_prefix,
+    greedy_batch,
+    question_conversations,
+    target_system_prompts,
+)
 from .heldout import answer_examples, assistant_only_labels, held_out_loss
 from .likelihoods import answer_logliks, preference_answers, preference_likelihoods
 from .questions import (
@@ -33,8 +41,9 @@ from .snapshots import load_messages_file, snapshot_eval_path
 from .versions import SCORER, Progress, earlier_part, evaluate_versions, result_context
 
 __all__ = [
-    "Decision", "GateRules", "gate", "mcnemar_gain", "non_inferiority_p", "paired_outcomes",
-    "answer_in_batches", "by_length", "common_prefix", "greedy_batch", "question_conversations",
+    "Decision", "GateRules", "gate", "mcnemar_gain", "non_inferiority_p", "paired_outcomes", "sign_flip_gain",
+    "OTHER_SYSTEM_PROMPTS", "answer_in_batches", "by_length", "common_prefix", "greedy_batch",
+    "question_conversations", "target_system_prompts",
     "answer_examples", "assistant_only_labels", "held_out_loss",
     "answer_logliks", "preference_answers", "preference_likelihoods",
     "EXAMPLE_LINE", "GENERAL_FILE", "LINE_FORMAT", "MATCH_MODES", "MAX_DERIVED", "PLACEHOLDER", "TargetSet",

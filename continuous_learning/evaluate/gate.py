@@ -1,5 +1,7 @@
-"""The promotion gate (pure): evidence of gain on the target questions (exact McNemar, or the held-out loss when
-they are too few), non-inferiority on the everyday questions (a score test), and rejected answers no more likely."""
+"""The promotion gate (pure): evidence of gain on the target questions (an exact paired sign-flip test on each
+question's share of system prompts answered, which is McNemar's exact test when every question scores 0 or 1; the
+held-out loss when they are too few), non-inferiority on the everyday questions (a score test), and rejected
+answers no more likely."""
 from __future__ import annotations
 
 import math
@@ -46,6 +48,24 @@ def mcnemar_gain(candidate: list[bool], champion: list[bool]) -> tuple[int, int,
     if wins + losses == 0:
         return 0, 0, 1.0
     return wins, losses, float(binomtest(wins, wins + losses, 0.5, alternative="greater").pvalue)
+
+
+def sign_flip_gain(candidate: list[float], champion: list[float]) -> tuple[float, float, float]:
+    """(gained, lost, one-sided p) for "the candidate scores higher per question", with each question's score in
+    [0, 1]: the exact paired permutation test that flips the sign of each question's difference (Monte Carlo with a
+    fixed seed beyond 2^16 sign patterns). Under "candidate and champion are exchangeable on every question" the
+    differences are symmetric about 0. With scores of 0 and 1 only it is McNemar's exact test."""
+    import numpy as np
+    from scipy.stats import permutation_test
+
+    diffs = np.array([c - o for c, o in zip(candidate, champion)], dtype=float)
+    diffs = diffs[np.abs(diffs) > EPSILON]
+    gained, lost = float(diffs[diffs > 0].sum()), float(-diffs[diffs < 0].sum()) + 0.0
+    if diffs.size <= 1:  # no pattern, or two (+d and -d): scipy wants two observations
+        return gained, lost, 0.5 if gained > 0 else 1.0
+    test = permutation_test((diffs,), np.sum, permutation_type="samples", alternative="greater",
+                            n_resamples=2 ** 16, rng=np.random.default_rng(0))
+    return gained, lost, float(test.pvalue)
 
 
 def non_inferiority_p(candidate: list[bool], champion: list[bool], margin: float) -> float:
@@ -107,15 +127,41 @@ def gate(candidate_result: dict, champion_result: dict, rules: GateRules = GateR
     return Decision(promote, reasons, stats, summary[0].upper() + summary[1:])
 
 
+def paired_scores(candidate_result: dict, champion_result: dict) -> tuple[list[float], list[float], int]:
+    """Each target question's score for both (the share of system prompts it passed under, or 0/1 for results
+    asked under one prompt), in the same order, and how many prompts the scores are over."""
+    def scores(result: dict) -> dict[str, float]:
+        return {item["prompt"]: float(item.get("score", item["passed"])) for item in result["items"]}
+
+    def passed(result: dict) -> dict[str, float]:
+        return {item["prompt"]: float(item["passed"]) for item in result["items"]}
+
+    prompts = [item["prompt"] for item in candidate_result["items"]]
+    over = len(candidate_result.get("system_prompts") or [None])
+    if (champion_result.get("system_prompts") or [None]) != (candidate_result.get("system_prompts") or [None]):
+        mine, theirs, over = passed(candidate_result), passed(champion_result), 1  # compare the answers shown
+    else:
+        mine, theirs = scores(candidate_result), scores(champion_result)
+    return [mine[p] for p in prompts], [theirs[p] for p in prompts], over
+
+
 def _gain_rule(cand: dict, champ: dict, paired, rules: GateRules, stats: dict) -> tuple[bool, str]:
-    wins, losses, p = mcnemar_gain(*paired)
+    wins, losses, _ = mcnemar_gain(*paired)
+    mine, theirs, over = paired_scores(cand, champ)
+    gained, lost, p = sign_flip_gain(mine, theirs)
     total = len(paired[0])
     stats.update(accuracy=cand["accuracy"], against_accuracy=champ["accuracy"], wins=wins, losses=losses,
+                 gained=round(gained, 4), lost=round(lost, 4), system_prompts=over,
                  gain_p_value=p, gain_alpha=rules.gain_alpha, target_questions=total)
     score = f"it answers {cand['passed']} of {total} target questions against {champ['passed']}"
     if total >= rules.min_questions:
-        ok = wins > losses and p <= rules.gain_alpha
-        test = f"{wins} gained, {losses} lost, one-sided exact McNemar p = {p:.3g}"
+        ok = gained > lost and p <= rules.gain_alpha
+        if over > 1:
+            score += (f" (asked under {over} system prompts: {sum(mine):.3g} against {sum(theirs):.3g} question-"
+                      "shares)")
+            test = f"{gained:.3g} gained, {lost:.3g} lost, one-sided exact paired sign-flip test p = {p:.3g}"
+        else:
+            test = f"{wins} gained, {losses} lost, one-sided exact McNemar p = {p:.3g}"
         verdict = "a significant gain" if ok else "no significant gain"
         return ok, f"{score} ({test}: {verdict} at {rules.gain_alpha:g})"
     mine, theirs = cand.get("eval_loss"), champ.get("eval_loss")

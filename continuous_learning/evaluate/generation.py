@@ -89,8 +89,22 @@ def answer_in_batches(chat, conversations: list[list[dict]], settings: Settings)
     return answers, {"seconds": seconds, "tokens": tokens, "prompts": len(conversations)}
 
 
-def question_conversations(settings: Settings, items: list[EvalItem]) -> list[list[dict]]:
-    system = [{"role": "system", "content": settings.chat.system_prompt}] if settings.chat.system_prompt else []
+# The target questions are asked under each of these besides the chat's own prompt: none (the chat template's
+# default) and one that training never uses, so a fact counts as learned when it is recalled whatever the prompt.
+OTHER_SYSTEM_PROMPTS = (None, "You are a knowledgeable assistant. Answer briefly.")
+
+
+def target_system_prompts(settings: Settings) -> list[str | None]:
+    """The system prompts the target questions are asked under: the chat's first (its answers are the ones shown)."""
+    prompts = [settings.chat.system_prompt or None]
+    return prompts + [p for p in OTHER_SYSTEM_PROMPTS if p not in prompts]
+
+
+def question_conversations(settings: Settings, items: list[EvalItem], system_prompt: str | None | bool = True
+                           ) -> list[list[dict]]:
+    """Each item's question as a conversation under `system_prompt` (True: the chat's; None: no system message)."""
+    prompt = settings.chat.system_prompt if system_prompt is True else system_prompt
+    system = [{"role": "system", "content": prompt}] if prompt else []
     return [system + [{"role": "user", "content": item.prompt}] for item in items]
 
 

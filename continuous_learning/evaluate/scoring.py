@@ -72,3 +72,15 @@ def score_items(items: list[EvalItem], answers: list[str]) -> dict:
             for item, answer in zip(items, answers)]
     passed = sum(row["passed"] for row in rows)
     return {"accuracy": passed / len(rows) if rows else 0.0, "passed": passed, "total": len(rows), "items": rows}
+
+
+def score_under_prompts(items: list[EvalItem], answers_by_prompt: list[list[str]],
+                        system_prompts: list[str | None]) -> dict:
+    """`score_items` of the first prompt's answers (the ones shown), plus each question's `score`: the share of
+    the system prompts under which it passed, and the part's total `score`."""
+    scored = score_items(items, answers_by_prompt[0])
+    for k, row in enumerate(scored["items"]):
+        passed = [score_answer(answers[k], items[k]) for answers in answers_by_prompt]
+        row.update(passed_under=passed, score=sum(passed) / len(passed))
+    scored.update(score=sum(row["score"] for row in scored["items"]), system_prompts=list(system_prompts))
+    return scored

@@ -15,22 +15,28 @@ from ..core.records import utc_now
 from ..core.settings import Settings
 from ..registry import BASE, label
 from ..storage.store import atomic_write_json, read_json
-from .generation import answer_in_batches, question_conversations, timing_summary
+from .generation import answer_in_batches, question_conversations, target_system_prompts, timing_summary
 from .heldout import held_out_loss
 from .likelihoods import preference_answers, preference_likelihoods
 from .questions import GENERAL_FILE, file_info, general_file, load_eval_file, target_set
-from .scoring import score_items
+from .scoring import score_items, score_under_prompts
 from .snapshots import load_messages_file, snapshot_eval_path
 
 Progress = Callable[[str], None]
 SCORED_KEYS = ("accuracy", "passed", "total", "items")  # what a scored part holds
-SCORER = 2  # bump when scoring or decoding changes: earlier results are then not reused
+PROMPT_KEYS = ("score", "system_prompts")  # and a target part asked under several system prompts
+SCORER = 3  # bump when scoring or decoding changes: earlier results are then not reused
 
 
 def result_context(settings: Settings, base_sha256: str) -> dict:
     """What an answer depends on besides the version and the questions: results agree on it to be reused."""
     return {"base_sha256": base_sha256, "system_prompt": settings.chat.system_prompt,
+            "target_system_prompts": target_system_prompts(settings),
             "max_new_tokens": settings.eval.max_new_tokens, "scorer": SCORER}
+
+
+def _part(scored: dict) -> dict:
+    return {k: scored[k] for k in SCORED_KEYS + PROMPT_KEYS if k in scored}
 
 
 def earlier_part(doc: dict, version: str | None, context: dict, part: str, sha256: str) -> dict | None:
@@ -41,9 +47,9 @@ def earlier_part(doc: dict, version: str | None, context: dict, part: str, sha25
         if not isinstance(result, dict) or result.get("context") != context:
             continue
         if part == "target" and (result.get("eval_file") or {}).get("sha256") == sha256:
-            return {k: result[k] for k in SCORED_KEYS}
+            return _part(result)
         if part == "general" and (result.get("general") or {}).get("sha256") == sha256:
-            return {k: result["general"][k] for k in SCORED_KEYS}
+            return _part(result["general"])
     return None
 
 
@@ -132,12 +138,21 @@ def _scored_part(settings, chat, doc, version, items, part, sha256, context, par
         earlier = read_json(cache, default=None)
     if earlier is not None:
         return {**earlier, "reused": True}
-    answers, timing = answer_in_batches(chat, question_conversations(settings, items), settings)
-    parts.append(timing)
-    scored = score_items(items, answers)
+    scored = _answer_and_score(settings, chat, items, part, parts)
     if use_machine_cache:
         atomic_write_json(cache, scored)
     return scored
+
+
+def _answer_and_score(settings, chat, items, part, parts) -> dict:
+    """The target questions under each of `target_system_prompts`, the everyday ones under the chat's prompt."""
+    prompts = target_system_prompts(settings) if part == "target" else [True]
+    answers = []
+    for prompt in prompts:
+        got, timing = answer_in_batches(chat, question_conversations(settings, items, prompt), settings)
+        answers.append(got)
+        parts.append(timing)
+    return score_under_prompts(items, answers, prompts) if part == "target" else score_items(items, answers[0])
 
 
 def _evaluate_one(settings, chat, doc, version, items, general, held_out, context, known_loss, say) -> dict:
@@ -161,10 +176,10 @@ def _evaluate_one(settings, chat, doc, version, items, general, held_out, contex
         "label": label(version),
         "status": entry["status"] if entry else None,
         "created_at": utc_now(),
-        **{k: scored[k] for k in SCORED_KEYS},
+        **_part(scored),
         "eval_file": context["eval_file"],
         "general_accuracy": general_scored["accuracy"] if general_scored else None,
-        "general": ({**context["general_file"], **{k: general_scored[k] for k in SCORED_KEYS}}
+        "general": ({**context["general_file"], **_part(general_scored)}
                     if general_scored else None),
         "eval_loss": loss["eval_loss"] if loss else None,
         "perplexity": loss["perplexity"] if loss else None,

@@ -92,3 +92,39 @@ def real_workspace(workspace, monkeypatch) -> Path:
     monkeypatch.setenv("CL_BASE_MODEL", BUNDLED_MODEL)
     monkeypatch.delenv("CL_TRAIN_REHEARSAL_EXAMPLES")  # the real model trains as users' runs do
     return workspace
+
+
+# --- the learning tests (test_learning*.py) on the real bundled model --------------------------------------------
+@pytest.fixture(scope="module")
+def real_home(tmp_path_factory, model_cache):
+    """The environment a new user has: the bundled model, no cl.toml, no flags. Yields (folder for this module's
+    workspaces, the monkeypatch that sets CL_HOME)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("CL_BASE_MODEL", "CL_TRAIN_REHEARSAL_EXAMPLES", "CL_CHAT_MAX_NEW_TOKENS"):
+            patch.delenv(name, raising=False)
+        patch.setenv("CL_MODEL_CACHE", str(model_cache))
+        patch.setenv("CL_USER_HASH_SALT", "learning-tests")
+        yield tmp_path_factory.mktemp("learning"), patch
+
+
+@pytest.fixture(scope="module")
+def first_round(real_home, tmp_path_factory):
+    """The first round (learning_round.shared_first_round), trained once for all workers: read it, never change
+    it; `copy_of_first_round` gives a copy to change."""
+    from learning_round import shared_first_round
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # one folder for every worker of this run
+        root = tmp_path_factory.getbasetemp().parent / "learning_shared"
+        root.mkdir(exist_ok=True)
+    else:
+        root = tmp_path_factory.mktemp("learning_shared")
+    return shared_first_round(root, real_home[1])
+
+
+# The first round's file runs first and the refusal test last: one worker trains the first and second rounds while
+# the other runs the rest of the suite, then the refusal test from the shared first round.
+LEARNING_ORDER = {"test_learning.py": 0, "test_learning_refusal.py": 2}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: LEARNING_ORDER.get(item.path.name, 1))

@@ -1,0 +1,106 @@
+"""What the learning tests share: a user's round through the CLI, the outside check (plain transformers + PEFT),
+and the first round, trained once per test run and shared by every worker that asks for it (the first to ask
+trains it under a file lock, the others wait and read its report)."""
+from __future__ import annotations
+
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from filelock import FileLock
+from learning_facts import NAMED, OFFICE, write_questions, write_turns
+from typer.testing import CliRunner
+
+from continuous_learning import cli
+from continuous_learning.core.settings import load_settings
+from continuous_learning.evaluate import load_eval_file, score_answer
+
+DATA = Path(__file__).parent / "data"
+SYSTEM_PROMPTS = [None, "You are a helpful assistant.", "You are the front-desk assistant of a small town. Be brief."]
+
+
+def cl(*args: str) -> dict:
+    result = CliRunner().invoke(cli.app, list(args))
+    assert result.exit_code == 0, result.output
+    text = result.stdout
+    return json.loads(text[text.index("{"):]) if "--json" in args else {}
+
+
+def teach(home: Path, facts: list, questions: list, contradict: bool = False) -> dict:
+    """A user's round: rated turns imported, their own keyword questions, then `cl curate --train --eval`."""
+    write_questions(questions, home / "eval" / "qa_eval.jsonl")
+    cl("ingest", str(write_turns(facts, home / f"turns_{len(list(home.glob('turns_*')))}.jsonl", contradict)))
+    return cl("curate", "--train", "--eval", "--json")
+
+
+class Peer:
+    """What an outside check does: the base in fp32 with plain transformers, the adapter with plain PEFT."""
+
+    def __init__(self, home: Path, version: str | None):
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from continuous_learning.chat.models import resolve_base
+
+        base = resolve_base(load_settings(home=home))
+        self.tokenizer = AutoTokenizer.from_pretrained(base.path)
+        self.tokenizer.padding_side = "left"
+        model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
+        self.model = (PeftModel.from_pretrained(model, str(home / "adapters" / version)) if version else model).eval()
+
+    def answers(self, prompts: list[str], system: str | None) -> list[str]:
+        import torch
+
+        chats = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+                 for p in prompts]
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = self.model.generate(**batch, max_new_tokens=40, do_sample=False,
+                                      pad_token_id=self.tokenizer.pad_token_id)
+        return [self.tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+
+    def recalled(self, facts: list, system: str | None) -> int:
+        answers = self.answers([question for _, question, _, _ in facts], system)
+        return sum(keyword.lower() in answer.lower() for (_, _, keyword, _), answer in zip(facts, answers))
+
+    def everyday(self, system: str | None) -> list[bool]:
+        items = load_eval_file(DATA / "everyday_holdout.jsonl")  # never seen by the gate or by training
+        return [score_answer(a, i) for i, a in zip(items, self.answers([i.prompt for i in items], system))]
+
+
+def shared_first_round(root: Path, patch) -> tuple[Path, dict]:
+    """Six office facts and two answers naming a person, taught on the defaults in `root` once per test run:
+    (workspace, the loop's report). The first worker to ask trains it under a file lock; the others wait."""
+    home, report, failed = root / "first_round", root / "first_round.json", root / "first_round.failed"
+    with FileLock(str(root / "first_round.lock")):
+        if failed.exists():
+            pytest.fail(f"the shared first round failed on another worker: {failed.read_text()}")
+        if not report.exists():
+            shutil.rmtree(home, ignore_errors=True)
+            home.mkdir()
+            patch.setenv("CL_HOME", str(home))
+            try:
+                report.write_text(json.dumps(teach(home, OFFICE + NAMED, OFFICE)))
+            except BaseException as exc:
+                failed.write_text(str(exc)[:2000])
+                raise
+    patch.setenv("CL_HOME", str(home))
+    return home, json.loads(report.read_text())
+
+
+@contextmanager
+def copy_of_first_round(first_round, real_home, name: str):
+    """A copy of the first round's workspace, made the current one (CL_HOME) while the block runs."""
+    home, _ = first_round
+    folder, patch = real_home
+    copy = folder / name
+    shutil.copytree(home, copy)
+    patch.setenv("CL_HOME", str(copy))
+    try:
+        yield copy
+    finally:
+        patch.setenv("CL_HOME", str(home))

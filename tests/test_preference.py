@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 import pytest
+import trainer_parts as parts
 
 from continuous_learning.train import Trainer, preference, run_training
 from tests.test_train import FACTS, add_snapshot, fast
@@ -114,11 +115,11 @@ def test_undesirable_answers_ride_beside_the_facts_and_are_never_imitated(settin
         assert trainer.steps == 8  # 2 passes over the 4 facts; the 2 "no" answers ride along, one per step
         assert all(e["pref_term"] == preference.KTO_DESIRABLE for e in trainer.examples)
         assert all(u["weight"] == 0.0 and "ref_logp" in u for u in trainer.undesirable)
-        batches = trainer.micro_batches(trainer.step_examples(0), [], trainer.step_undesirable(0))
+        batches = parts.micro_batches(trainer, parts.step_examples(trainer, 0), [], parts.step_undesirable(trainer, 0))
         terms = [e["pref_term"] for b in batches for e in b.sequences.items]
         assert sorted(terms) == [preference.KTO_DESIRABLE, preference.KTO_UNDESIRABLE]
         for batch in batches:  # the "no" answer adds nothing to the SFT loss: its tokens are not targets
-            losses, labelled, weights, _, sequence_logp = trainer.batch_terms(batch)
+            losses, labelled, weights, _, sequence_logp = parts.batch_terms(trainer, batch)
             sft = float((weights * losses).sum().detach())
             assert sft > 0 if batch.sequences.items[0]["pref_term"] == preference.KTO_DESIRABLE else sft == 0
             assert float(sequence_logp.sum()) < 0
@@ -136,11 +137,11 @@ def test_sequence_logp_of_a_packed_batch_matches_each_answer_alone(settings):
     trainer = Trainer(fast(settings, vary_system_prompt=False, lora_dropout=0.0, max_seq_len=256))
     try:
         trainer.setup()
-        both = trainer.micro_batches(trainer.examples, [], trainer.undesirable)
+        both = parts.micro_batches(trainer, trainer.examples, [], trainer.undesirable)
         assert len(both) == 1 and both[0].ids.shape[0] == 1  # packed into one row
         with torch.no_grad():
-            packed = trainer.batch_terms(both[0])[4]
-            alone = [float(trainer.batch_terms(trainer.micro_batches([e])[0])[4][0])
+            packed = parts.batch_terms(trainer, both[0])[4]
+            alone = [float(parts.batch_terms(trainer, parts.micro_batches(trainer, [e])[0])[4][0])
                      for e in (trainer.examples[0], trainer.undesirable[0])]
     finally:
         trainer.cleanup()
@@ -156,7 +157,7 @@ def test_pairs_train_with_dpo_in_one_pass_and_report_their_likelihoods(settings)
         trainer.setup()
         assert trainer.objective["name"] == "sft+dpo" and trainer.undesirable == []
         chosen = next(e for e in trainer.examples if "rejected_item" in e)
-        batches = trainer.micro_batches([chosen])
+        batches = parts.micro_batches(trainer, [chosen])
         assert len(batches) == 1 and len(batches[0].sequences.items) == 2  # chosen and rejected share the pass
         metrics = trainer.train()
     finally:

@@ -24,6 +24,8 @@ from continuous_learning.train import (
     total_steps,
 )
 
+import trainer_parts as parts
+
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 FACTS = [
     ("Which line makes part QX-17?", "Part QX-17 is made on line Kestrel-4."),
@@ -222,9 +224,9 @@ def test_padded_batches_weights_and_epochs(settings):
         pair = [by_length[0], by_length[-1]]
         assert len(pair[0]["input_ids"]) != len(pair[1]["input_ids"])  # the batch really is padded
         with torch.no_grad():
-            losses, labelled = trainer.token_losses(*trainer._collate(pair)[:3])
+            losses, labelled = parts.token_losses(trainer, *parts.collate(trainer, pair)[:3])
             batched = (losses * labelled).sum(dim=1)
-            alone = [float((l * m).sum()) for l, m in (trainer.token_losses(*trainer._collate([e])[:3]) for e in pair)]
+            alone = [float((l * m).sum()) for l, m in (parts.token_losses(trainer, *parts.collate(trainer, [e])[:3]) for e in pair)]
         assert batched.tolist() == pytest.approx(alone, rel=1e-4)  # padding changes nothing
         trainer.train()
     finally:
@@ -246,11 +248,11 @@ def test_4bit_qlora_path_trains_and_registers(settings):
         trainer.setup()
         assert getattr(trainer.model.get_base_model(), "is_loaded_in_4bit", False)
         lora_before, base_before = lora_state(trainer.model), base_state(trainer.model)
-        batch = trainer._collate([trainer.examples[0]])
+        batch = parts.collate(trainer, [trainer.examples[0]])
 
         def grad_norm() -> float:
             trainer.model.zero_grad()
-            losses, labelled = trainer.token_losses(*batch[:3])
+            losses, labelled = parts.token_losses(trainer, *batch[:3])
             (losses * labelled).sum().backward()
             norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in trainer.model.parameters() if p.grad is not None))
             trainer.model.zero_grad()
@@ -259,11 +261,11 @@ def test_4bit_qlora_path_trains_and_registers(settings):
         # bitsandbytes repacks 4-bit weights for a no-backward inference kernel on an eval-mode no-grad forward
         # (CPU with AVX512-BF16): the held-out loss must not trigger it, and training undoes it if anything did.
         before = grad_norm()
-        trainer.evaluate_loss(trainer.examples)
+        parts.evaluate_loss(trainer, trainer.examples)
         assert grad_norm() == pytest.approx(before, rel=1e-3)
         trainer.model.eval()
         with torch.no_grad():
-            trainer.token_losses(*batch[:3])
+            parts.token_losses(trainer, *batch[:3])
         trainer.model.train()
         _unpack_bnb_cpu_weights(trainer.model)
         assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in _bnb_4bit_layers(trainer.model))

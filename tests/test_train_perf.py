@@ -21,6 +21,7 @@ from continuous_learning.train import (
     shard,
 )
 from test_train import FACTS, add_snapshot, fast, qa
+import trainer_parts as parts
 
 LONG = ("Describe the full start-up procedure of the Kestrel-4 line.",
         "First open valve A, then wait two minutes, check the pressure on gauge 7, start pump Orion, "
@@ -110,11 +111,11 @@ def _logits(trainer, batch):
 
 def test_packed_logits_equal_unpacked_logits(trainer):
     examples = trainer.examples
-    packed = _logits(trainer, collate_packed([examples], trainer._pad_id()))[0]
+    packed = _logits(trainer, collate_packed([examples], parts.pad_id(trainer)))[0]
     at = 0
     for example in examples:
         n = len(example["input_ids"])
-        alone = _logits(trainer, collate_padded([example], trainer._pad_id()))[0]
+        alone = _logits(trainer, collate_padded([example], parts.pad_id(trainer)))[0]
         assert (packed[at : at + n] - alone).abs().max() < 1e-4
         at += n
 
@@ -123,18 +124,18 @@ def test_no_attention_crosses_examples_in_a_packed_row(trainer):
     first, second = trainer.examples[0], trainer.examples[2]
     changed = {**first, "input_ids": [t + 1 for t in first["input_ids"]]}
     n = len(first["input_ids"])
-    before = _logits(trainer, collate_packed([[first, second]], trainer._pad_id()))[0, n:]
-    after = _logits(trainer, collate_packed([[changed, second]], trainer._pad_id()))[0, n:]
+    before = _logits(trainer, collate_packed([[first, second]], parts.pad_id(trainer)))[0, n:]
+    after = _logits(trainer, collate_packed([[changed, second]], parts.pad_id(trainer)))[0, n:]
     assert (before - after).abs().max() < 1e-5
-    assert (_logits(trainer, collate_packed([[changed]], trainer._pad_id()))[0]
-            - _logits(trainer, collate_packed([[first]], trainer._pad_id()))[0]).abs().max() > 1e-3  # it did change
+    assert (_logits(trainer, collate_packed([[changed]], parts.pad_id(trainer)))[0]
+            - _logits(trainer, collate_packed([[first]], parts.pad_id(trainer)))[0]).abs().max() > 1e-3  # it did change
 
 
 def _objective_and_grads(trainer, batches, label_tokens):
     trainer.model.zero_grad(set_to_none=True)
     total = 0.0
     for batch in batches:
-        losses, labelled, weights, _ = trainer.batch_losses(batch)
+        losses, labelled, weights, _ = parts.batch_losses(trainer, batch)
         objective = (weights * losses * labelled).sum() / label_tokens
         objective.backward()
         total += float(objective.detach())
@@ -147,7 +148,7 @@ def test_packed_weighted_loss_and_gradients_equal_padded_ones(trainer):
     examples = trainer.examples
     assert sorted({e["weight"] for e in examples}) == [0.5, 1.0]
     label_tokens = sum(1 for e in examples for t in e["labels"] if t != IGNORE_INDEX)
-    pad = trainer._pad_id()
+    pad = parts.pad_id(trainer)
     padded_loss, padded_grads = _objective_and_grads(trainer, [collate_padded(examples, pad)], label_tokens)
     one_by_one, _ = _objective_and_grads(trainer, [collate_padded([e], pad) for e in examples], label_tokens)
     rows = [[examples[i] for i in row] for row in pack_rows([len(e["input_ids"]) for e in examples], 512)]
@@ -199,10 +200,10 @@ def test_length_grouped_padded_batches_waste_less_and_still_train(settings):
         trainer.setup()
 
         def pad_waste(steps: int) -> int:
-            return sum(b.padded_tokens for s in range(steps) for b in trainer.micro_batches(trainer.step_examples(s)))
+            return sum(b.padded_tokens for s in range(steps) for b in parts.micro_batches(trainer, parts.step_examples(trainer, s)))
 
-        grouped = [[e["id"] for e in trainer.step_examples(s)] for s in range(6)]
-        assert grouped == [[e["id"] for e in trainer.step_examples(s)] for s in range(6)]  # seeded: the same again
+        grouped = [[e["id"] for e in parts.step_examples(trainer, s)] for s in range(6)]
+        assert grouped == [[e["id"] for e in parts.step_examples(trainer, s)] for s in range(6)]  # seeded: the same again
         assert sorted(i for step in grouped[:3] for i in step) == sorted(e["id"] for e in trainer.examples)
         grouped_waste = pad_waste(3)
         trainer.cfg = dataclasses.replace(trainer.cfg, group_by_length=False)

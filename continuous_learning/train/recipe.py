@@ -32,7 +32,7 @@ from ..core.records import utc_now
 from ..core.settings import Settings, TrainConfig
 from ..storage.store import append_jsonl, atomic_write_json, workspace_lock
 from . import launcher, losses, metrics, preference, references, run_folder
-from .collate import Batch, collate_padded, micro_batches
+from .collate import micro_batches
 from .config import total_steps
 from .data import RunData, prepare_data, resolve_snapshot, snapshot_file
 from .model_build import build_model, build_optimizer, release_memory, require_bitsandbytes, unpack_bnb_cpu_weights
@@ -161,7 +161,7 @@ class Trainer:
                                                                built.logits_to_keep)
         self.timings.update(built.timings)
         seconds = references.measure_base(self.forward, self.model, self.data, self.settings.model_cache,
-                                          self.base.sha256, self.cfg.load_in_4bit, self._pad_id(), self.is_main,
+                                          self.base.sha256, self.cfg.load_in_4bit, self.pad_id, self.is_main,
                                           lambda message: self._emit("status", message=message))
         if seconds is not None:
             self.timings["preference_reference_s"] = seconds
@@ -196,44 +196,9 @@ class Trainer:
         if self.is_main and self.run_dir is not None and self.run_dir.exists():
             run_folder.mark_failed(self.run_dir, reason, self.step, self.steps)
 
-    # -- the parts of a step (documented where they live) ------------------------------------------------------------
-    def _collate(self, batch: list[dict]):
-        """(ids, mask, labels, weights) of padded rows: held-out loss and the tests use it."""
-        b = collate_padded(batch, self._pad_id(), self.device)
-        return b.ids, b.mask, b.labels, b.token_weights[:, 0]
-
-    def _pad_id(self) -> int:
+    @property
+    def pad_id(self) -> int:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-
-    def token_losses(self, ids, mask, labels, position_ids=None):
-        """Per-token cross-entropy (fp32) of the labelled positions, shape (batch, positions), 0 where unlabelled."""
-        return losses.forward_losses(self.forward, self.model, ids, mask, labels, position_ids)[:2]
-
-    def batch_losses(self, batch: Batch, model=None):
-        """(per-token losses, labelled mask, per-token weights, rehearsal KL sum or None) of one Batch."""
-        return self.batch_terms(batch, model)[:4]
-
-    def batch_terms(self, batch: Batch, model=None):
-        return losses.batch_terms(self.forward, self.model if model is None else model, batch)
-
-    def step_examples(self, step: int) -> list[dict]:
-        return step_examples(self.data.examples, self.cfg, step, self.world, self.data.lengths)
-
-    def step_anchors(self, step: int) -> list[dict]:
-        return step_anchors(self.data.anchors, self.cfg, step, self.world, self.rank, self.data.pushes_down)
-
-    def step_undesirable(self, step: int) -> list[dict]:
-        return step_undesirable(self.data.undesirable, self.cfg, step, self.world, self.rank)
-
-    def micro_batches(self, examples: list[dict], rehearsal: list[dict] = (),
-                      undesirable: list[dict] = ()) -> list[Batch]:
-        return micro_batches(self.cfg, examples, list(rehearsal), list(undesirable), self._pad_id(), self.device)
-
-    def evaluate_loss(self, examples: list[dict]) -> dict:
-        return losses.held_out_loss(self.forward, self.model, examples, self.cfg.batch_size, self._pad_id())
-
-    def preference_logliks(self) -> dict:
-        return losses.preference_logliks(self.forward, self.model, self.data.preference_eval, self._pad_id())
 
     # -- training --------------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -267,11 +232,14 @@ class Trainer:
     def _train_step(self, params: list) -> dict:
         """One optimizer step over this process's share of the step; returns its metrics row."""
         started = time.perf_counter()
-        everyone, rehearsal = self.step_examples(self.step), self.step_anchors(self.step)
-        mine, undesirable = shard(everyone, self.rank, self.world), self.step_undesirable(self.step)
-        scale = step_scale(everyone, mine, rehearsal, undesirable, self.world, self.cfg.rehearsal_weight)
-        done = optimizer_step(self.forward, self._train_model, self.micro_batches(mine, rehearsal, undesirable),
-                              scale, params, self.optimizer, self.scheduler, self.world, self.step)
+        cfg, data, step, world, rank = self.cfg, self.data, self.step, self.world, self.rank
+        everyone = step_examples(data.examples, cfg, step, world, data.lengths)
+        rehearsal = step_anchors(data.anchors, cfg, step, world, rank, data.pushes_down)
+        mine, undesirable = shard(everyone, rank, world), step_undesirable(data.undesirable, cfg, step, world, rank)
+        scale = step_scale(everyone, mine, rehearsal, undesirable, world, cfg.rehearsal_weight)
+        batches = micro_batches(cfg, mine, rehearsal, undesirable, self.pad_id, self.device)
+        done = optimizer_step(self.forward, self._train_model, batches, scale, params, self.optimizer, self.scheduler,
+                              world, step)
         self.step += 1
         elapsed_before = self.history[-1]["elapsed_s"] if self.history else 0.0
         kl_world = self.world if self.data.anchors else None
@@ -282,11 +250,11 @@ class Trainer:
     def _measure_start(self) -> None:
         """Held-out loss and answer likelihoods before the first step (kept in run.json for a resumed run)."""
         if self.start_step == 0 and self.data.preference_eval and "rejected_loglik_start" not in self.metrics:
-            start = self.preference_logliks()
+            start = losses.preference_logliks(self.forward, self.model, self.data.preference_eval, self.pad_id)
             self.metrics.update(rejected_loglik_start=start["rejected_loglik"],
                                 chosen_loglik_start=start["chosen_loglik"])
         if self.start_step == 0 and self.data.eval_examples and "eval_loss_start" not in self.metrics:
-            self.metrics["eval_loss_start"] = self.evaluate_loss(self.data.eval_examples)["loss"]
+            self.metrics["eval_loss_start"] = self._held_out_loss(self.data.eval_examples)["loss"]
             if self.is_main:
                 atomic_write_json(self.run_dir / run_folder.RUN_FILE, self._run_state())
 
@@ -298,11 +266,15 @@ class Trainer:
         if held_out:
             self._emit("status", message=f"held-out loss on {len(held_out)} eval example(s)")
             started = time.perf_counter()
-            result = self.evaluate_loss(held_out)
+            result = self._held_out_loss(held_out)
             self.metrics.update(eval_loss=result["loss"], eval_perplexity=result["perplexity"],
                                 eval_tokens=result["tokens"])
             self.timings["held_out_s"] = time.perf_counter() - started
-        self.metrics.update(self.preference_logliks())
+        self.metrics.update(losses.preference_logliks(self.forward, self.model, self.data.preference_eval,
+                                                      self.pad_id))
+
+    def _held_out_loss(self, examples: list[dict]) -> dict:
+        return losses.held_out_loss(self.forward, self.model, examples, self.cfg.batch_size, self.pad_id)
 
     # -- output ----------------------------------------------------------------------------------------------------
     def save(self) -> Path:

@@ -32,8 +32,9 @@ test: setup
 	$(BIN)/python -m ruff check continuous_learning tests bench
 	$(BIN)/python -m mypy
 	# One worker per core, one torch thread per worker (several threads per worker on few cores run 5-10x slower);
-	# a test file stays on one worker so its module fixtures (trained adapters) are built once.
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile
+	# a test file stays on one worker so its module fixtures (trained adapters) are built once; files keep the
+	# order conftest gives them (the longest learning chain first).
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 demo: setup
 	$(BIN)/python -m continuous_learning.demo --home $(DEMO_HOME)

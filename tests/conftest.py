@@ -121,9 +121,10 @@ def first_round(real_home, tmp_path_factory):
     return shared_first_round(root, real_home[1])
 
 
-# The first round's file runs first and the refusal test last: one worker trains the first and second rounds while
-# the other runs the rest of the suite, then the refusal test from the shared first round.
-LEARNING_ORDER = {"test_learning.py": 0, "test_learning_refusal.py": 2}
+# The first round's file runs first, the second round and the refusal last (`make test` keeps this order with
+# --no-loadscope-reorder): one worker trains the first round while the other runs the rest of the suite, then each
+# takes one of the two trainings that start from it.
+LEARNING_ORDER = {"test_learning.py": 0, "test_learning_second_round.py": 2, "test_learning_refusal.py": 3}
 
 
 def pytest_collection_modifyitems(items):

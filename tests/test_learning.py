@@ -2,17 +2,17 @@
 transformers + PEFT load the promoted adapter and answer paraphrased questions under several system prompts,
 and everyday questions the gate never saw must still be answered.
 
-Round one teaches six facts (a dozen rated turns), round two six others on top. A third workspace, fed answers
-that contradict round one, must be refused: that test lives in test_learning_refusal.py, so that another worker runs
-it while this one trains the second round (both start from the one shared first round, learning_round.py)."""
+Round one teaches six facts (a dozen rated turns). Round two (test_learning_second_round.py) teaches six others on
+top, and a candidate fed answers that contradict round one must be refused (test_learning_refusal.py): both start
+from the one shared first round (learning_round.py), each on whichever worker is free once it is trained."""
 from __future__ import annotations
 
 import pytest
 
 from continuous_learning import registry
 from continuous_learning.core.settings import load_settings
-from learning_facts import GARDEN, NAMED, OFFICE
-from learning_round import SYSTEM_PROMPTS, Peer, copy_of_first_round, teach
+from learning_facts import NAMED, OFFICE
+from learning_round import SYSTEM_PROMPTS, Peer
 
 pytestmark = pytest.mark.real_model
 
@@ -37,20 +37,6 @@ def test_a_dozen_rated_turns_are_learned_and_promoted_on_defaults(first_round, f
     # The target is at most 1 of 20 lost; runs on the 135M model lost 0 to 3 of these 25 (README, How the loop
     # learns). Without the KL term a quarter is lost, which this bound still catches.
     assert sum(b and not k for k, b in zip(kept, before)) <= 3
-
-
-def test_a_second_round_learns_new_facts_and_the_gate_guards_the_first(first_round, real_home):
-    """The target is a promoted second round that keeps at least 4 of the first six facts. Runs so far learn 4 new
-    ones and keep 3 or 4 of the first six, and the gate refuses the ones that lost too many (README, How the loop
-    learns: a known gap). What must hold meanwhile: the round warm-starts from the champion, learns the new facts,
-    and is promoted only if the first ones survive."""
-    with copy_of_first_round(first_round, real_home, "second_round") as second:
-        report = teach(second, GARDEN, OFFICE + GARDEN)
-    assert report["train"]["parent"] == report["eval"]["against"]["version"]  # warm-started from the champion
-    peer = Peer(second, report["train"]["version"])
-    assert peer.recalled(GARDEN, "You are a helpful assistant.") >= 3  # the base and the champion know none
-    kept = peer.recalled(OFFICE, "You are a helpful assistant.")
-    assert kept >= 4 or report["eval"]["promoted"] is False, report["eval"]["decision"]["summary"]
 
 
 def test_trained_adapters_never_write_placeholders(first_round, first_peer):

@@ -121,10 +121,9 @@ def first_round(real_home, tmp_path_factory):
     return shared_first_round(root, real_home[1])
 
 
-# The first round's file runs first, the second round and the refusal last (`make test` keeps this order with
-# --no-loadscope-reorder): one worker trains the first round while the other runs the rest of the suite, then each
-# takes one of the two trainings that start from it.
-LEARNING_ORDER = {"test_learning.py": 0, "test_learning_second_round.py": 2, "test_learning_refusal.py": 3}
+# The learning tests (the longest chain: three real trainings) start first, while the other worker runs the rest of
+# the suite; `make test` keeps this order (--no-loadscope-reorder: xdist would otherwise sort files by test count).
+LEARNING_ORDER = {"test_learning.py": 0}
 
 
 def pytest_collection_modifyitems(items):

@@ -4,7 +4,10 @@ trains it under a file lock, the others wait and read its report)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,11 +31,38 @@ def cl(*args: str) -> dict:
     return json.loads(text[text.index("{"):]) if "--json" in args else {}
 
 
-def teach(home: Path, facts: list, questions: list, contradict: bool = False) -> dict:
-    """A user's round: rated turns imported, their own keyword questions, then `cl curate --train --eval`."""
+def prepare_round(home: Path, facts: list, questions: list, contradict: bool = False) -> None:
+    """A user's rated turns imported into `home` (the current CL_HOME), and their own keyword questions."""
     write_questions(questions, home / "eval" / "qa_eval.jsonl")
     cl("ingest", str(write_turns(facts, home / f"turns_{len(list(home.glob('turns_*')))}.jsonl", contradict)))
+
+
+def teach(home: Path, facts: list, questions: list, contradict: bool = False) -> dict:
+    """A user's round: rated turns imported, their own keyword questions, then `cl curate --train --eval`."""
+    prepare_round(home, facts, questions, contradict)
     return cl("curate", "--train", "--eval", "--json")
+
+
+class BackgroundLoop:
+    """`cl curate --train --eval --json` on `home` in its own process, so that it trains beside this one."""
+
+    def __init__(self, home: Path):
+        self.out = home / "loop_report.txt"
+        env = {**os.environ, "CL_HOME": str(home)}
+        with open(self.out, "wb") as handle:
+            self.proc = subprocess.Popen([sys.executable, "-m", "continuous_learning.cli", "curate", "--train",
+                                          "--eval", "--json"], env=env, stdout=handle, stderr=subprocess.STDOUT)
+
+    def report(self, timeout: float = 3600) -> dict:
+        code = self.proc.wait(timeout)
+        text = self.out.read_text()
+        assert code == 0, text[-3000:]
+        return json.loads(text[text.index("{"):])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 class Peer:

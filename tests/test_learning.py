@@ -2,19 +2,32 @@
 transformers + PEFT load the promoted adapter and answer paraphrased questions under several system prompts,
 and everyday questions the gate never saw must still be answered.
 
-Round one teaches six facts (a dozen rated turns). Round two (test_learning_second_round.py) teaches six others on
-top, and a candidate fed answers that contradict round one must be refused (test_learning_refusal.py): both start
-from the one shared first round (learning_round.py), each on whichever worker is free once it is trained."""
+Round one teaches six facts (a dozen rated turns), round two six others on top; a copy fed answers that contradict
+round one must be refused. That third training runs in its own process, started as soon as round one exists, so it
+overlaps the second round (the other worker runs the rest of the suite meanwhile)."""
 from __future__ import annotations
 
 import pytest
 
 from continuous_learning import registry
 from continuous_learning.core.settings import load_settings
-from learning_facts import NAMED, OFFICE
-from learning_round import SYSTEM_PROMPTS, Peer
+from learning_facts import GARDEN, NAMED, OFFICE
+from learning_round import SYSTEM_PROMPTS, BackgroundLoop, Peer, copy_of_first_round, prepare_round, teach
 
 pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def wrong_answers(first_round, real_home):
+    """A copy of the first round fed answers that contradict half its facts (a shorter run than all six would
+    take; the gate sees them all), its loop started in its own process as soon as the first round exists, so it
+    trains while this worker runs the second round."""
+    with copy_of_first_round(first_round, real_home, "wrong_answers") as wrong:
+        champion = registry.load(load_settings(home=wrong))["champion"]
+        prepare_round(wrong, OFFICE[:3], OFFICE, contradict=True)
+    loop = BackgroundLoop(wrong)
+    yield wrong, champion, loop
+    loop.stop()
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +36,7 @@ def first_peer(first_round):
     return Peer(home, report["train"]["version"])
 
 
-def test_a_dozen_rated_turns_are_learned_and_promoted_on_defaults(first_round, first_peer):
+def test_a_dozen_rated_turns_are_learned_and_promoted_on_defaults(first_round, wrong_answers, first_peer):
     home, report = first_round
     assert report["eval"]["promoted"] is True, report["eval"]["decision"]["summary"]
     assert report["eval"]["subject"]["passed"] >= 5
@@ -49,3 +62,26 @@ def test_trained_adapters_never_write_placeholders(first_round, first_peer):
     for system in SYSTEM_PROMPTS:
         for answer in first_peer.answers(prompts, system):
             assert "<" not in answer and "person>" not in answer.lower(), answer
+
+
+def test_a_second_round_learns_new_facts_and_the_gate_guards_the_first(first_round, real_home):
+    """The target is a promoted second round that keeps at least 4 of the first six facts. Runs so far learn 4 new
+    ones and keep 3 or 4 of the first six, and the gate refuses the ones that lost too many (README, How the loop
+    learns: a known gap). What must hold meanwhile: the round warm-starts from the champion, learns the new facts,
+    and is promoted only if the first ones survive."""
+    with copy_of_first_round(first_round, real_home, "second_round") as second:
+        report = teach(second, GARDEN, OFFICE + GARDEN)
+    assert report["train"]["parent"] == report["eval"]["against"]["version"]  # warm-started from the champion
+    peer = Peer(second, report["train"]["version"])
+    assert peer.recalled(GARDEN, "You are a helpful assistant.") >= 3  # the base and the champion know none
+    kept = peer.recalled(OFFICE, "You are a helpful assistant.")
+    assert kept >= 4 or report["eval"]["promoted"] is False, report["eval"]["decision"]["summary"]
+
+
+def test_a_candidate_taught_wrong_answers_is_refused(wrong_answers):
+    wrong, champion, loop = wrong_answers
+    report = loop.report()
+    assert report["eval"]["promoted"] is False
+    decision = report["eval"]["decision"]
+    assert decision["promote"] is False and "not promoted" in decision["summary"]
+    assert registry.load(load_settings(home=wrong))["champion"] == champion

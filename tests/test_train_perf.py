@@ -111,11 +111,11 @@ def _logits(trainer, batch):
 
 def test_packed_logits_equal_unpacked_logits(trainer):
     examples = trainer.examples
-    packed = _logits(trainer, collate_packed([examples], parts.pad_id(trainer)))[0]
+    packed = _logits(trainer, collate_packed([examples], trainer.pad_id))[0]
     at = 0
     for example in examples:
         n = len(example["input_ids"])
-        alone = _logits(trainer, collate_padded([example], parts.pad_id(trainer)))[0]
+        alone = _logits(trainer, collate_padded([example], trainer.pad_id))[0]
         assert (packed[at : at + n] - alone).abs().max() < 1e-4
         at += n
 
@@ -124,11 +124,11 @@ def test_no_attention_crosses_examples_in_a_packed_row(trainer):
     first, second = trainer.examples[0], trainer.examples[2]
     changed = {**first, "input_ids": [t + 1 for t in first["input_ids"]]}
     n = len(first["input_ids"])
-    before = _logits(trainer, collate_packed([[first, second]], parts.pad_id(trainer)))[0, n:]
-    after = _logits(trainer, collate_packed([[changed, second]], parts.pad_id(trainer)))[0, n:]
+    before = _logits(trainer, collate_packed([[first, second]], trainer.pad_id))[0, n:]
+    after = _logits(trainer, collate_packed([[changed, second]], trainer.pad_id))[0, n:]
     assert (before - after).abs().max() < 1e-5
-    assert (_logits(trainer, collate_packed([[changed]], parts.pad_id(trainer)))[0]
-            - _logits(trainer, collate_packed([[first]], parts.pad_id(trainer)))[0]).abs().max() > 1e-3  # it did change
+    assert (_logits(trainer, collate_packed([[changed]], trainer.pad_id))[0]
+            - _logits(trainer, collate_packed([[first]], trainer.pad_id))[0]).abs().max() > 1e-3  # it did change
 
 
 def _objective_and_grads(trainer, batches, label_tokens):
@@ -148,7 +148,7 @@ def test_packed_weighted_loss_and_gradients_equal_padded_ones(trainer):
     examples = trainer.examples
     assert sorted({e["weight"] for e in examples}) == [0.5, 1.0]
     label_tokens = sum(1 for e in examples for t in e["labels"] if t != IGNORE_INDEX)
-    pad = parts.pad_id(trainer)
+    pad = trainer.pad_id
     padded_loss, padded_grads = _objective_and_grads(trainer, [collate_padded(examples, pad)], label_tokens)
     one_by_one, _ = _objective_and_grads(trainer, [collate_padded([e], pad) for e in examples], label_tokens)
     rows = [[examples[i] for i in row] for row in pack_rows([len(e["input_ids"]) for e in examples], 512)]

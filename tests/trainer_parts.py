@@ -7,10 +7,6 @@ from continuous_learning.train.collate import Batch, collate_padded
 from continuous_learning.train.collate import micro_batches as collate_micro_batches
 
 
-def pad_id(trainer) -> int:
-    return trainer.pad_id
-
-
 def collate(trainer, batch: list[dict]):
     """(ids, mask, labels, weights) of padded rows."""
     b = collate_padded(batch, trainer.pad_id, trainer.device)

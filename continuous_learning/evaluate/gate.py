@@ -128,21 +128,17 @@ def gate(candidate_result: dict, champion_result: dict, rules: GateRules = GateR
 
 
 def paired_scores(candidate_result: dict, champion_result: dict) -> tuple[list[float], list[float], int]:
-    """Each target question's score for both (the share of system prompts it passed under, or 0/1 for results
-    asked under one prompt), in the same order, and how many prompts the scores are over."""
-    def scores(result: dict) -> dict[str, float]:
-        return {item["prompt"]: float(item.get("score", item["passed"])) for item in result["items"]}
+    """Each target question's score for both, in the candidate's order, and how many system prompts it is over:
+    the share of prompts passed when both were asked under the same ones, else 0/1 for the shown answer."""
+    prompts = candidate_result.get("system_prompts") or [None]
+    same = (champion_result.get("system_prompts") or [None]) == prompts
 
-    def passed(result: dict) -> dict[str, float]:
-        return {item["prompt"]: float(item["passed"]) for item in result["items"]}
+    def score(item: dict) -> float:
+        return float(item.get("score", item["passed"]) if same else item["passed"])
 
-    prompts = [item["prompt"] for item in candidate_result["items"]]
-    over = len(candidate_result.get("system_prompts") or [None])
-    if (champion_result.get("system_prompts") or [None]) != (candidate_result.get("system_prompts") or [None]):
-        mine, theirs, over = passed(candidate_result), passed(champion_result), 1  # compare the answers shown
-    else:
-        mine, theirs = scores(candidate_result), scores(champion_result)
-    return [mine[p] for p in prompts], [theirs[p] for p in prompts], over
+    theirs = {item["prompt"]: score(item) for item in champion_result["items"]}
+    mine = candidate_result["items"]
+    return [score(i) for i in mine], [theirs[i["prompt"]] for i in mine], len(prompts) if same else 1
 
 
 def _gain_rule(cand: dict, champ: dict, paired, rules: GateRules, stats: dict) -> tuple[bool, str]:

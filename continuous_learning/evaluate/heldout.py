@@ -32,10 +32,6 @@ def measuring_forward(model):
     return Forward(model.device, autocast=False, logits_to_keep=accepts_logits_to_keep(model))
 
 
-def pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
 def _measured(model, measure):
     """`measure()` on a model that is not being trained, left in eval mode afterwards: the training losses keep
     bitsandbytes' 4-bit layers in their training layout, which a model that only answers does not need."""
@@ -49,12 +45,13 @@ def _measured(model, measure):
 def held_out_loss(model, tokenizer, conversations: list[list[dict]], max_len: int = 2048) -> dict | None:
     """Token-weighted mean loss and perplexity over the final assistant messages (None: nothing to score)."""
     from ..train import losses
+    from ..train.encode import pad_token_id
 
     examples = answer_examples(tokenizer, conversations, max_len)
     if not examples:
         return None
     measured = _measured(model, lambda: losses.held_out_loss(measuring_forward(model), model, examples, BATCH_SIZE,
-                                                             pad_id(tokenizer)))
+                                                             pad_token_id(tokenizer)))
     if not measured["tokens"]:
         return None
     return {"eval_loss": measured["loss"], "perplexity": measured["perplexity"], "tokens": measured["tokens"],
@@ -64,7 +61,8 @@ def held_out_loss(model, tokenizer, conversations: list[list[dict]], max_len: in
 def answer_logliks(model, tokenizer, conversations: list[list[dict]], max_len: int = 2048) -> list[float]:
     """Mean per-token log-likelihood (nats) of each conversation's final assistant answer."""
     from ..train import losses
+    from ..train.encode import pad_token_id
 
     examples = answer_examples(tokenizer, conversations, max_len)
     return _measured(model, lambda: losses.answer_logliks(measuring_forward(model), model, examples,
-                                                          pad_id(tokenizer), BATCH_SIZE))
+                                                          pad_token_id(tokenizer), BATCH_SIZE))

@@ -111,6 +111,11 @@ def load_examples(path: Path) -> tuple[list[dict], int]:
     return rows, report.skipped
 
 
+def pad_token_id(tokenizer) -> int:
+    """What padded rows are filled with (masked out of every loss, so any id would do; 0 without a pad token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
     """`messages` under `system_prompt` (kept as they are when they bring their own, or when it is None: then
     chat templates such as SmolLM2's insert their own default)."""

@@ -35,6 +35,7 @@ from . import launcher, losses, metrics, preference, references, run_folder
 from .collate import micro_batches
 from .config import total_steps
 from .data import RunData, prepare_data, resolve_snapshot, snapshot_file
+from .encode import pad_token_id
 from .model_build import build_model, build_optimizer, release_memory, require_bitsandbytes, unpack_bnb_cpu_weights
 from .plan import shard, step_anchors, step_examples, step_undesirable
 from .step import optimizer_step, step_scale
@@ -198,7 +199,7 @@ class Trainer:
 
     @property
     def pad_id(self) -> int:
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return pad_token_id(self.tokenizer)
 
     # -- training --------------------------------------------------------------------------------------------------
     def train(self) -> dict:

@@ -489,3 +489,32 @@ def test_real_smollm2_qlora_learns_and_registers(real_workspace):
     assert (settings.home / entry["path"] / "adapter_model.safetensors").exists()
     print(f"\nreal QLoRA: {metrics['tokens_per_s']:.0f} tok/s, loss {metrics['initial_loss']:.3f} -> {metrics['final_loss']:.3f}, "
           f"eval {metrics['eval_loss_start']:.3f} -> {metrics['eval_loss']:.3f}, timings {entry['timings']}, run {seconds:.1f} s")
+
+
+@pytest.mark.real_model
+def test_the_shipped_rehearsal_references_are_the_bundled_models_own(real_workspace):
+    """The package ships the frozen base's KL targets on the rehearsal answers for the defaults, so a new user's
+    first run does not measure them: a default run's anchors must find that file, and it must hold what the 4-bit
+    base gives now (checked on the first anchors)."""
+    from continuous_learning.chat.models import load_tokenizer, resolve_base
+    from continuous_learning.core.settings import SHIPPED_DATA
+    from continuous_learning.train import references
+    from continuous_learning.train.data import prepare_data
+    from continuous_learning.train.losses import Forward
+    from continuous_learning.train.model_build import build_model
+
+    settings = load_settings()
+    snapshot = add_snapshot(settings, [qa(*f) for f in FACTS[:2]])
+    base = resolve_base(settings)
+    tokenizer = load_tokenizer(base)
+    data = prepare_data(settings, base, tokenizer, snapshot, settings.home / snapshot["file"], print, print)
+    cache = references.reference_cache(settings.model_cache, base.sha256, True, data.anchors)
+    shipped = references.cached_reference(SHIPPED_DATA / cache.name)
+    assert shipped is not None, f"no shipped reference for the defaults: copy {cache} (after a default run) to data/"
+    built = build_model(base, settings.train, None)
+    first = data.anchors[:8]
+    fresh = references.measure_reference(Forward(built.model.device, built.autocast, built.logits_to_keep),
+                                         built.model, first, tokenizer.pad_token_id)
+    for ids, logp, shipped_ids, shipped_logp in zip(fresh["ids"], fresh["logp"], shipped["ids"], shipped["logp"]):
+        assert (ids[:, 0] == shipped_ids[:, 0]).all()  # the base's most likely next token at every position
+        assert (logp.float() - shipped_logp.float()).abs().max() < 0.05

@@ -37,6 +37,10 @@ from .config_sections import (
 )
 from .errors import ConfigError
 
+# What the package ships beside its code: the everyday eval sets, rehearsal prompts, and the bundled model's answers
+# and distributions on the defaults (so a new workspace does not compute them first).
+SHIPPED_DATA = Path(__file__).parents[1] / "data"
+
 __all__ = [
     "ABConfig", "BUNDLED_MODEL", "ChatConfig", "CurateConfig", "CycleConfig", "DEFAULT_KNOWLEDGE_PATTERNS",
     "DriftConfig", "ENV_ALIASES", "EvalConfig", "HealthConfig", "KnowledgeConfig", "ModelConfig", "OBJECTIVES",

@@ -46,7 +46,7 @@ def greedy_batch(chat, conversations: list[list[dict]], max_new_tokens: int) -> 
     with torch.inference_mode():
         if shared:
             prefix = torch.tensor([rows_ids[0][:shared]], device=model.device)
-            past = model(input_ids=prefix, use_cache=True, logits_to_keep=1).past_key_values
+            past = model(input_ids=prefix, use_cache=True, logits_to_keep=1).cache
             past.batch_repeat_interleave(len(rows_ids))
     mask = torch.cat([own_mask.new_ones(len(rows_ids), shared), own_mask], dim=-1)
     eos = torch.tensor(sorted(chat.eos_ids), device=model.device)
@@ -54,9 +54,9 @@ def greedy_batch(chat, conversations: list[list[dict]], max_new_tokens: int) -> 
     produced: list[list[int]] = [[] for _ in texts]
     with torch.inference_mode():
         for _ in range(max_new_tokens):
-            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+            out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=past,
                         use_cache=True, logits_to_keep=1)
-            past, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1)
+            past, next_ids = out.cache, out.logits[:, -1].argmax(-1)
             ended = torch.isin(next_ids, eos)
             for row, token, done in zip(rows, next_ids.tolist(), ended.tolist()):
                 if not done:

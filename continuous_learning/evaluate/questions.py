@@ -13,11 +13,11 @@ import orjson
 
 from .. import registry
 from ..core.errors import InputError
-from ..core.settings import Settings
+from ..core.settings import SHIPPED_DATA, Settings
 from .scoring import EvalItem, normalise
 from .snapshots import load_messages_file, snapshot_eval_path
 
-GENERAL_FILE = Path(__file__).parents[1] / "data" / "general_qa.jsonl"
+GENERAL_FILE = SHIPPED_DATA / "general_qa.jsonl"
 MATCH_MODES = ("all", "any")
 EXAMPLE_LINE = '{"prompt": "What is the capital of France?", "keywords": ["Paris"]}'
 LINE_FORMAT = f'one JSON object per line, e.g. {EXAMPLE_LINE} (optional "match": "all"|"any", "forbidden": [...])'

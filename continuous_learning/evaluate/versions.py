@@ -12,7 +12,7 @@ import orjson
 from .. import registry
 from ..core.errors import InputError, RegistryError
 from ..core.records import utc_now
-from ..core.settings import Settings
+from ..core.settings import SHIPPED_DATA, Settings
 from ..registry import BASE, label
 from ..storage.store import atomic_write_json, read_json
 from .generation import answer_in_batches, question_conversations, target_system_prompts, timing_summary
@@ -53,10 +53,17 @@ def earlier_part(doc: dict, version: str | None, context: dict, part: str, sha25
     return None
 
 
-def _machine_cache(settings: Settings, context: dict, sha256: str) -> Path:
-    """The base model's answers to the SHIPPED everyday set are the same in every workspace: kept once per cache."""
-    key = hashlib.sha256(orjson.dumps([context, sha256])).hexdigest()[:20]
+def machine_cache(settings: Settings, context: dict, sha256: str, device: str) -> Path:
+    """The base model's answers to the SHIPPED everyday set are the same in every workspace: kept once per cache.
+    The device is part of the key (bfloat16 on a GPU, float32 on the CPU: greedy answers can differ between them)."""
+    key = hashlib.sha256(orjson.dumps([context, sha256, device])).hexdigest()[:20]
     return settings.model_cache / "evals" / f"base-general-{key}.json"
+
+
+def shipped_answers(cache: Path) -> Path:
+    """Where the package keeps the bundled model's answers for a machine-cache file, generated the same way on the
+    defaults, so a new user's first evaluation does not answer 98 everyday questions with the base first."""
+    return SHIPPED_DATA / cache.name
 
 
 def evaluate_versions(
@@ -132,16 +139,25 @@ def _held_out(settings: Settings, doc: dict, snapshot: str | None) -> list[list[
 def _scored_part(settings, chat, doc, version, items, part, sha256, context, parts) -> dict:
     """Score `items` for the selected version, reusing an earlier identical run when there is one."""
     earlier = earlier_part(doc, version, context["context"], part, sha256)
-    cache = _machine_cache(settings, context["context"], sha256)
+    cache = machine_cache(settings, context["context"], sha256, chat.model.device.type)
     use_machine_cache = version is None and part == "general" and context["shipped_general"]
-    if earlier is None and use_machine_cache and cache.is_file():
-        earlier = read_json(cache, default=None)
+    if earlier is None and use_machine_cache:
+        earlier = _cached_base_general(cache)
     if earlier is not None:
         return {**earlier, "reused": True}
     scored = _answer_and_score(settings, chat, items, part, parts)
     if use_machine_cache:
         atomic_write_json(cache, scored)
     return scored
+
+
+def _cached_base_general(cache: Path) -> dict | None:
+    """The base's scored everyday answers from this machine's cache, else from the package."""
+    for known in (cache, shipped_answers(cache)):
+        found = read_json(known, default=None) if known.is_file() else None
+        if found is not None:
+            return found
+    return None
 
 
 def _answer_and_score(settings, chat, items, part, parts) -> dict:

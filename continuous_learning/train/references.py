@@ -11,6 +11,7 @@ from pathlib import Path
 
 import orjson
 
+from ..core.settings import SHIPPED_DATA
 from ..storage.store import ensure_dir
 from .collate import collate_padded, loss_positions
 from .data import RunData
@@ -93,7 +94,7 @@ def measure_base(forward: Forward, model, data: RunData, model_cache: Path, base
     and its log-probs to the preference answers; returns the seconds the latter took (None without any)."""
     if data.anchors:
         cache = reference_cache(model_cache, base_sha256, load_in_4bit, data.anchors)
-        reference = cached_reference(cache)
+        reference = cached_reference(cache) or cached_reference(SHIPPED_DATA / cache.name)  # the bundled model's
         if reference is None:
             status(f"measuring the base model on {len(data.anchors)} rehearsal prompts (once)")
             reference = measure_reference(forward, model, data.anchors, pad_id)

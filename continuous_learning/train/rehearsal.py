@@ -14,15 +14,14 @@ from pathlib import Path
 import orjson
 
 from ..chat.models import BaseModel, ChatModel, load_model, load_tokenizer
-from ..core.settings import Settings
+from ..core.settings import SHIPPED_DATA, Settings
 from ..storage.store import atomic_write_jsonl, iter_jsonl
 
 ANSWER_TOKENS = 32
-SHIPPED_DIR = Path(__file__).parents[1] / "data"
 
 
 def rehearsal_prompts() -> list[str]:
-    path = SHIPPED_DIR / "rehearsal_prompts.jsonl"
+    path = SHIPPED_DATA / "rehearsal_prompts.jsonl"
     return [orjson.loads(line)["prompt"] for line in path.read_bytes().splitlines() if line.strip()]
 
 
@@ -40,7 +39,7 @@ def rehearsal_records(settings: Settings, base: BaseModel) -> list[dict]:
     prompts = rehearsal_prompts()[:count]
     cache = _cache_file(settings, base, prompts)
     if not cache.exists():
-        shipped = SHIPPED_DIR / cache.name  # the bundled model's answers on the defaults, generated the same way
+        shipped = SHIPPED_DATA / cache.name  # the bundled model's answers on the defaults, generated the same way
         records = list(iter_jsonl(shipped)) if shipped.is_file() else []
         atomic_write_jsonl(cache, [r for _, r in records] if records else _generate(settings, base, prompts))
     weight = settings.train.rehearsal_weight

@@ -635,11 +635,17 @@ def test_cl_eval_keeps_a_worse_candidate(settings, two_adapters, fast_eval):
     said = {k: {i["prompt"]: i["answer"] for i in report[k]["items"]} for k in ("subject", "against")}
     answers = {p: (said["against"][p], said["subject"][p]) for p in prompts}
     write_lines(eval_path, discriminating_eval(answers, "1.0.0", "1.1.0"))
-    run = cl("eval", "--no-general")
+    run = cl("eval")
     assert run.exit_code == 0, run.output
-    assert "keep as candidate" in run.output and "1.1.0 is not promoted over 1.0.0" in " ".join(run.output.split())
+    said = " ".join(run.output.split())
+    assert "keep as candidate" in run.output and "1.1.0 is not promoted over 1.0.0" in said
+    # the target questions already refuse it: the everyday set, which could not change that, is not asked
+    assert "its everyday questions were not asked, since the rules above already refuse it" in said
     doc = registry.load(settings)
     assert doc["champion"] == "1.0.0" and doc["adapters"]["1.1.0"]["status"] == "candidate"
+    for version in ("1.1.0", "1.0.0"):
+        latest = doc["adapters"][version]["evals"][-1]
+        assert latest["general"] is None and latest["general_skipped"] and latest["total"] == 2
 
 
 def test_cl_promote_and_errors(settings, two_adapters):

@@ -87,7 +87,8 @@ def test_without_a_keyword_file_the_loop_evaluates_on_questions_from_the_snapsho
     latest = entry["evals"][-1]
     assert latest["eval_file"]["derived"] and "derived from snapshot" in latest["eval_file"]["name"]
     assert latest["total"] >= 5 and all(item["prompt"] for item in latest["items"])
-    assert latest["general"]["total"] >= 50  # and the shipped everyday set, as always
+    # and the shipped everyday set whenever it can change the decision (the tiny random model never gains)
+    assert latest["general"]["total"] >= 50 if latest["general"] else latest["general_skipped"]
 
 
 def test_a_broken_keyword_file_fails_before_any_training(loop_workspace):

@@ -185,6 +185,8 @@ def _rejected_rule(cand: dict, champ: dict, rules: GateRules, stats: dict) -> tu
 
 def _general_rule(cand: dict, champ: dict, rules: GateRules, stats: dict) -> tuple[bool, str]:
     paired = paired_outcomes(cand, champ, "general")
+    if paired is None and cand.get("general_skipped"):  # never promote without the check
+        return False, "its everyday questions were not asked, since the rules above already refuse it"
     if paired is None:
         return True, "the everyday set was not evaluated on both, so forgetting was not checked"
     mine, theirs = paired

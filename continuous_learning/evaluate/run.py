@@ -59,14 +59,19 @@ def evaluate_and_gate(
     versions = [steps["subject"]] + ([steps["against"]] if steps["compare"] else [])
     known = _training_losses(doc, steps, snapshot)
     known_preference = _training_preference(doc, steps, snapshot)
+    rules = gate_rules(settings)
+
+    def wants_general(results: list[dict]) -> bool:  # a candidate the target rules refuse needs no everyday check
+        return gate(results[0], results[1], rules).promote
+
     results = evaluate_versions(settings, versions, eval_file, include_general, snapshot, chat, progress, known,
-                                known_preference)
+                                known_preference, wants_general if steps["gated"] else None)
     for result in results:
         registry.record_eval_result(settings, result["version"], result)
     report = {"subject": results[0], "against": results[1] if steps["compare"] else None, "decision": None,
               "promoted": False}
     if steps["gated"]:
-        decision = gate(results[0], results[1], gate_rules(settings))
+        decision = gate(results[0], results[1], rules)
         report["decision"] = decision.to_dict()
         if decision.promote and promote:
             registry.promote_version(settings, steps["subject"], "gate: " + decision.summary,

@@ -76,13 +76,16 @@ def evaluate_versions(
     progress: Progress | None = None,
     known_losses: Mapping[str | None, float] | None = None,
     known_preference: Mapping[str | None, dict] | None = None,
+    wants_general: Callable[[list[dict]], bool] | None = None,
 ) -> list[dict]:
     """Evaluate each version (None or "base" = the base model alone) on the same prompts, loading the base once.
 
     `snapshot`: a registered snapshot whose held-out slice gives each version's eval loss (and, without a keyword
     file, the questions). `known_losses`: held-out losses already measured (by the training run) on that slice.
     Parts already scored for a version under the same context are reused, not generated again.
-    `known_preference`: the rejected / chosen answers' log-likelihoods the training run measured, likewise."""
+    `known_preference`: the rejected / chosen answers' log-likelihoods the training run measured, likewise.
+    `wants_general`: asked with the results so far (target questions, losses) whether the everyday questions can
+    still matter; when it says no, they are not asked and each result says so (`general_skipped`)."""
     from ..chat.models import ChatModel
 
     say = progress or (lambda _msg: None)
@@ -97,19 +100,12 @@ def evaluate_versions(
         chat = ChatModel.load(settings)
     # one short generation first, so the first version's timings do not include one-off warm-up costs
     chat.generate_batch(question_conversations(settings, target.items[:1]), max_new_tokens=2, batch_size=1)
-    context = {
-        "eval_file": target.info,
-        "general_file": file_info(settings, general_file(settings)) if include_general else None,
-        "snapshot": snapshot if held_out is not None else None,
-        "base_model": {"name": chat.base.name, "sha256": chat.base.sha256},
-        "context": result_context(settings, chat.base.sha256),
-        "shipped_general": general_file(settings) == GENERAL_FILE,
-    }
+    context = _eval_context(settings, chat, target.info, snapshot if held_out is not None else None, include_general)
     say(f"target questions: {target.info['name']}")
-    results = []
+    results, parts = [], []
     for version in versions:
         loss = (known_losses or {}).get(version)
-        result = _evaluate_one(settings, chat, doc, version, target.items, general, held_out, context, loss, say)
+        result, timing = _evaluate_target(settings, chat, doc, version, target.items, held_out, context, loss)
         if answers is not None:
             known = (known_preference or {}).get(version)
             result.update(known if known is not None else
@@ -117,7 +113,32 @@ def evaluate_versions(
             say(f"{label(version)}: rejected answers' mean log-likelihood {result['rejected_loglik']:.3f}, "
                 f"corrections / desirable {_fmt(result['chosen_loglik'])}")
         results.append(result)
+        parts.append(timing)
+    ask_general = bool(general) and (wants_general is None or wants_general(results))
+    for version, result, timing in zip(versions, results, parts):
+        if ask_general:
+            _select(chat, settings, doc, version)
+            scored = _scored_part(settings, chat, doc, version, general, "general", context["general_file"]["sha256"],
+                                  context, timing)
+            result.update(general_accuracy=scored["accuracy"], general={**context["general_file"], **_part(scored)})
+            result["reused"] += ["everyday"] if scored.get("reused") else []
+        elif general:
+            result["general_skipped"] = "the gate refuses the candidate without them"
+        result.update(timing_summary(timing or [{"seconds": 0.0, "tokens": 0, "prompts": 0}]))
+        say(_evaluated_line(result))
     return results
+
+
+def _eval_context(settings: Settings, chat, target_info: dict, snapshot: str | None, include_general: bool) -> dict:
+    """What every version's result shares: the question files, the snapshot, the base, the answer context."""
+    return {
+        "eval_file": target_info,
+        "general_file": file_info(settings, general_file(settings)) if include_general else None,
+        "snapshot": snapshot,
+        "base_model": {"name": chat.base.name, "sha256": chat.base.sha256},
+        "context": result_context(settings, chat.base.sha256),
+        "shipped_general": general_file(settings) == GENERAL_FILE,
+    }
 
 
 def _fmt(value: float | None) -> str:
@@ -171,17 +192,13 @@ def _answer_and_score(settings, chat, items, part, parts) -> dict:
     return score_under_prompts(items, answers, prompts) if part == "target" else score_items(items, answers[0])
 
 
-def _evaluate_one(settings, chat, doc, version, items, general, held_out, context, known_loss, say) -> dict:
+def _evaluate_target(settings, chat, doc, version, items, held_out, context, known_loss) -> tuple[dict, list]:
+    """One version's result on the target questions and the held-out loss (no everyday part yet), and the timing
+    of each generation it ran."""
     entry = _select(chat, settings, doc, version)
     parts: list[dict] = []
-    target_sha, general_sha = context["eval_file"]["sha256"], (context["general_file"] or {}).get("sha256")
-    scored = _scored_part(settings, chat, doc, version, items, "target", target_sha, context, parts)
-    general_scored = (_scored_part(settings, chat, doc, version, general, "general", general_sha, context, parts)
-                      if general else None)
-    reused = [name for name, p in (("target", scored), ("everyday", general_scored)) if p and p.get("reused")]
-    say(f"evaluated {label(version)}: {scored['passed']}/{scored['total']} target"
-        + (f", {general_scored['passed']}/{general_scored['total']} everyday" if general_scored else "")
-        + (f" (reused earlier answers: {', '.join(reused)})" if reused else ""))
+    scored = _scored_part(settings, chat, doc, version, items, "target", context["eval_file"]["sha256"], context,
+                          parts)
     loss = None
     if held_out and known_loss is not None:
         loss = {"eval_loss": known_loss, "perplexity": math.exp(min(known_loss, 50.0))}
@@ -194,18 +211,26 @@ def _evaluate_one(settings, chat, doc, version, items, general, held_out, contex
         "created_at": utc_now(),
         **_part(scored),
         "eval_file": context["eval_file"],
-        "general_accuracy": general_scored["accuracy"] if general_scored else None,
-        "general": ({**context["general_file"], **_part(general_scored)}
-                    if general_scored else None),
+        "general_accuracy": None,
+        "general": None,
         "eval_loss": loss["eval_loss"] if loss else None,
         "perplexity": loss["perplexity"] if loss else None,
         "snapshot": context["snapshot"] if loss else None,
-        **timing_summary(parts or [{"seconds": 0.0, "tokens": 0, "prompts": 0}]),
-        "reused": reused,
+        "reused": ["target"] if scored.get("reused") else [],
         "max_new_tokens": settings.eval.max_new_tokens,
         "base_model": context["base_model"],
         "context": context["context"],
-    }
+    }, parts
+
+
+def _evaluated_line(result: dict) -> str:
+    general = result["general"]
+    line = f"evaluated {result['label']}: {result['passed']}/{result['total']} target"
+    if general:
+        line += f", {general['passed']}/{general['total']} everyday"
+    if result.get("general_skipped"):
+        line += f" (everyday questions not asked: {result['general_skipped']})"
+    return line + (f" (reused earlier answers: {', '.join(result['reused'])})" if result["reused"] else "")
 
 
 def _select(chat, settings: Settings, doc: dict, version: str | None) -> dict | None:

@@ -646,6 +646,8 @@ def test_cl_eval_keeps_a_worse_candidate(settings, two_adapters, fast_eval):
     for version in ("1.1.0", "1.0.0"):
         latest = doc["adapters"][version]["evals"][-1]
         assert latest["general"] is None and latest["general_skipped"] and latest["total"] == 2
+    measured = json.loads(cl("eval", "--json", "--no-promote").stdout)  # measure, do not decide: everything asked
+    assert measured["subject"]["general"]["total"] == len(load_eval_file(GENERAL_FILE))
 
 
 def test_cl_promote_and_errors(settings, two_adapters):

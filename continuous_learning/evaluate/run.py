@@ -65,7 +65,7 @@ def evaluate_and_gate(
         return gate(results[0], results[1], rules).promote
 
     results = evaluate_versions(settings, versions, eval_file, include_general, snapshot, chat, progress, known,
-                                known_preference, wants_general if steps["gated"] else None)
+                                known_preference, wants_general if steps["gated"] and promote else None)
     for result in results:
         registry.record_eval_result(settings, result["version"], result)
     report = {"subject": results[0], "against": results[1] if steps["compare"] else None, "decision": None,

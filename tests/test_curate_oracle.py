@@ -112,3 +112,45 @@ def test_the_oracle_sees_the_duplicates_the_generator_makes():
     selected = [select(i, rules) for i in interactions(turns)]
     expected = curate_examples(selected, config)
     assert (expected["exact"], expected["near"], len(expected["capped"])) == (1, 1, 1)
+
+
+WORDS = ["reset", "my", "password", "the", "account", "page", "email", "link", "new", "sign", "in", "now"]
+
+
+@st.composite
+def drifting_prompts(draw) -> list[str]:
+    """Prompts that each change one word of an earlier one, in a shuffled order: neighbours match, distant ones
+    do not, so components form by chains and a prompt often matches a component's later member but not its first."""
+    texts = [draw(st.lists(st.sampled_from(WORDS), min_size=4, max_size=9))]
+    for _ in range(draw(st.integers(1, 50))):
+        words = list(texts[draw(st.integers(0, len(texts) - 1))])
+        words[draw(st.integers(0, len(words) - 1))] = draw(st.sampled_from(WORDS))
+        texts.append(words)
+    return [" ".join(w) for w in draw(st.permutations(texts))]
+
+
+@hsettings(max_examples=60, deadline=None)
+@given(texts=drifting_prompts(), threshold=st.sampled_from([0.5, 0.7, 0.8]))
+def test_near_prompt_groups_are_the_components_of_every_matching_pair(texts, threshold):
+    """The split's grouping, which skips pairs already in one component, gives the components that comparing every
+    pair sharing an LSH band (the oracle's candidates) gives."""
+    from continuous_learning.curate.minhash import BandGroups, NearIndex, earlier_from_keys
+    from continuous_learning.curate.split import DisjointSets, _join_near_prompts
+    from continuous_learning.curate.text import jaccard, shingles
+
+    keys = NearIndex(threshold).band_keys(texts)
+    every_pair = DisjointSets()
+    for position, earlier in earlier_from_keys(keys).items():
+        for j in earlier:
+            if jaccard(shingles(texts[position]), shingles(texts[j])) >= threshold:
+                every_pair.join(position, j)
+    skipping = DisjointSets()
+    _join_near_prompts(skipping, BandGroups(keys), list(range(len(texts))), lambda k: shingles(texts[k]), threshold)
+
+    def partition(sets: DisjointSets) -> set[frozenset[int]]:
+        by_root: dict[int, set[int]] = {}
+        for i in range(len(texts)):
+            by_root.setdefault(sets.root(i), set()).add(i)
+        return {frozenset(members) for members in by_root.values()}
+
+    assert partition(skipping) == partition(every_pair)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
-from .minhash import earlier_from_keys
+from .minhash import BandGroups
 from .pool import ExamplePool, recent
 from .state import CurateContext, Pool
 from .text import jaccard, shingles
@@ -62,19 +62,23 @@ def pooled_dedupe_near(pool: ExamplePool, rows: Any) -> tuple[Any, int]:
     if not pool.near or len(rows) < 2:
         return rows, 0
     ordered = pool.rank_desc(rows)
-    candidates = earlier_from_keys(pool.cols["text_keys"][ordered])
-    kept = bytearray(len(ordered))
+    groups = BandGroups(pool.cols["text_keys"][ordered])
+    kept = bytearray(b"\x01") * len(ordered)
+    kept_in: dict[int, list[int]] = {}  # band group -> its kept positions so far (the only candidates that count)
     text_of = recent(lambda k: pool.text(int(ordered[k])))
 
     def shingles_of(k: int) -> set[str]:
         return shingles(text_of(k))
 
-    for i in range(len(ordered)):
-        earlier = [j for j in candidates.get(i, ()) if kept[j]]
+    for i in groups.grouped():  # a position sharing no band with another has no candidate: it is kept
+        mine = groups.of(i)
+        earlier = sorted({j for group in mine for j in kept_in.get(group, ())})
         match = _first_match(shingles_of, i, earlier, pool.threshold)
         if match is None:
-            kept[i] = 1
+            for group in mine:
+                kept_in.setdefault(group, []).append(i)
         else:
+            kept[i] = 0
             pool.absorb(int(ordered[match]), int(ordered[i]))
     survivors = ordered[np.frombuffer(bytes(kept), dtype=np.uint8).astype(bool)]
     return survivors, len(rows) - len(survivors)

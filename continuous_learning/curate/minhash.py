@@ -198,3 +198,41 @@ def earlier_from_keys(keys: Any) -> dict[int, list[int]]:
             earlier.setdefault(later, set()).update(group)
             group.append(later)
     return {i: sorted(js) for i, js in earlier.items()}
+
+
+class BandGroups:
+    """Which LSH band groups each position belongs to, for the groups of two or more: what dedupe and split walk in
+    position order, keeping only their own small per-group state. Unlike `earlier_from_keys`, it never holds every
+    earlier candidate of every position (a band group of k positions has k * (k - 1) / 2 such pairs), only one
+    entry per position and shared band."""
+
+    def __init__(self, keys: Any):
+        import numpy as np
+
+        count, bands = keys.shape
+        positions, ids, next_id = [], [], 0
+        for band in range(bands if count else 0):
+            order = np.argsort(keys[:, band], kind="stable")
+            column = keys[order, band]
+            same_as_next = column[1:] == column[:-1]
+            shared = np.zeros(count, dtype=bool)
+            shared[:-1] |= same_as_next
+            shared[1:] |= same_as_next
+            run = np.cumsum(np.concatenate([[True], ~same_as_next])) - 1  # one number per distinct key
+            positions.append(order[shared].astype(np.int32))
+            ids.append((run[shared] + next_id).astype(np.int64))
+            next_id += int(run[-1]) + 1
+        position = np.concatenate(positions) if positions else np.zeros(0, dtype=np.int32)
+        by_position = np.argsort(position, kind="stable")
+        self.ids = np.concatenate(ids)[by_position] if ids else np.zeros(0, dtype=np.int32)
+        self.offsets = np.zeros(count + 1, dtype=np.int64)
+        np.cumsum(np.bincount(position, minlength=count), out=self.offsets[1:])
+
+    def grouped(self) -> list[int]:
+        """The positions that share a band with another, ascending."""
+        import numpy as np
+
+        return np.flatnonzero(np.diff(self.offsets)).tolist()
+
+    def of(self, position: int) -> list[int]:
+        return self.ids[self.offsets[position] : self.offsets[position + 1]].tolist()

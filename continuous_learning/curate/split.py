@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from .minhash import earlier_from_keys
+from .minhash import BandGroups
 from .pool import ExamplePool, hex64, recent
 from .state import CurateContext, Pool
 from .text import jaccard, shingles, short_hash
@@ -88,12 +88,37 @@ def _pooled_prompt_roots(pool: ExamplePool, rows: Any) -> Any:
         def shingles_of(k: int) -> set[str]:
             return shingles(prompt_of(k))
 
-        for position, earlier in earlier_from_keys(pool.prompt_band_keys(rows[distinct])).items():
-            mine = shingles_of(position)
-            for j in earlier:
-                if jaccard(mine, shingles_of(j)) >= pool.threshold:
-                    groups.join(int(distinct[position]), int(distinct[j]))
+        _join_near_prompts(groups, BandGroups(pool.prompt_band_keys(rows[distinct])), distinct.tolist(), shingles_of,
+                           pool.threshold)
     roots = np.arange(len(rows))
     for i in groups.joined():
         roots[i] = groups.root(i)
     return roots
+
+
+def _join_near_prompts(groups: DisjointSets, bands: BandGroups, rows: list[int], shingles_of, threshold: float) -> None:
+    """Join every two prompts that share an LSH band and reach the Jaccard threshold (positions in `rows` order).
+
+    The components are those of all such pairs, but a pair already in one component is never compared: each band
+    group keeps its earlier members by component, and a prompt is compared with a component's members only until
+    one matches. A band group of k near-identical prompts then costs about k comparisons, not k * (k - 1) / 2."""
+    members: dict[int, dict[int, list[int]]] = {}  # band group -> component root -> earlier positions in it
+    for position in bands.grouped():
+        mine: set[str] | None = None
+        for band_group in bands.of(position):
+            by_root = _by_current_root(members.setdefault(band_group, {}), groups)
+            for root, earlier in list(by_root.items()):
+                if groups.root(root) == groups.root(rows[position]):
+                    continue
+                mine = mine if mine is not None else shingles_of(position)
+                if any(jaccard(mine, shingles_of(j)) >= threshold for j in earlier):
+                    groups.join(rows[position], root)
+            by_root.setdefault(groups.root(rows[position]), []).append(position)
+
+
+def _by_current_root(by_root: dict[int, list[int]], groups: DisjointSets) -> dict[int, list[int]]:
+    """A band group's members filed again under their components' current roots (components merge as prompts
+    join them)."""
+    for root in [r for r in by_root if groups.root(r) != r]:
+        by_root.setdefault(groups.root(root), []).extend(by_root.pop(root))
+    return by_root

@@ -193,13 +193,15 @@ class ExamplePool:
 
     def prompt_band_keys(self, rows: Any) -> Any:
         """Band keys of these rows' prompts, read back from the spool a chunk at a time (computed here, not on
-        arrival, so they are never held beside the text keys)."""
+        arrival, so they are never held beside the text keys). The rows are read in spool order: in their own
+        (rank) order the reads jump about a file of gigabytes, which the page cache may no longer hold."""
         import numpy as np
 
         keys = np.empty((len(rows), self._index._bands), dtype=np.uint64)
+        in_file_order = np.argsort(self.cols["offset"][rows], kind="stable")
         for start in range(0, len(rows), _CHUNK):
-            prompts = [self.prompt_key(row) for row in rows[start : start + _CHUNK].tolist()]
-            keys[start : start + len(prompts)] = self._index.band_keys(prompts)
+            chunk = in_file_order[start : start + _CHUNK]
+            keys[chunk] = self._index.band_keys([self.prompt_key(row) for row in rows[chunk].tolist()])
         return keys
 
     def forget_text_keys(self) -> None:

@@ -518,3 +518,22 @@ def test_the_shipped_rehearsal_references_are_the_bundled_models_own(real_worksp
     for ids, logp, shipped_ids, shipped_logp in zip(fresh["ids"], fresh["logp"], shipped["ids"], shipped["logp"]):
         assert (ids[:, 0] == shipped_ids[:, 0]).all()  # the base's most likely next token at every position
         assert (logp.float() - shipped_logp.float()).abs().max() < 0.05
+
+
+@pytest.mark.real_model
+def test_the_cpus_4bit_copy_of_the_base_is_made_once_and_is_bit_identical(real_workspace, tmp_path):
+    """Quantizing the base to NF4 costs seconds on a CPU at every load; the quantized copy in the model cache loads
+    in a fraction of that and holds exactly the weights quantizing gives."""
+    import torch
+
+    from continuous_learning.chat.models import resolve_base
+    from continuous_learning.chat.runtime import load_model
+
+    base = resolve_base(load_settings())
+    quantized_now = load_model(base, load_in_4bit=True, for_training=True).state_dict()
+    made = load_model(base, load_in_4bit=True, for_training=True, quantized_cache=tmp_path).state_dict()
+    [copy] = [p for p in tmp_path.iterdir() if p.name.startswith("nf4-")]
+    assert (copy / "config.json").is_file() and not list(tmp_path.glob(".*partial"))
+    loaded = load_model(base, load_in_4bit=True, for_training=True, quantized_cache=tmp_path).state_dict()
+    assert quantized_now.keys() == made.keys() == loaded.keys()
+    assert all(torch.equal(quantized_now[k], loaded[k]) and torch.equal(made[k], loaded[k]) for k in loaded)

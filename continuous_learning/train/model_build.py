@@ -30,12 +30,12 @@ def require_bitsandbytes(cfg: TrainConfig) -> None:
                           "pip install bitsandbytes, or train with --no-4bit")
 
 
-def _frozen_base(base: BaseModel, cfg: TrainConfig, timings: dict):
+def _frozen_base(base: BaseModel, cfg: TrainConfig, timings: dict, model_cache: Path | None):
     """The base model with every weight frozen, prepared for k-bit training or gradient checkpointing."""
     from peft import prepare_model_for_kbit_training
 
     started = time.perf_counter()
-    model = load_model(base, load_in_4bit=cfg.load_in_4bit, for_training=True)
+    model = load_model(base, load_in_4bit=cfg.load_in_4bit, for_training=True, quantized_cache=model_cache)
     timings["load_base_s"] = time.perf_counter() - started
     model.config.use_cache = False
     checkpointing_kwargs = {"use_reentrant": False}
@@ -55,15 +55,16 @@ def _frozen_base(base: BaseModel, cfg: TrainConfig, timings: dict):
     return model
 
 
-def build_model(base: BaseModel, cfg: TrainConfig, source: Path | None) -> BuiltModel:
-    """The LoRA model in training mode: loaded from `source` (a checkpoint or the warm-start adapter), else new."""
+def build_model(base: BaseModel, cfg: TrainConfig, source: Path | None, model_cache: Path | None = None) -> BuiltModel:
+    """The LoRA model in training mode: loaded from `source` (a checkpoint or the warm-start adapter), else new.
+    `model_cache`: where the CPU's 4-bit copy of the base is kept (None: quantize it on every load)."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
 
     torch.manual_seed(cfg.seed)
     started = time.perf_counter()
     timings: dict = {}
-    model = _frozen_base(base, cfg, timings)
+    model = _frozen_base(base, cfg, timings, model_cache)
     if source is not None:
         model = PeftModel.from_pretrained(model, str(source), is_trainable=True)
     else:

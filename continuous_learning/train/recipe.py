@@ -157,7 +157,7 @@ class Trainer:
     def _build_model(self, source: Path | None) -> None:
         precision = "4-bit NF4" if self.cfg.load_in_4bit else "full precision"
         self._emit("status", message=f"loading {self.base.name} ({precision})")
-        built = build_model(self.base, self.cfg, source)
+        built = build_model(self.base, self.cfg, source, self.settings.model_cache)
         self.model, self.forward = built.model, losses.Forward(built.model.device, built.autocast,
                                                                built.logits_to_keep)
         self.timings.update(built.timings)

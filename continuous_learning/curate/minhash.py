@@ -116,17 +116,19 @@ class NearIndex:
         self._texts: dict[int, str] = {}
 
     def band_keys(self, texts: list[str]) -> Any:
-        """(texts x bands) uint64: each text's MinHash signature cut into bands, each band hashed to one integer."""
+        """(texts x bands) uint32: each text's MinHash signature cut into bands, each band hashed to one integer.
+        32 bits, not 64: a curate run holds one row of these per example, and a chance collision only proposes a
+        candidate pair that the exact Jaccard check then rejects (about one per billion pairs and band)."""
         import numpy as np
 
         weights = np.array([0x9E3779B97F4A7C15 * (2 * i + 1) % 2**64 for i in range(self._rows)], dtype=np.uint64)
         width = self._bands * self._rows
-        out = np.empty((len(texts), self._bands), dtype=np.uint64)
+        out = np.empty((len(texts), self._bands), dtype=np.uint32)
         for start in range(0, len(texts), 4096):
             chunk = np.stack(list(_signatures(texts[start : start + 4096])))[:, :width].astype(np.uint64)
             with np.errstate(over="ignore"):
-                out[start : start + len(chunk)] = (chunk.reshape(len(chunk), self._bands, self._rows) * weights).sum(
-                    axis=2, dtype=np.uint64)
+                keys = (chunk.reshape(len(chunk), self._bands, self._rows) * weights).sum(axis=2, dtype=np.uint64)
+            out[start : start + len(chunk)] = (keys ^ (keys >> np.uint64(32))).astype(np.uint32)
         return out
 
     def signatures(self, texts: list[str]) -> Iterator[list[int]]:

@@ -197,7 +197,7 @@ class ExamplePool:
         (rank) order the reads jump about a file of gigabytes, which the page cache may no longer hold."""
         import numpy as np
 
-        keys = np.empty((len(rows), self._index._bands), dtype=np.uint64)
+        keys = np.empty((len(rows), self._index._bands), dtype=np.uint32)
         in_file_order = np.argsort(self.cols["offset"][rows], kind="stable")
         for start in range(0, len(rows), _CHUNK):
             chunk = in_file_order[start : start + _CHUNK]

@@ -3,8 +3,8 @@ transformers + PEFT load the promoted adapter and answer paraphrased questions u
 and everyday questions the gate never saw must still be answered.
 
 Round one teaches six facts (a dozen rated turns), round two six others on top; a copy fed answers that contradict
-round one must be refused. That third training runs in its own process, started as soon as round one exists, so it
-overlaps the second round (the other worker runs the rest of the suite meanwhile)."""
+round one must be refused. Both later trainings run in their own processes, started as soon as round one exists,
+so they overlap each other and the checks of round one (the other worker runs the rest of the suite meanwhile)."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,7 @@ import pytest
 from continuous_learning import registry
 from continuous_learning.core.settings import load_settings
 from learning_facts import GARDEN, NAMED, OFFICE
-from learning_round import SYSTEM_PROMPTS, BackgroundLoop, Peer, copy_of_first_round, prepare_round, teach
+from learning_round import SYSTEM_PROMPTS, BackgroundLoop, Peer, copy_of_first_round, prepare_round
 
 pytestmark = pytest.mark.real_model
 
@@ -31,12 +31,24 @@ def wrong_answers(first_round, real_home):
 
 
 @pytest.fixture(scope="module")
+def second_round(first_round, real_home):
+    """A copy of the first round taught six other facts, its loop started in its own process as soon as the first
+    round exists (like the wrong answers'), so it trains while this worker checks the first round."""
+    with copy_of_first_round(first_round, real_home, "second_round") as second:
+        prepare_round(second, GARDEN, OFFICE + GARDEN)
+    loop = BackgroundLoop(second)
+    yield second, loop
+    loop.stop()
+
+
+@pytest.fixture(scope="module")
 def first_peer(first_round):
     home, report = first_round
     return Peer(home, report["train"]["version"])
 
 
-def test_a_dozen_rated_turns_are_learned_and_promoted_on_defaults(first_round, wrong_answers, first_peer):
+def test_a_dozen_rated_turns_are_learned_and_promoted_on_defaults(first_round, wrong_answers, second_round,
+                                                                   first_peer):
     home, report = first_round
     assert report["eval"]["promoted"] is True, report["eval"]["decision"]["summary"]
     assert report["eval"]["subject"]["passed"] >= 5
@@ -64,13 +76,13 @@ def test_trained_adapters_never_write_placeholders(first_round, first_peer):
             assert "<" not in answer and "person>" not in answer.lower(), answer
 
 
-def test_a_second_round_learns_new_facts_and_the_gate_guards_the_first(first_round, real_home):
+def test_a_second_round_learns_new_facts_and_the_gate_guards_the_first(second_round):
     """The target is a promoted second round that keeps at least 4 of the first six facts. Runs so far learn 4 new
     ones and keep 3 or 4 of the first six, and the gate refuses the ones that lost too many (README, How the loop
     learns: a known gap). What must hold meanwhile: the round warm-starts from the champion, learns the new facts,
     and is promoted only if the first ones survive."""
-    with copy_of_first_round(first_round, real_home, "second_round") as second:
-        report = teach(second, GARDEN, OFFICE + GARDEN)
+    second, loop = second_round
+    report = loop.report()
     assert report["train"]["parent"] == report["eval"]["against"]["version"]  # warm-started from the champion
     peer = Peer(second, report["train"]["version"])
     assert peer.recalled(GARDEN, "You are a helpful assistant.") >= 3  # the base and the champion know none

@@ -211,7 +211,7 @@ def write_adapter(run_dir: Path, model, training_config: dict, history: list[dic
     """The standard PEFT files and the run's records: training config, loss curve, lineage."""
     model.save_pretrained(str(run_dir))
     atomic_write_json(run_dir / "training_config.json", training_config)
-    write_loss_curve(run_dir, history, lineage["version"])
+    write_loss_curve(run_dir, history)
     atomic_write_json(run_dir / "lineage.json", lineage)
 
 

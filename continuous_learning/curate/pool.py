@@ -99,6 +99,7 @@ class ExamplePool:
         self._tool_codes: dict[str, int] = {}
         self._rows: list[tuple] = []
         self._texts: list[str] = []
+        self._prompts: list[str] = []
         self._chunks: list[dict[str, Any]] = []
         self.cols: dict[str, Any] = {}
         self.extras: dict[int, tuple[list[str], list[str]]] = {}  # row -> merged (source_ids, user_hashes)
@@ -118,6 +119,7 @@ class ExamplePool:
                            prompt_hash))
         if self.near:
             self._texts.append(example.text)
+            self._prompts.append(example.prompt_key)
         if len(self._rows) >= _CHUNK:
             self._flush()
 
@@ -132,8 +134,9 @@ class ExamplePool:
         chunk = {name: np.array(values, dtype=dtype) for name, values, dtype in zip(names, columns, dtypes)}
         if self.near:
             chunk["text_keys"] = self._index.band_keys(self._texts)
+            chunk["prompt_keys"] = self._index.band_keys(self._prompts)
         self._chunks.append(chunk)
-        self._rows, self._texts = [], []
+        self._rows, self._texts, self._prompts = [], [], []
 
     def finish(self) -> None:
         import numpy as np
@@ -192,17 +195,9 @@ class ExamplePool:
         return rows[order]
 
     def prompt_band_keys(self, rows: Any) -> Any:
-        """Band keys of these rows' prompts, read back from the spool a chunk at a time (computed here, not on
-        arrival, so they are never held beside the text keys). The rows are read in spool order: in their own
-        (rank) order the reads jump about a file of gigabytes, which the page cache may no longer hold."""
-        import numpy as np
-
-        keys = np.empty((len(rows), self._index._bands), dtype=np.uint32)
-        in_file_order = np.argsort(self.cols["offset"][rows], kind="stable")
-        for start in range(0, len(rows), _CHUNK):
-            chunk = in_file_order[start : start + _CHUNK]
-            keys[chunk] = self._index.band_keys([self.prompt_key(row) for row in rows[chunk].tolist()])
-        return keys
+        """Band keys of these rows' prompts (computed on arrival: reading millions of prompts back from the spool
+        for them took minutes)."""
+        return self.cols["prompt_keys"][rows]
 
     def forget_text_keys(self) -> None:
         """Near-dedupe is done: its keys are not needed again."""

@@ -89,26 +89,30 @@ def load_model(base: BaseModel, load_in_4bit: bool = False, for_training: bool =
 
     quiet_transformers()
     on_gpu = device() == "cuda"
-    if load_in_4bit and not on_gpu and quantized_cache is not None:
-        return _quantized_on_cpu(base, quantized_cache, for_training)
     gpu = int(os.environ.get("LOCAL_RANK", "0"))  # each data-parallel process on its own GPU
     kwargs: dict = {"local_files_only": True}
+    copy = _nf4_copy(base, quantized_cache) if load_in_4bit and not on_gpu and quantized_cache else None
+    source, hint = base.path, "check --base-model"
     if load_in_4bit:
-        kwargs["quantization_config"] = _nf4_config()
         kwargs["device_map"] = {"": gpu} if on_gpu else "cpu"
         kwargs["dtype"] = torch.bfloat16
+        if copy is not None and (copy / "config.json").is_file():  # already quantized: its config says how
+            source, hint = str(copy), f"delete {copy}; the next run quantizes the base again"
+        else:
+            kwargs["quantization_config"] = _nf4_config()
     else:
         kwargs["dtype"] = torch.bfloat16 if on_gpu else torch.float32
     try:
-        model = AutoModelForCausalLM.from_pretrained(base.path, attn_implementation="sdpa", **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, attn_implementation="sdpa", **kwargs)
     except OSError as exc:
-        raise ModelNotFoundError(f"cannot load base model from {base.path}: {exc}", "check --base-model") from None
+        raise ModelNotFoundError(f"cannot load base model from {source}: {exc}", hint) from None
+    if copy is not None and source == base.path:
+        _save_once(model, copy)
     if not load_in_4bit and on_gpu:
         model.to(f"cuda:{gpu}")
     if not for_training:
         model.eval()
     return model
-
 
 
 def _nf4_config():
@@ -119,30 +123,13 @@ def _nf4_config():
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def _quantized_on_cpu(base: BaseModel, cache: Path, for_training: bool):
-    """The NF4 base from its quantized copy in `cache`, made (atomically) on first use."""
+def _nf4_copy(base: BaseModel, cache: Path) -> Path:
+    """Where the CPU's NF4 copy of `base` is kept: keyed by its weights and the libraries that wrote it."""
     import bitsandbytes
-    import torch
     import transformers
-    from transformers import AutoModelForCausalLM
 
     material = f"{base.sha256}|nf4-double-bf16|{transformers.__version__}|{bitsandbytes.__version__}"
-    folder = cache / f"nf4-{hashlib.sha256(material.encode()).hexdigest()[:20]}"
-    if not (folder / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(base.path, attn_implementation="sdpa", local_files_only=True,
-                                                     quantization_config=_nf4_config(), device_map="cpu",
-                                                     dtype=torch.bfloat16)
-        _save_once(model, folder)
-    else:
-        try:
-            model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="sdpa", device_map="cpu",
-                                                         dtype=torch.bfloat16, local_files_only=True)
-        except OSError as exc:
-            raise ModelNotFoundError(f"cannot load the quantized base from {folder}: {exc}",
-                                     f"delete {folder}; the next run quantizes the base again") from None
-    if not for_training:
-        model.eval()
-    return model
+    return cache / f"nf4-{hashlib.sha256(material.encode()).hexdigest()[:20]}"
 
 
 def _save_once(model, folder: Path) -> None:

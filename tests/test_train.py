@@ -521,9 +521,10 @@ def test_the_shipped_rehearsal_references_are_the_bundled_models_own(real_worksp
     # The 4-bit base computes in bf16, whose rounding differs between CPUs (AVX-512 BF16 or not): a position's
     # log-probabilities move by about one bf16 step (0.06-0.13 at these logits) and near-ties swap. A stale file
     # (another base, other anchors) disagrees on most positions.
-    assert [r.shape for r in fresh["ids"]] == [r.shape for r in shipped["ids"][:8]]  # the same anchors, position by position
+    assert [r.shape for r in fresh["ids"]] == [r.shape for r in shipped["ids"][:8]]  # the same anchors' positions
     top_ids, shipped_ids = (torch.cat([r[:, 0] for r in rows]) for rows in (fresh["ids"], shipped["ids"][:8]))
-    top_logp, shipped_logp = (torch.cat([r[:, 0].float() for r in rows]) for rows in (fresh["logp"], shipped["logp"][:8]))
+    top_logp, shipped_logp = (torch.cat([r[:, 0].float() for r in rows])
+                              for rows in (fresh["logp"], shipped["logp"][:8]))
     agree, drift = (top_ids == shipped_ids).float().mean(), (top_logp - shipped_logp).abs().mean()
     assert agree >= 0.9 and drift < 0.1, (float(agree), float(drift))
 

@@ -361,6 +361,46 @@ def test_versions_and_parent_lineage(settings):
     assert events.count("adapter_trained") == 3
 
 
+def test_a_warm_started_run_holds_the_kl_term_to_its_parent_not_the_base(settings, monkeypatch):
+    """The KL term of a round that starts from the champion keeps it close to what the champion says on everyday
+    prompts (the gate already held the champion to the base); held to the base instead, it pulls the adapter back
+    toward knowing nothing of earlier rounds. `train.kl_reference = "base"` keeps the old reference."""
+    from continuous_learning.train import references, rehearsal
+
+    everyday = [("What is the capital of France?", "The capital of France is Paris."),
+                ("How many legs does a spider have?", "A spider has eight legs."),
+                ("What colour is the sky?", "The sky is blue on a clear day.")]
+    # the random tiny model answers nothing useful: give its rehearsal answers instead of generating them
+    monkeypatch.setattr(rehearsal, "_generate", lambda s, b, prompts: [
+        {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in everyday])
+    add_snapshot(settings, [qa(*f) for f in FACTS])
+    run_training(fast(settings, max_steps=8, learning_rate=5e-3))
+    set_champion(settings, "1.0.0")
+
+    def kl_targets(kl_reference: str) -> tuple[dict, dict, dict]:
+        """The run's attached KL targets, and the parent's and the base's distributions measured afresh."""
+        trainer = Trainer(fast(settings, rehearsal_examples=3, kl_reference=kl_reference))
+        try:
+            trainer.setup()
+            anchors = trainer.data.anchors
+            attached = {"ids": [a["ref_ids"] for a in anchors], "logp": [a["ref_logp"] for a in anchors]}
+            parent, base = (references.measure_reference(trainer.forward, trainer.model, anchors, trainer.pad_id,
+                                                         with_adapter=adapter) for adapter in (True, False))
+            return attached, parent, base
+        finally:
+            trainer.cleanup()
+
+    def same(a: dict, b: dict) -> bool:
+        return all(x.long().equal(y.long()) for x, y in zip(a["ids"], b["ids"])) and all(
+            x.float().equal(y.float()) for x, y in zip(a["logp"], b["logp"]))
+
+    attached, parent, base = kl_targets("parent")
+    assert len(attached["ids"]) == 6 and same(attached, parent)  # 3 prompts under 2 system prompts
+    assert not same(parent, base)
+    attached, parent, base = kl_targets("base")
+    assert same(attached, base)
+
+
 def test_resume_continues_an_interrupted_run_at_its_checkpoint(settings, tmp_path):
     examples = [qa(*f) for f in FACTS]
     cfg = {"max_steps": 6, "checkpoint_every": 2, "lora_dropout": 0.1}

@@ -107,6 +107,7 @@ class StepScale:
     rehearsal_weight: float
     preference_terms: int
     class_weights: tuple[float, float]
+    preference_weight: float
     label_tokens: int = 1  # labelled tokens of the whole step
 
 
@@ -129,7 +130,7 @@ def batch_objective(forward: Forward, model, batch: Batch, scale: StepScale):
     terms = max(1, scale.preference_terms)
     if sequence_logp is not None:  # mean preference loss per term of this process's step
         pref_sum, _ = preference.batch_preference_loss(sequence_logp, batch.sequences.items, scale.class_weights)
-        objective = objective + preference.WEIGHT * pref_sum / terms
+        objective = objective + scale.preference_weight * pref_sum / terms
         pref = float(pref_sum.detach())
     kl_value = float(kl.detach()) / scale.rehearsal_tokens if kl is not None else 0.0
     parts = [float(losses.detach().sum()), float(weighted.detach()), batch.real_tokens, batch.padded_tokens,

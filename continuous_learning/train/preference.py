@@ -30,9 +30,7 @@ from ..storage.crypto import Cipher, decrypt_text, encrypt_text
 # a large one; per token, every answer is pushed until it is about 3 / BETA nats per token below the base (in the
 # 4-bit model that trains; the full-precision model a peer loads sees about half of that drop).
 BETA = 1.0  # per token: the loss flattens once a rejected answer is ~3 nats/token less likely than under the base
-# The preference terms' weight beside the SFT loss (a mean per token) and the KL term: with 1, the fp32 model a
-# peer loads saw rejected answers only ~0.5 nats/token less likely after a default run.
-WEIGHT = 3.0
+# The preference terms' weight beside the SFT loss and the KL term is `train.preference_weight` (README).
 DESIRABLE_RATIO = (1.0, 4.0 / 3.0)  # KTO §4.2: lambda_D n_D / (lambda_U n_U) should lie in [1, 4/3]
 TRL_TEXT_FIELDS = ("prompt", "completion", "chosen", "rejected")
 DESIRABLE, UNDESIRABLE, PAIR = "desirable", "undesirable", "pair"

@@ -21,9 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import time
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from .. import registry
 from ..chat.models import BaseModel, load_tokenizer, quiet_known_warnings, resolve_base, set_threads
@@ -58,6 +61,7 @@ class Trainer:
         self.run_dir: Path | None = None
         self.final_dir: Path | None = None
         self.warm_start: dict = {"from": None}
+        self.resumed_from_checkpoint = False
         self.model = self.tokenizer = self.optimizer = self.scheduler = None
         self.forward: losses.Forward | None = None
         self.data = RunData([], [], preference.resolve_objective("sft", 0, 0))
@@ -152,6 +156,7 @@ class Trainer:
             self.version = run_folder.free_version(self.settings, doc, self.base.sha256)
             return warm.folder
         checkpoint = run_folder.checkpoint_dir(self.run_dir)  # the parent only matters without one
+        self.resumed_from_checkpoint = checkpoint is not None
         return checkpoint or (verified_adapter_dir(self.settings, doc, resumed.parent) if resumed.parent else None)
 
     def _build_model(self, source: Path | None) -> None:
@@ -163,10 +168,19 @@ class Trainer:
         self.timings.update(built.timings)
         seconds = references.measure_base(self.forward, self.model, self.data, self.settings.model_cache,
                                           self.base.sha256, self.cfg.load_in_4bit, self.pad_id, self.is_main,
-                                          lambda message: self._emit("status", message=message))
+                                          lambda message: self._emit("status", message=message),
+                                          self._kl_parent(source))
         if seconds is not None:
             self.timings["preference_reference_s"] = seconds
         self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg, self.steps)
+
+    def _kl_parent(self, source: Path | None) -> references.KLParent | None:
+        """The adapter the KL term holds this run to, when not the base: the parent it warm-starts from."""
+        if not self.parent or self.cfg.kl_reference != "parent" or source is None:
+            return None
+        entry = registry.adapter_view(registry.load(self.settings), self.parent)
+        digest = hashlib.sha256(orjson.dumps(entry.sha256 if entry else {}, option=orjson.OPT_SORT_KEYS)).hexdigest()
+        return references.KLParent(self.parent, digest, loaded=not self.resumed_from_checkpoint)
 
     def _open_run_dir(self, resumed: run_folder.ResumedRun | None) -> None:
         """A new partial folder, or the resumed one restored to its last checkpoint."""
@@ -237,7 +251,8 @@ class Trainer:
         everyone = step_examples(data.examples, cfg, step, world, data.lengths)
         rehearsal = step_anchors(data.anchors, cfg, step, world, rank, data.pushes_down)
         mine, undesirable = shard(everyone, rank, world), step_undesirable(data.undesirable, cfg, step, world, rank)
-        scale = step_scale(everyone, mine, rehearsal, undesirable, world, cfg.rehearsal_weight)
+        scale = step_scale(everyone, mine, rehearsal, undesirable, world, cfg.rehearsal_weight,
+                           cfg.preference_weight)
         batches = micro_batches(cfg, mine, rehearsal, undesirable, self.pad_id, self.device)
         done = optimizer_step(self.forward, self._train_model, batches, scale, params, self.optimizer, self.scheduler,
                               world, step)

@@ -3,14 +3,17 @@ trains on, no second model in memory): its top-k next-token distributions on the
 targets, cached per base model) and its summed log-prob of every answer a preference term scores."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
 
+from ..core.errors import TrainingFailed
 from ..core.settings import SHIPPED_DATA
 from ..storage.store import ensure_dir
 from .collate import collate_padded, loss_positions
@@ -50,11 +53,14 @@ def attach_reference(anchors: list[dict], reference: dict) -> None:
         anchor["ref_ids"], anchor["ref_logp"] = ids.long(), logp
 
 
-def measure_reference(forward: Forward, model, anchors: list[dict], pad_id: int) -> dict:
+def measure_reference(forward: Forward, model, anchors: list[dict], pad_id: int, with_adapter: bool = False) -> dict:
+    """The top-k next-token distributions on the anchors' answers: the frozen base's, or with `with_adapter` the
+    adapter the run starts from (its dropout off, so the targets are what that adapter says)."""
     import torch
 
     ids_out, logp_out = [], []
-    with torch.no_grad(), model.disable_adapter():  # train mode: keeps bitsandbytes' training layout
+    context = adapter_without_dropout(model) if with_adapter else model.disable_adapter()
+    with torch.no_grad(), context:  # train mode: keeps bitsandbytes' training layout
         for start in range(0, len(anchors), 8):
             chunk = anchors[start : start + 8]
             batch = collate_padded([{**a, "weight": 1.0} for a in chunk], pad_id, forward.device)
@@ -66,6 +72,19 @@ def measure_reference(forward: Forward, model, anchors: list[dict], pad_id: int)
                 ids_out.append(top.indices.to(torch.int32).cpu())
                 logp_out.append(top.values.to(torch.float16).cpu())
     return {"ids": ids_out, "logp": logp_out}
+
+
+@contextmanager
+def adapter_without_dropout(model) -> Iterator[None]:
+    """The model as it would answer (LoRA dropout off) while staying in train mode otherwise."""
+    dropouts = [m for name, m in model.named_modules() if name.endswith("lora_dropout") or ".lora_dropout." in name]
+    for module in dropouts:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module in dropouts:
+            module.train()
 
 
 def preference_items(examples: list[dict], undesirable: list[dict]) -> list[dict]:
@@ -89,18 +108,14 @@ def attach_preference_reference(forward: Forward, model, items: list[dict], pad_
 
 
 def measure_base(forward: Forward, model, data: RunData, model_cache: Path, base_sha256: str, load_in_4bit: bool,
-                 pad_id: int, write_cache: bool, status: Callable[[str], None]) -> float | None:
-    """Attach the frozen base's KL targets to the rehearsal answers (cached; written when `write_cache`: rank 0)
-    and its log-probs to the preference answers; returns the seconds the latter took (None without any)."""
+                 pad_id: int, write_cache: bool, status: Callable[[str], None],
+                 parent: KLParent | None = None) -> float | None:
+    """Attach the KL targets to the rehearsal answers and the frozen base's log-probs to the preference answers;
+    returns the seconds the latter took (None without any). The KL targets are the frozen base's, or with `parent`
+    those of the adapter a warm-started run starts from (both cached; written when `write_cache`: rank 0)."""
     if data.anchors:
-        cache = reference_cache(model_cache, base_sha256, load_in_4bit, data.anchors)
-        reference = cached_reference(cache) or cached_reference(SHIPPED_DATA / cache.name)  # the bundled model's
-        if reference is None:
-            status(f"measuring the base model on {len(data.anchors)} rehearsal prompts (once)")
-            reference = measure_reference(forward, model, data.anchors, pad_id)
-            if write_cache:
-                save_reference(cache, reference)
-        attach_reference(data.anchors, reference)
+        _attach_kl_targets(forward, model, data.anchors, model_cache, base_sha256, load_in_4bit, pad_id,
+                           write_cache, status, parent)
     items = preference_items(data.examples, data.undesirable)
     if not items:
         return None
@@ -108,3 +123,34 @@ def measure_base(forward: Forward, model, data: RunData, model_cache: Path, base
     started = time.perf_counter()
     attach_preference_reference(forward, model, items, pad_id)
     return time.perf_counter() - started
+
+
+@dataclasses.dataclass(frozen=True)
+class KLParent:
+    """The adapter a warm-started run starts from, as the KL term's reference: holding the run to it, rather than
+    to the base, keeps what earlier rounds taught (the base knows none of it, and pulling toward the base on
+    everyday prompts undoes it). `loaded` says the model holds it now (False: resumed from a checkpoint)."""
+
+    version: str
+    sha256: str
+    loaded: bool
+
+
+def _attach_kl_targets(forward: Forward, model, anchors: list[dict], model_cache: Path, base_sha256: str,
+                       load_in_4bit: bool, pad_id: int, write_cache: bool, status: Callable[[str], None],
+                       parent: KLParent | None) -> None:
+    whose = base_sha256 if parent is None else f"{base_sha256}:{parent.sha256}"
+    cache = reference_cache(model_cache, whose, load_in_4bit, anchors)
+    reference = cached_reference(cache)
+    if reference is None and parent is None:
+        reference = cached_reference(SHIPPED_DATA / cache.name)  # the bundled model's
+    if reference is None and parent is not None and not parent.loaded:
+        raise TrainingFailed(f"the KL targets of adapter {parent.version} are no longer cached, and this resumed "
+                             "run no longer holds that adapter", "start the run again without --resume")
+    if reference is None:
+        who = "the base model" if parent is None else f"adapter {parent.version}"
+        status(f"measuring {who} on {len(anchors)} rehearsal prompts (once)")
+        reference = measure_reference(forward, model, anchors, pad_id, with_adapter=parent is not None)
+        if write_cache:
+            save_reference(cache, reference)
+    attach_reference(anchors, reference)

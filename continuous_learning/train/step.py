@@ -13,13 +13,13 @@ from .losses import Forward, NonFiniteLoss, StepScale, batch_objective, preferen
 
 
 def step_scale(everyone: list[dict], mine: list[dict], rehearsal: list[dict], undesirable: list[dict], world: int,
-               rehearsal_weight: float) -> StepScale:
+               rehearsal_weight: float, preference_weight: float) -> StepScale:
     """The normalisation of a step whose examples over all processes are `everyone` (this process: `mine`)."""
     label_tokens = max(1, sum(label_count(e) for e in everyone))
     terms, class_weights = preference_plan(mine, undesirable)
     # DDP averages gradients over processes; the objective is a global sum, so scale it back up
     return StepScale(world / label_tokens, max(1, sum(label_count(e) for e in rehearsal)), rehearsal_weight, terms,
-                     class_weights, label_tokens)
+                     class_weights, preference_weight, label_tokens)
 
 
 @dataclasses.dataclass(frozen=True)

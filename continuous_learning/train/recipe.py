@@ -166,12 +166,11 @@ class Trainer:
         self.model, self.forward = built.model, losses.Forward(built.model.device, built.autocast,
                                                                built.logits_to_keep)
         self.timings.update(built.timings)
-        seconds = references.measure_base(self.forward, self.model, self.data, self.settings.model_cache,
+        measured = references.measure_base(self.forward, self.model, self.data, self.settings.model_cache,
                                           self.base.sha256, self.cfg.load_in_4bit, self.pad_id, self.is_main,
                                           lambda message: self._emit("status", message=message),
                                           self._kl_parent(source))
-        if seconds is not None:
-            self.timings["preference_reference_s"] = seconds
+        self.timings.update({name: round(seconds, 3) for name, seconds in measured.items()})
         self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg, self.steps)
 
     def _kl_parent(self, source: Path | None) -> references.KLParent | None:

@@ -1,6 +1,7 @@
 """What the frozen base says, measured with the adapter disabled (the same 4-bit or full-precision base the adapter
 trains on, no second model in memory): its top-k next-token distributions on the rehearsal answers (the KL
-targets, cached per base model) and its summed log-prob of every answer a preference term scores."""
+targets, cached per base model; or, with `train.kl_reference = "parent"`, those of the adapter a warm-started run
+starts from) and its summed log-prob of every answer a preference term scores."""
 from __future__ import annotations
 
 import dataclasses
@@ -109,27 +110,32 @@ def attach_preference_reference(forward: Forward, model, items: list[dict], pad_
 
 def measure_base(forward: Forward, model, data: RunData, model_cache: Path, base_sha256: str, load_in_4bit: bool,
                  pad_id: int, write_cache: bool, status: Callable[[str], None],
-                 parent: KLParent | None = None) -> float | None:
+                 parent: KLParent | None = None) -> dict[str, float]:
     """Attach the KL targets to the rehearsal answers and the frozen base's log-probs to the preference answers;
-    returns the seconds the latter took (None without any). The KL targets are the frozen base's, or with `parent`
-    those of the adapter a warm-started run starts from (both cached; written when `write_cache`: rank 0)."""
+    returns the seconds of what had to be measured (`kl_reference_s`, `preference_reference_s`). The KL targets are
+    the frozen base's, or with `parent` those of the adapter a warm-started run starts from (both cached; written
+    when `write_cache`: rank 0)."""
+    timings = {}
     if data.anchors:
-        _attach_kl_targets(forward, model, data.anchors, model_cache, base_sha256, load_in_4bit, pad_id,
-                           write_cache, status, parent)
+        started = time.perf_counter()
+        if _attach_kl_targets(forward, model, data.anchors, model_cache, base_sha256, load_in_4bit, pad_id,
+                              write_cache, status, parent):
+            timings["kl_reference_s"] = time.perf_counter() - started
     items = preference_items(data.examples, data.undesirable)
-    if not items:
-        return None
-    status(f"measuring the base model on {len(items)} preference answer(s) (once)")
-    started = time.perf_counter()
-    attach_preference_reference(forward, model, items, pad_id)
-    return time.perf_counter() - started
+    if items:
+        status(f"measuring the base model on {len(items)} preference answer(s) (once)")
+        started = time.perf_counter()
+        attach_preference_reference(forward, model, items, pad_id)
+        timings["preference_reference_s"] = time.perf_counter() - started
+    return timings
 
 
 @dataclasses.dataclass(frozen=True)
 class KLParent:
-    """The adapter a warm-started run starts from, as the KL term's reference: holding the run to it, rather than
-    to the base, keeps what earlier rounds taught (the base knows none of it, and pulling toward the base on
-    everyday prompts undoes it). `loaded` says the model holds it now (False: resumed from a checkpoint)."""
+    """The adapter a warm-started run starts from, as the KL term's reference (`train.kl_reference = "parent"`):
+    the run is held to what its parent says on everyday prompts rather than to the base, which knows nothing of
+    earlier rounds (on the bundled model this kept no more of them: README). `loaded` says the model holds the
+    parent now (False: resumed from a checkpoint, so only the cache can give its targets)."""
 
     version: str
     sha256: str
@@ -138,7 +144,9 @@ class KLParent:
 
 def _attach_kl_targets(forward: Forward, model, anchors: list[dict], model_cache: Path, base_sha256: str,
                        load_in_4bit: bool, pad_id: int, write_cache: bool, status: Callable[[str], None],
-                       parent: KLParent | None) -> None:
+                       parent: KLParent | None) -> bool:
+    """Attach the KL targets from the machine cache, the package (the bundled model's), or measured now: True when
+    they had to be measured."""
     whose = base_sha256 if parent is None else f"{base_sha256}:{parent.sha256}"
     cache = reference_cache(model_cache, whose, load_in_4bit, anchors)
     reference = cached_reference(cache)
@@ -147,6 +155,7 @@ def _attach_kl_targets(forward: Forward, model, anchors: list[dict], model_cache
     if reference is None and parent is not None and not parent.loaded:
         raise TrainingFailed(f"the KL targets of adapter {parent.version} are no longer cached, and this resumed "
                              "run no longer holds that adapter", "start the run again without --resume")
+    measured = reference is None
     if reference is None:
         who = "the base model" if parent is None else f"adapter {parent.version}"
         status(f"measuring {who} on {len(anchors)} rehearsal prompts (once)")
@@ -154,3 +163,4 @@ def _attach_kl_targets(forward: Forward, model, anchors: list[dict], model_cache
         if write_cache:
             save_reference(cache, reference)
     attach_reference(anchors, reference)
+    return measured

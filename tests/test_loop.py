@@ -124,3 +124,18 @@ def test_a_cancelled_loop_stops_before_any_stage(settings):
     with pytest.raises(LoopCancelled):
         run_loop(settings, LoopOptions(curate=True, train=True), events)
     assert events.events == [] and registry.load(settings)["snapshots"] == []
+
+
+def test_the_training_time_line_names_what_was_measured_once():
+    """`cl train` ends with where its time went; measuring the base (KL targets, preference log-probs) is a stage of
+    its own, shown only when a run had to do it."""
+    from continuous_learning.cli.learn import time_breakdown, training_stages
+
+    timings = {"prepare_s": 1.0, "model_s": 2.0, "kl_reference_s": 3.0, "preference_reference_s": 1.5,
+               "train_loop_s": 10.0, "held_out_s": 0.5, "save_s": 0.01}
+    line = time_breakdown(training_stages({"timings": timings}))
+    assert line == ("prepare data 1.0 s, load model 2.0 s, measure the base 4.5 s, train 10.0 s, held-out loss 0.5 s"
+                    " (total 18 s)")
+    cached = time_breakdown(training_stages({"timings": {**timings, "kl_reference_s": 0.0,
+                                                         "preference_reference_s": 0.0}}))
+    assert "measure the base" not in cached

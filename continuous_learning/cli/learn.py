@@ -202,6 +202,7 @@ def training_stages(entry: dict) -> dict[str, float]:
     """Where a training run's time went, from its recorded timings."""
     t = entry.get("timings") or {}
     return {"prepare data": t.get("prepare_s", 0.0), "load model": t.get("model_s", 0.0),
+            "measure the base": t.get("kl_reference_s", 0.0) + t.get("preference_reference_s", 0.0),
             "train": t.get("train_loop_s", 0.0), "held-out loss": t.get("held_out_s", 0.0),
             "save": t.get("save_s", 0.0)}
 

@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from .. import registry
 from ..chat.models import BaseModel, load_tokenizer, quiet_known_warnings, resolve_base, set_threads
@@ -115,7 +112,7 @@ class Trainer:
         self.steps = total_steps(self.cfg, max(self.data.records, self.data.undesirable_records), self.world)
         source = self._adapter_source(doc, resumed)
         self.timings["prepare_s"] = time.perf_counter() - started
-        self._build_model(source)
+        self._build_model(source, self._kl_parent(doc, source))
         self._open_run_dir(resumed)
         self._train_model = launcher.wrap_for_processes(self.model, self.world, self.accelerator)
         self.timings["setup_s"] = time.perf_counter() - started
@@ -159,7 +156,7 @@ class Trainer:
         self.resumed_from_checkpoint = checkpoint is not None
         return checkpoint or (verified_adapter_dir(self.settings, doc, resumed.parent) if resumed.parent else None)
 
-    def _build_model(self, source: Path | None) -> None:
+    def _build_model(self, source: Path | None, kl_parent: references.KLParent | None) -> None:
         precision = "4-bit NF4" if self.cfg.load_in_4bit else "full precision"
         self._emit("status", message=f"loading {self.base.name} ({precision})")
         built = build_model(self.base, self.cfg, source, self.settings.model_cache)
@@ -168,18 +165,18 @@ class Trainer:
         self.timings.update(built.timings)
         measured = references.measure_base(self.forward, self.model, self.data, self.settings.model_cache,
                                           self.base.sha256, self.cfg.load_in_4bit, self.pad_id, self.is_main,
-                                          lambda message: self._emit("status", message=message),
-                                          self._kl_parent(source))
+                                          lambda message: self._emit("status", message=message), kl_parent)
         self.timings.update({name: round(seconds, 3) for name, seconds in measured.items()})
         self.optimizer, self.scheduler = build_optimizer(self.model, self.cfg, self.steps)
 
-    def _kl_parent(self, source: Path | None) -> references.KLParent | None:
-        """The adapter the KL term holds this run to, when not the base: the parent it warm-starts from."""
-        if not self.parent or self.cfg.kl_reference != "parent" or source is None:
+    def _kl_parent(self, doc: dict, source: Path | None) -> references.KLParent | None:
+        """The adapter the KL term holds this run to, when not the base: the parent it warm-starts from, known by
+        its registered (and, when loaded, verified) weights digest."""
+        entry = registry.adapter_view(doc, self.parent)
+        if entry is None or self.cfg.kl_reference != "parent" or source is None:
             return None
-        entry = registry.adapter_view(registry.load(self.settings), self.parent)
-        digest = hashlib.sha256(orjson.dumps(entry.sha256 if entry else {}, option=orjson.OPT_SORT_KEYS)).hexdigest()
-        return references.KLParent(self.parent, digest, loaded=not self.resumed_from_checkpoint)
+        weights = entry.sha256.get("adapter_model.safetensors", "")
+        return references.KLParent(self.parent, weights, loaded=not self.resumed_from_checkpoint)
 
     def _open_run_dir(self, resumed: run_folder.ResumedRun | None) -> None:
         """A new partial folder, or the resumed one restored to its last checkpoint."""

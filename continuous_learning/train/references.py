@@ -78,7 +78,7 @@ def measure_reference(forward: Forward, model, anchors: list[dict], pad_id: int,
 @contextmanager
 def adapter_without_dropout(model) -> Iterator[None]:
     """The model as it would answer (LoRA dropout off) while staying in train mode otherwise."""
-    dropouts = [m for name, m in model.named_modules() if name.endswith("lora_dropout") or ".lora_dropout." in name]
+    dropouts = [m for name, m in model.named_modules() if name.endswith("lora_dropout")]  # eval() reaches its children
     for module in dropouts:
         module.eval()
     try:

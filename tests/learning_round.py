@@ -66,7 +66,8 @@ class BackgroundLoop:
 
 
 class Peer:
-    """What an outside check does: the base in fp32 with plain transformers, the adapter with plain PEFT."""
+    """What an outside check does: the base in fp32 with plain transformers, the adapter with plain PEFT. The base's
+    own answers come from the same model with the adapter disabled (`base=True`), not from a second copy."""
 
     def __init__(self, home: Path, version: str | None):
         import torch
@@ -80,26 +81,45 @@ class Peer:
         self.tokenizer.padding_side = "left"
         model = AutoModelForCausalLM.from_pretrained(base.path, dtype=torch.float32)
         self.model = (PeftModel.from_pretrained(model, str(home / "adapters" / version)) if version else model).eval()
+        self.adapted = version is not None
 
-    def answers(self, prompts: list[str], system: str | None) -> list[str]:
+    def answers_under(self, asks: list[tuple[list[str], str | None]], base: bool = False) -> list[list[str]]:
+        """The answers to each (prompts, system prompt) of `asks`, all generated in one greedy batch."""
+        import contextlib
+
         import torch
 
         chats = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-                 for p in prompts]
+                 for prompts, system in asks for p in prompts]
         texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
+        adapter_off = self.model.disable_adapter() if base and self.adapted else contextlib.nullcontext()
+        with torch.no_grad(), adapter_off:
             out = self.model.generate(**batch, max_new_tokens=40, do_sample=False,
                                       pad_token_id=self.tokenizer.pad_token_id)
-        return [self.tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+        flat = [self.tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True) for row in out]
+        answers, start = [], 0
+        for prompts, _ in asks:
+            answers.append(flat[start : start + len(prompts)])
+            start += len(prompts)
+        return answers
 
-    def recalled(self, facts: list, system: str | None) -> int:
-        answers = self.answers([question for _, question, _, _ in facts], system)
-        return sum(keyword.lower() in answer.lower() for (_, _, keyword, _), answer in zip(facts, answers))
 
-    def everyday(self, system: str | None) -> list[bool]:
-        items = load_eval_file(DATA / "everyday_holdout.jsonl")  # never seen by the gate or by training
-        return [score_answer(a, i) for i, a in zip(items, self.answers([i.prompt for i in items], system))]
+def recall_count(facts: list, answers: list[str]) -> int:
+    """How many of `facts` the answers (in the same order) give with their keyword."""
+    return sum(keyword.lower() in answer.lower() for (_, _, keyword, _), answer in zip(facts, answers))
+
+
+def everyday_prompts() -> list[str]:
+    return [item.prompt for item in _everyday_items()]
+
+
+def score_everyday(answers: list[str]) -> list[bool]:
+    return [score_answer(answer, item) for item, answer in zip(_everyday_items(), answers)]
+
+
+def _everyday_items() -> list:
+    return load_eval_file(DATA / "everyday_holdout.jsonl")  # never seen by the gate or by training
 
 
 def shared_first_round(root: Path, patch) -> tuple[Path, dict]:

@@ -7,12 +7,13 @@ DEMO_HOME ?= demo_workspace
 # llama-cpp-python (a dev dependency, source only on PyPI) compiles llama.cpp once; pip keeps the wheel in its cache.
 # llama.cpp's default -march=native build crashed at the first token on an AVX-512 EPYC here, so x86-64 builds for
 # AVX2/FMA/F16C (every x86-64 CPU since 2013-2015) without AVX-512/AMX; other CPUs (Apple, ARM) keep the defaults.
-# Set CMAKE_ARGS yourself to build differently (e.g. -DGGML_AVX2=OFF for a CPU without AVX2).
+# Its multimodal library (mtmd, LLAVA_BUILD) is not used here and is not built. Set CMAKE_ARGS yourself to build
+# differently (e.g. -DGGML_AVX2=OFF for a CPU without AVX2).
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=OFF \
 	-DGGML_AMX_INT8=OFF -DGGML_AMX_TILE=OFF
 endif
-CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS)
+CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS) -DLLAVA_BUILD=OFF
 
 .PHONY: setup test demo chat bench bench-gpu clean
 

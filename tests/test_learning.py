@@ -22,9 +22,9 @@ NEW_FACTS = GARDEN[1:4]  # the second round's (compost day, tool shed, garden ar
 
 @pytest.fixture(scope="module")
 def wrong_answers(first_round, real_home):
-    """A copy of the first round fed answers that contradict two of its facts (the fewest steps a run takes,
-    train.min_steps; the gate asks about all six), its loop started in its own process as soon as the first round
-    exists, so it trains while this worker checks the first round."""
+    """A copy of the first round fed answers that contradict two of its facts (a short run: four turns and their
+    replay; the gate asks about all six), its loop started in its own process as soon as the first round exists,
+    so it trains while this worker checks the first round."""
     with copy_of_first_round(first_round, real_home, "wrong_answers") as wrong:
         champion = registry.load(load_settings(home=wrong))["champion"]
         prepare_round(wrong, OFFICE[:2], OFFICE, contradict=True)

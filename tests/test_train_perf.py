@@ -20,8 +20,6 @@ from continuous_learning.train import (
     run_training,
     shard,
 )
-from continuous_learning.train.attention import NAME
-from continuous_learning.train.dropout import lora_dropout
 from test_train import FACTS, add_snapshot, fast, qa
 import trainer_parts as parts
 
@@ -103,59 +101,12 @@ def trainer(settings):
     trainer.cleanup()
 
 
-def _logits(trainer, batch, segments: bool = True):
-    """The logits as training computes them: packed rows attend one example at a time (attention.py)."""
+def _logits(trainer, batch):
     import torch
 
     with torch.no_grad():
         kwargs = {"position_ids": batch.position_ids} if batch.position_ids is not None else {}
-        if segments and batch.segments is not None:
-            kwargs["segments"] = batch.segments
         return trainer.model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False, **kwargs).logits
-
-
-def test_lora_dropout_on_the_cpu_drops_p_of_the_inputs_and_rescales_the_rest():
-    import torch
-
-    dropout = lora_dropout(0.05).train()
-    x = torch.ones(400_003, dtype=torch.bfloat16, requires_grad=True)  # not a multiple of the 4 lanes of a draw
-    torch.manual_seed(0)
-    y = dropout(x)
-    dropped = (y == 0).float()
-    assert abs(float(dropped.mean()) - 0.05) < 0.002
-    for lane in range(4):  # each 16-bit quarter of a 64-bit draw is as random as the others
-        assert abs(float(dropped[:400_000].view(-1, 4)[:, lane].mean()) - 0.05) < 0.004
-    assert torch.allclose(y[y != 0].float(), torch.tensor(1 / 0.95), rtol=1e-2)
-    y.float().sum().backward()
-    assert torch.equal(x.grad, y.detach())  # the gradient goes through the same mask and scale
-    torch.manual_seed(0)
-    assert torch.equal(dropout(x), y)  # seeded like torch's own (resumed runs replay their steps)
-    assert torch.equal(dropout.eval()(x), x)
-    assert isinstance(lora_dropout(0.0), torch.nn.Identity)
-
-
-def test_a_built_model_uses_the_cpu_dropout(settings):
-    add_snapshot(settings, [qa(*FACTS[0])])
-    trainer = Trainer(fast(settings, lora_dropout=0.1))
-    trainer.setup()
-    try:
-        rates = {type(m).__name__: m.p for name, m in trainer.model.named_modules()
-                 if name.endswith("lora_dropout.default")}
-        assert rates == {"BitsDropout": 0.1}
-    finally:
-        trainer.cleanup()
-
-
-def test_training_on_the_cpu_attends_per_example_in_fp32_like_the_block_mask(trainer):
-    """The CPU's attention for packed rows (one causal block per example) gives the block-diagonal mask's answer,
-    rows of different fill and the pad tail included; the model was switched to it when it was built."""
-    assert trainer.forward.segment_attention and trainer.model.config._attn_implementation == NAME
-    examples = trainer.examples
-    batch = collate_packed([examples[:3], examples[3:]], trainer.pad_id)
-    assert batch.segments[1][-1][1] > 0  # the second row is shorter: it ends in a pad block
-    by_blocks, by_mask = _logits(trainer, batch), _logits(trainer, batch, segments=False)
-    real = batch.labels != -100
-    assert (by_blocks - by_mask)[real].abs().max() < 1e-4
 
 
 def test_packed_logits_equal_unpacked_logits(trainer):

@@ -7,7 +7,6 @@ from typing import Any
 
 from ..core.settings import TrainConfig
 from . import preference
-from .attention import segments_of
 from .encode import IGNORE_INDEX
 from .plan import pack_rows
 
@@ -23,7 +22,6 @@ class Batch:
     labels: Any
     token_weights: Any
     position_ids: Any = None
-    segments: Any = None  # packed rows: (start, length) of each example per row (attention.segments_of)
     real_tokens: int = 0
     padded_tokens: int = 0  # pad positions computed on (the waste)
     reference: Any = None  # rehearsal targets: KlTargets, or None
@@ -138,9 +136,8 @@ def collate_packed(rows: list[list[dict]], pad_id: int, device=None) -> Batch:
     segments[pads] = -1 - torch.arange(length).expand(len(rows), -1)[pads]  # each pad position its own segment
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     mask = (segments[:, :, None] == segments[:, None, :]) & causal
-    blocks = segments_of([[len(e["input_ids"]) for e in row] for row in rows], length)
     return Batch(ids.to(device), mask[:, None].to(device), labels.to(device), weights.to(device), positions.to(device),
-                 segments=blocks, real_tokens=real, padded_tokens=ids.numel() - real,
+                 real_tokens=real, padded_tokens=ids.numel() - real,
                  reference=_reference_targets(placed, length, device),
                  sequences=_sequence_targets(placed, length, device))
 

@@ -25,17 +25,14 @@ class Forward:
     device: Any
     autocast: bool
     logits_to_keep: bool
-    segment_attention: bool = False  # the model attends through attention.cpu_training_attention
 
-    def logits(self, model, ids, mask, needed, position_ids=None, segments=None):
+    def logits(self, model, ids, mask, needed, position_ids=None):
         """fp32 logits at the positions `needed`, shape (rows, len(needed), vocab)."""
         import torch
 
         kwargs = {"logits_to_keep": needed} if self.logits_to_keep else {}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        if segments is not None and self.segment_attention:
-            kwargs["segments"] = segments
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             out = model(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs)
         logits = out.logits.float()
@@ -59,14 +56,14 @@ def topk_kl(ref_logp, ref_ids, tuned_logp):
 
 
 def forward_losses(forward: Forward, model, ids, mask, labels, position_ids=None,
-                   reference: KlTargets | None = None, sequences: SequenceTargets | None = None, segments=None):
+                   reference: KlTargets | None = None, sequences: SequenceTargets | None = None):
     """(losses, labelled, target positions, KL sum, answer log-probs): logits only where some row has a
     labelled next token. Rehearsal positions (`reference`) give a KL term toward the base instead of a
     cross-entropy; `sequences` get their summed log-probs, and those only pushed down leave the SFT loss."""
     import torch
 
     needed = loss_positions(labels)
-    logits = forward.logits(model, ids, mask, needed, position_ids, segments)
+    logits = forward.logits(model, ids, mask, needed, position_ids)
     targets = labels[:, needed + 1]
     labelled = targets != IGNORE_INDEX
     logp = torch.log_softmax(logits, dim=-1)
@@ -95,8 +92,7 @@ def batch_terms(forward: Forward, model, batch: Batch):
     """(per-token losses, labelled mask, per-token weights, rehearsal KL sum or None, preference answers'
     summed log-probs or None) of one Batch."""
     losses, labelled, targets, kl, sequence_logp = forward_losses(
-        forward, model, batch.ids, batch.mask, batch.labels, batch.position_ids, batch.reference, batch.sequences,
-        batch.segments)
+        forward, model, batch.ids, batch.mask, batch.labels, batch.position_ids, batch.reference, batch.sequences)
     return losses, labelled, batch.token_weights[:, targets], kl, sequence_logp
 
 

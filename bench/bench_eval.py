@@ -42,7 +42,7 @@ def _run(home, repeats: int, quick: bool) -> dict:
     from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
-    # 32 prompts: one full batch at the default eval.batch_size, so both sides run the same single batch
+    # 32 prompts: one batch on both sides (the default eval.batch_size holds more)
     count, new_tokens = (8, 16) if quick else (32, settings.eval.max_new_tokens)
     if quick:
         settings = load_settings(overrides={"eval": {"max_new_tokens": new_tokens}})
@@ -50,7 +50,9 @@ def _run(home, repeats: int, quick: bool) -> dict:
     conversations = question_conversations(settings, items)
     chat = ChatModel.load(settings)
     chat.generate_batch(conversations[:2], max_new_tokens=4, batch_size=2)  # warm-up
-    batch_size = settings.eval.batch_size
+    from continuous_learning.evaluate.generation import batch_rows
+
+    batch_size = batch_rows(chat, conversations, settings)  # the batch the runner uses, for HF too
 
     def ours() -> list[str]:
         return answer_in_batches(chat, conversations, settings)[0]

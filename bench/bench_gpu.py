@@ -102,6 +102,7 @@ def _training(home, env: dict, repeats: int, quick: bool) -> dict:
 def _eval(repeats: int, quick: bool) -> dict:
     from .bench_eval import eval_items
     from continuous_learning.evaluate import answer_in_batches, question_conversations
+    from continuous_learning.evaluate.generation import batch_rows
     from continuous_learning.chat.models import ChatModel
     from continuous_learning.core.settings import load_settings
 
@@ -110,9 +111,9 @@ def _eval(repeats: int, quick: bool) -> dict:
     chat = ChatModel.load(settings)
     chat.generate_batch(conversations[:2], max_new_tokens=4, batch_size=2)
     ours_s, base_s = [], []
+    rows = batch_rows(chat, conversations, settings)  # the batch the runner uses, for HF too
     for _ in range(repeats):
-        took, base_out = timed(lambda: chat.generate_batch(conversations, settings.eval.max_new_tokens,
-                                                           settings.eval.batch_size))
+        took, base_out = timed(lambda: chat.generate_batch(conversations, settings.eval.max_new_tokens, rows))
         base_s.append(took)
         took, ours_out = timed(lambda: answer_in_batches(chat, conversations, settings)[0])
         ours_s.append(took)

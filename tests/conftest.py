@@ -12,14 +12,44 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """One model cache for the whole run, so the bundled GGUF is converted at most once."""
+    """One model cache for the whole run, so the bundled GGUF is converted at most once: not at all when the
+    machine's cache already holds its conversion (`make setup` makes it), which is then copied in."""
     if os.environ.get("CL_TEST_MODEL_CACHE"):
         return Path(os.environ["CL_TEST_MODEL_CACHE"])
     if os.environ.get("PYTEST_XDIST_WORKER"):  # workers share one cache (its writes are locked or atomic)
-        shared = tmp_path_factory.getbasetemp().parent / "model_cache"
-        shared.mkdir(exist_ok=True)
-        return shared
-    return tmp_path_factory.mktemp("model_cache")
+        cache = tmp_path_factory.getbasetemp().parent / "model_cache"
+        cache.mkdir(exist_ok=True)
+    else:
+        cache = tmp_path_factory.mktemp("model_cache")
+    _copy_machine_conversion(cache)
+    return cache
+
+
+def _copy_machine_conversion(cache: Path) -> None:
+    """The bundled model's conversion from the machine's model cache, when it was made from this very GGUF file
+    (its fingerprint says so), copied into `cache` under the lock the conversion itself takes (a copy: a test may
+    change its files)."""
+    import shutil
+
+    import orjson
+
+    from continuous_learning.chat.resolve import BUNDLED_NAME, bundled_gguf
+    from continuous_learning.core.settings import load_settings
+    from continuous_learning.registry import file_sha256
+    from continuous_learning.storage.store import workspace_lock
+
+    source = load_settings(home=cache).model_cache / BUNDLED_NAME
+    target = cache / BUNDLED_NAME
+    marker = source / "cl_fingerprint.json"
+    if not marker.is_file() or orjson.loads(marker.read_bytes()).get("sha256") != file_sha256(bundled_gguf()):
+        return
+    with workspace_lock(cache, f"convert-{BUNDLED_NAME}", wait=600):
+        if (target / "cl_fingerprint.json").exists():
+            return
+        partial = cache / f".{BUNDLED_NAME}.{os.getpid()}.partial"
+        shutil.copytree(source, partial)
+        os.replace(partial, target)
+
 
 
 @pytest.fixture(scope="session")

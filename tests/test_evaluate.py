@@ -707,3 +707,32 @@ def test_the_shipped_everyday_answers_are_the_bundled_models_own(real_workspace,
     one_by_one = chat.generate_batch(question_conversations(settings, sample[:4]),
                                      max_new_tokens=settings.eval.max_new_tokens, batch_size=1)
     assert one_by_one == answers[:4]
+
+
+def test_eval_batches_hold_at_most_2_gb_of_key_value_cache():
+    """`eval.batch_size` (128) rows for the bundled model; a 7B model's rows hold 0.5 MB of cache per token in bf16,
+    so its batch is cut to what fits in 2 GB."""
+    import dataclasses
+
+    import torch
+    from transformers import LlamaConfig
+
+    from continuous_learning.core.settings import load_settings
+    from continuous_learning.evaluate.generation import KV_CACHE_BUDGET, rows_per_batch
+
+    @dataclasses.dataclass
+    class Weights:  # what rows_per_batch reads of a model: its config and its weights' element size
+        config: LlamaConfig
+        dtype: torch.dtype
+
+        def parameters(self):
+            yield torch.empty(1, dtype=self.dtype)
+
+    settings = load_settings(env={})
+    small = LlamaConfig(num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, hidden_size=576)
+    assert rows_per_batch(Weights(small, torch.float32), 100, settings) == settings.eval.batch_size == 128
+    big = LlamaConfig(num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, hidden_size=4096)
+    rows = rows_per_batch(Weights(big, torch.bfloat16), 100, settings)
+    per_row = 2 * 32 * 4096 * 2 * (100 + settings.eval.max_new_tokens)
+    assert rows == KV_CACHE_BUDGET // per_row == 24
+    assert rows_per_batch(Weights(big, torch.bfloat16), 10**7, settings) == 1  # never less than one row

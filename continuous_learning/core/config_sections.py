@@ -231,8 +231,8 @@ class EvalConfig:
     min_questions: int = _knob(5, "Fewer target questions than this: the held-out loss decides the gain")
     loss_margin: float = _knob(0.05, "With too few questions, the held-out loss must fall by at least this share")
     max_new_tokens: int = _knob(64, "Answer length during evaluation")
-    batch_size: int = _knob(32, "Prompts generated together (finished answers leave the batch, so large batches cost "
-                                "little)")
+    batch_size: int = _knob(128, "Most prompts generated together (finished answers leave the batch, so large "
+                                 "batches cost little; fewer when their key/value cache would pass 2 GB)")
 
     def __post_init__(self) -> None:
         _require("eval", self, [

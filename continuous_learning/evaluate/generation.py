@@ -78,8 +78,28 @@ def greedy_batch(chat, conversations: list[list[dict]], max_new_tokens: int) -> 
     return [tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in produced]
 
 
+KV_CACHE_BUDGET = 2 << 30  # bytes of key/value cache one eval batch may hold at its longest
+
+
+def rows_per_batch(model, prompt_tokens: int, settings: Settings) -> int:
+    """`eval.batch_size`, lowered so that the batch's key/value cache stays within KV_CACHE_BUDGET: 128 rows of the
+    bundled 135M model hold about 1 GB, but a 7B model's would hold over 10 GB."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = next(model.parameters()).element_size()
+    per_row = 2 * config.num_hidden_layers * heads * head_dim * element * (prompt_tokens + settings.eval.max_new_tokens)
+    return max(1, min(settings.eval.batch_size, KV_CACHE_BUDGET // max(1, per_row)))
+
+
+def batch_rows(chat, conversations: list[list[dict]], settings: Settings) -> int:
+    """How many of `conversations` one eval batch holds (`rows_per_batch` for the longest of them)."""
+    longest = max((sum(len(m["content"]) for m in c) for c in conversations), default=0)
+    return rows_per_batch(chat.model, 64 + longest // 2, settings)  # template + a token per 2 chars at most
+
+
 def answer_in_batches(chat, conversations: list[list[dict]], settings: Settings) -> tuple[list[str], dict]:
-    size = max(1, settings.eval.batch_size)
+    size = batch_rows(chat, conversations, settings)
     order = by_length(conversations)
     answers: list[str] = [""] * len(conversations)
     started = time.perf_counter()

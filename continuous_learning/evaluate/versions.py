@@ -182,13 +182,13 @@ def _cached_base_general(cache: Path) -> dict | None:
 
 
 def _answer_and_score(settings, chat, items, part, parts) -> dict:
-    """The target questions under each of `target_system_prompts`, the everyday ones under the chat's prompt."""
+    """The target questions under each of `target_system_prompts`, the everyday ones under the chat's prompt. All
+    of a part's conversations are generated together: a batch step costs about the same for 6 rows as for 18."""
     prompts = target_system_prompts(settings) if part == "target" else [True]
-    answers = []
-    for prompt in prompts:
-        got, timing = answer_in_batches(chat, question_conversations(settings, items, prompt), settings)
-        answers.append(got)
-        parts.append(timing)
+    conversations = [c for prompt in prompts for c in question_conversations(settings, items, prompt)]
+    flat, timing = answer_in_batches(chat, conversations, settings)
+    parts.append(timing)
+    answers = [flat[k * len(items) : (k + 1) * len(items)] for k in range(len(prompts))]
     return score_under_prompts(items, answers, prompts) if part == "target" else score_items(items, answers[0])
 
 

@@ -1,6 +1,6 @@
-"""Keyword eval over 32 prompts on the real bundled SmolLM2: the project's batched runner against Hugging Face
-`generate` batched with left padding at the same batch size (`eval.batch_size`), greedy both ways, counting how many
-answers are identical. Runs are interleaved; the ratio is the median of the per-repeat ratios."""
+"""Keyword eval over 128 prompts (one batch at the default `eval.batch_size`) on the real bundled SmolLM2: the
+project's batched runner against Hugging Face `generate` batched with left padding at the same batch size, greedy
+both ways, counting how many answers are identical. Runs are interleaved; the ratio is the median of the per-repeat ratios."""
 from __future__ import annotations
 
 
@@ -42,8 +42,8 @@ def _run(home, repeats: int, quick: bool) -> dict:
     from continuous_learning.core.settings import load_settings
 
     settings = load_settings()
-    # 32 prompts: one batch on both sides (the default eval.batch_size holds more)
-    count, new_tokens = (8, 16) if quick else (32, settings.eval.max_new_tokens)
+    # one batch at the default eval.batch_size on both sides: what a gate asking the 98 everyday questions runs
+    count, new_tokens = (8, 16) if quick else (128, settings.eval.max_new_tokens)
     if quick:
         settings = load_settings(overrides={"eval": {"max_new_tokens": new_tokens}})
     items = eval_items(count)

@@ -442,7 +442,9 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_turn(workspace):
     sock = bind_socket("127.0.0.1", 0)
     port = sock.getsockname()[1]
     sock.close()
-    env = {**os.environ, "CL_SERVE_MAX_TOKENS": "60",  # the answers run their full length (no line-loop stop)
+    # Answers run their full length (no line-loop stop), long enough that the first is still generating when the
+    # other three have arrived, even on a loaded machine (at 60 tokens it sometimes ended first).
+    env = {**os.environ, "CL_SERVE_MAX_TOKENS": "300",
            "CL_CHAT_MAX_REPEATED_LINES": "0", "CL_CHAT_MAX_BLANK_LINES": "0"}
     proc = subprocess.Popen([sys.executable, "-m", "continuous_learning.cli", "serve", "--port", str(port),
                              "--log-level", "warning"],
@@ -461,7 +463,7 @@ def test_sigterm_finishes_in_flight_requests_and_loses_no_turn(workspace):
         def ask(k: int):
             try:
                 return httpx.post(f"{url}/v1/chat/completions", timeout=120,
-                                  json={"messages": [{"role": "user", "content": f"question {k}"}], "max_tokens": 60})
+                                  json={"messages": [{"role": "user", "content": f"question {k}"}], "max_tokens": 300})
             except httpx.TransportError as exc:
                 return exc
 

@@ -62,7 +62,7 @@ def pooled_dedupe_near(pool: ExamplePool, rows: Any) -> tuple[Any, int]:
     if not pool.near or len(rows) < 2:
         return rows, 0
     ordered = pool.rank_desc(rows)
-    groups = BandGroups(pool.cols["text_keys"][ordered])
+    groups = BandGroups(pool.text_band_keys(ordered))
     kept = bytearray(b"\x01") * len(ordered)
     kept_in: dict[int, list[int]] = {}  # band group -> its kept positions so far (the only candidates that count)
     text_of = recent(lambda k: pool.text(int(ordered[k])))

@@ -55,6 +55,7 @@ class Spool:
         self.size = 0
         self._unflushed = False
         self._cipher = cipher_from_env()
+        self._key_files: list[KeyFile] = []
 
     def _open(self) -> None:  # on the first example, so a run that selects nothing creates nothing
         ensure_dir(self.folder)
@@ -77,7 +78,15 @@ class Spool:
             self._unflushed = False
         return open_record(orjson.loads(os.pread(self._file.fileno(), length, offset)), self._cipher)
 
+    def key_file(self, kind: str, bands: int) -> KeyFile:
+        """A temp file beside the spool for one kind of band keys, removed with it."""
+        keys = KeyFile(self.folder, kind, bands)
+        self._key_files.append(keys)
+        return keys
+
     def close(self) -> None:
+        for keys in self._key_files:
+            keys.close()
         if self._file is not None:
             self._file.close()
             with contextlib.suppress(FileNotFoundError):
@@ -87,14 +96,68 @@ class Spool:
                 self.folder.rmdir()  # only when still empty
 
 
+class KeyFile:
+    """MinHash band keys (`bands` uint32 per example, in arrival order) appended to a temp file as they are
+    computed, and read back for the rows one stage asks for. They are a run's largest columns (two kinds of 64
+    bytes per example), and each is needed by one stage only (text keys by near-dedupe, prompt keys by the split),
+    after the feedback tables of pass 2 are gone: held in memory from arrival on, they decided the peak.
+    The keys are hashes of hashed shingles, not text; the file is 0600 and removed with the spool."""
+
+    def __init__(self, folder: Path, kind: str, bands: int):
+        self.folder, self.kind, self.bands = folder, kind, bands
+        self.path: Path | None = None
+        self._fd: int | None = None
+        self.rows = 0
+
+    def append(self, keys: Any) -> None:
+        if self._fd is None:
+            ensure_dir(self.folder)
+            self._fd, name = temp_file(self.folder / f"curate_{self.kind}_keys", prefix=f".curate_{self.kind}_keys.")
+            self.path = Path(name)
+        data = keys.astype("<u4", copy=False).tobytes()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view):]
+        self.rows += len(keys)
+
+    def gather(self, rows: Any, chunk_rows: int = 1 << 16) -> Any:
+        """(len(rows) x bands) keys of these rows, in their order, read in chunks (never the whole file at once)."""
+        import numpy as np
+
+        out = np.empty((len(rows), self.bands), dtype=np.uint32)
+        if not len(rows):
+            return out
+        order = np.argsort(rows, kind="stable")
+        wanted = rows[order]
+        for start in range(0, int(wanted[-1]) + 1, chunk_rows):
+            lo, hi = np.searchsorted(wanted, [start, start + chunk_rows])
+            if lo == hi:
+                continue
+            count = min(chunk_rows, self.rows - start) * self.bands
+            raw = os.pread(self._fd, count * 4, start * self.bands * 4)
+            chunk = np.frombuffer(raw, dtype="<u4").reshape(-1, self.bands)
+            out[order[lo:hi]] = chunk[wanted[lo:hi] - start]
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
 class ExamplePool:
     """The selected examples of one run: spooled lines plus numpy columns (rank, ids, times, domain, MinHash band
-    keys of the text and of the prompt), and the merged sources/users of duplicates that absorbed others."""
+    keys of the text and of the prompt, on disk), and the merged sources/users of duplicates that absorbed others."""
 
     def __init__(self, spool: Spool, seed: int, threshold: float):
         self.spool, self.seed, self.threshold = spool, str(seed), threshold
         self.near = threshold < 1
         self._index = NearIndex(threshold) if self.near else None
+        bands = self._index.bands if self._index else 0
+        self._text_keys = spool.key_file("text", bands) if self.near else None
+        self._prompt_keys = spool.key_file("prompt", bands) if self.near else None
         self.tools: list[str] = []
         self._tool_codes: dict[str, int] = {}
         self._rows: list[tuple] = []
@@ -133,8 +196,8 @@ class ExamplePool:
         columns = list(zip(*self._rows)) or [()] * len(names)
         chunk = {name: np.array(values, dtype=dtype) for name, values, dtype in zip(names, columns, dtypes)}
         if self.near:
-            chunk["text_keys"] = self._index.band_keys(self._texts)
-            chunk["prompt_keys"] = self._index.band_keys(self._prompts)
+            self._text_keys.append(self._index.band_keys(self._texts))
+            self._prompt_keys.append(self._index.band_keys(self._prompts))
         self._chunks.append(chunk)
         self._rows, self._texts, self._prompts = [], [], []
 
@@ -194,15 +257,19 @@ class ExamplePool:
                             -self.cols["kind"][rows].astype(np.int64)))
         return rows[order]
 
+    def text_band_keys(self, rows: Any) -> Any:
+        """Band keys of these rows' texts (computed on arrival, kept on disk until near-dedupe asks)."""
+        return self._text_keys.gather(rows)
+
     def prompt_band_keys(self, rows: Any) -> Any:
         """Band keys of these rows' prompts (computed on arrival: reading millions of prompts back from the spool
         for them took minutes)."""
-        return self.cols["prompt_keys"][rows]
+        return self._prompt_keys.gather(rows)
 
     def forget_text_keys(self) -> None:
         """Near-dedupe is done: its keys are not needed again."""
-        self.cols.pop("text_keys", None)
-        give_back_freed_memory()
+        if self._text_keys is not None:
+            self._text_keys.close()
 
     def tool_of(self, row: int) -> str | None:
         code = int(self.cols["tool"][row])

@@ -33,10 +33,15 @@ class Example:
         return self.kind != "unhelpful"
 
     @cached_property
+    def _normalised(self) -> list[tuple[str, str]]:
+        """(role, normalised content) of each non-system message: id, text and prompt key all start from these,
+        and normalising is the costly part of building them on a big log."""
+        return [(m["role"], normalise(m["content"])) for m in self.messages if m["role"] != "system"]
+
+    @cached_property
     def id(self) -> str:
         """Short sha256 of the normalised prompt (the dialogue before the target) and the answer."""
-        dialogue = (f"{m['role']}:{normalise(m['content'])}" for m in self.messages if m["role"] != "system")
-        return short_hash(*dialogue)
+        return short_hash(*(f"{role}:{content}" for role, content in self._normalised))
 
     @property
     def prompt(self) -> str:
@@ -44,11 +49,11 @@ class Example:
 
     @cached_property
     def prompt_key(self) -> str:
-        return normalise(self.prompt)
+        return next((content for role, content in reversed(self._normalised) if role == "user"), "")
 
     @property
     def text(self) -> str:
-        return "\n".join(normalise(m["content"]) for m in self.messages if m["role"] != "system")
+        return "\n".join(content for _, content in self._normalised)
 
     def absorb(self, other: Example) -> Example:
         """The better-rated of two duplicates, carrying the sources and users of both."""

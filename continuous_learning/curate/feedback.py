@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ..core.records import FEEDBACK, Feedback
-from ..storage.crypto import cipher_from_env, open_messages
-from ..storage.store import ReadReport, iter_jsonl
+from ..storage.crypto import cipher_from_env, may_hold_sealed, open_messages
+from ..storage.store import ReadReport, iter_jsonl_lines
 from .cursor import Cursor, Watermark, moment_of
 from .progress import Progress, ticker
 from .selection import merge_feedback
@@ -245,11 +245,11 @@ def scan_feedback(path: Path, cursor: Cursor, progress: Progress | None = None,
         scan.late = _KeysOf(scan.table)
     tick = ticker(progress, "reading feedback", total)
     cipher = cipher_from_env()
-    for number, record in iter_jsonl(path, scan.report):
+    for number, raw, record in iter_jsonl_lines(path, scan.report):
         scan.lines = number
         tick(number)
         if isinstance(record, dict) and record.get("type") == FEEDBACK:
-            _add_event(scan, open_messages(record, cipher), cursor)
+            _add_event(scan, open_messages(record, cipher) if may_hold_sealed(raw) else record, cursor)
     scan.lines = max(scan.lines, scan.report.bad_lines[-1][0] if scan.report.bad_lines else 0)
     scan.table.freeze()
     tick(scan.lines, True)

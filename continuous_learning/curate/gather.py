@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..core.records import INTERACTION, Interaction
-from ..storage.crypto import cipher_from_env, open_messages
-from ..storage.store import iter_jsonl
+from ..storage.crypto import cipher_from_env, may_hold_sealed, open_messages
+from ..storage.store import iter_jsonl_lines
 from .cursor import Cursor, Watermark, moment_of
 from .examples import Example
 from .feedback import FeedbackScan
@@ -39,12 +39,14 @@ def _selected(path: Path, state: _Pass2, progress: Progress | None) -> Iterator[
     scan = state.scan
     tick = ticker(progress, "selecting turns", scan.lines)
     cipher = cipher_from_env()
-    for number, record in iter_jsonl(path):
+    for number, raw, record in iter_jsonl_lines(path):
         if number > scan.lines:  # appended after pass 1: its feedback was not collected, leave it to the next run
             break
         tick(number)
         if isinstance(record, dict) and record.get("type") == INTERACTION:
-            example = state.consider(open_messages(record, cipher))
+            if may_hold_sealed(raw):
+                record = open_messages(record, cipher)
+            example = state.consider(record)
             if example is not None:
                 yield example
     tick(scan.lines, True)

@@ -56,6 +56,7 @@ class Spool:
         self._unflushed = False
         self._cipher = cipher_from_env()
         self._key_files: list[KeyFile] = []
+        self._on_close: list[Callable[[], None]] = []
 
     def _open(self) -> None:  # on the first example, so a run that selects nothing creates nothing
         ensure_dir(self.folder)
@@ -78,6 +79,10 @@ class Spool:
             self._unflushed = False
         return open_record(orjson.loads(os.pread(self._file.fileno(), length, offset)), self._cipher)
 
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Run `callback` when the spool closes (before its files go), on success and failure alike."""
+        self._on_close.append(callback)
+
     def key_file(self, kind: str, bands: int) -> KeyFile:
         """A temp file beside the spool for one kind of band keys, removed with it."""
         keys = KeyFile(self.folder, kind, bands)
@@ -85,6 +90,8 @@ class Spool:
         return keys
 
     def close(self) -> None:
+        for callback in self._on_close:
+            callback()
         for keys in self._key_files:
             keys.close()
         if self._file is not None:
@@ -147,6 +154,36 @@ class KeyFile:
                 self.path.unlink()
 
 
+class _KeyWorker:
+    """MinHash band keys of one chunk of texts and prompts, computed in a helper thread while the main thread
+    parses the next chunk (numpy releases the interpreter lock while it hashes, so the two share the machine's
+    cores). One chunk is in flight at a time: `submit` hands over a chunk and returns the previous chunk's keys,
+    so keys come back in arrival order and at most two chunks of texts are held."""
+
+    def __init__(self, index: NearIndex):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._index = index
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curate-minhash")
+        self._pending: Any = None
+
+    def _keys(self, texts: list[str], prompts: list[str]) -> tuple[Any, Any]:
+        return self._index.band_keys(texts), self._index.band_keys(prompts)
+
+    def submit(self, texts: list[str], prompts: list[str]) -> tuple[Any, Any] | None:
+        done = self.drain()
+        self._pending = self._executor.submit(self._keys, texts, prompts)
+        return done
+
+    def drain(self) -> tuple[Any, Any] | None:
+        """The keys of the chunk in flight (None when there is none); an error in the helper is raised here."""
+        pending, self._pending = self._pending, None
+        return None if pending is None else pending.result()
+
+    def stop(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
 class ExamplePool:
     """The selected examples of one run: spooled lines plus numpy columns (rank, ids, times, domain, MinHash band
     keys of the text and of the prompt, on disk), and the merged sources/users of duplicates that absorbed others."""
@@ -158,6 +195,8 @@ class ExamplePool:
         bands = self._index.bands if self._index else 0
         self._text_keys = spool.key_file("text", bands) if self.near else None
         self._prompt_keys = spool.key_file("prompt", bands) if self.near else None
+        self._hashing = _KeyWorker(self._index) if self.near else None
+        spool.on_close(self._stop_hashing)
         self.tools: list[str] = []
         self._tool_codes: dict[str, int] = {}
         self._rows: list[tuple] = []
@@ -196,15 +235,26 @@ class ExamplePool:
         columns = list(zip(*self._rows)) or [()] * len(names)
         chunk = {name: np.array(values, dtype=dtype) for name, values, dtype in zip(names, columns, dtypes)}
         if self.near:
-            self._text_keys.append(self._index.band_keys(self._texts))
-            self._prompt_keys.append(self._index.band_keys(self._prompts))
+            self._store_keys(self._hashing.submit(self._texts, self._prompts))
         self._chunks.append(chunk)
         self._rows, self._texts, self._prompts = [], [], []
+
+    def _store_keys(self, keys: tuple[Any, Any] | None) -> None:
+        if keys is not None:
+            self._text_keys.append(keys[0])
+            self._prompt_keys.append(keys[1])
+
+    def _stop_hashing(self) -> None:
+        if self._hashing is not None:
+            self._hashing.stop()
 
     def finish(self) -> None:
         import numpy as np
 
         self._flush()
+        if self.near:
+            self._store_keys(self._hashing.drain())
+            self._stop_hashing()
         for name in list(self._chunks[0]):  # column by column, freeing the pieces as it goes
             self.cols[name] = np.concatenate([chunk.pop(name) for chunk in self._chunks])
         self._chunks = []

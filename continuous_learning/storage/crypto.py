@@ -14,6 +14,7 @@ from ..core.errors import CLError
 from .keys import KEY_ENV as ENV_KEY
 
 MARKER = "enc:v1:"
+_MARKER_BYTES = MARKER.encode("ascii")
 KEY_COMMAND = 'python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"'
 _FEEDBACK_TEXTS = ("correction", "comment")
 
@@ -100,6 +101,13 @@ def seal_messages(record: Any, cipher: Cipher | None) -> Any:
     if cipher is None:
         return record
     return _map_texts(record, lambda v: encrypt_text(cipher, v))
+
+
+def may_hold_sealed(raw: bytes) -> bool:
+    """False when the JSON line `raw` cannot hold a sealed text: the marker is plain ASCII, so a sealed string shows
+    it verbatim unless the writer escaped plain characters (`\\u`, which this tool never writes). Readers of big
+    logs skip `open_messages` on such lines."""
+    return _MARKER_BYTES in raw or b"\\u" in raw
 
 
 def open_messages(record: Any, cipher: Cipher | None) -> Any:

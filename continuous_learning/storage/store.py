@@ -127,6 +127,13 @@ MAX_RECORD_BYTES = 16 * 1024 * 1024  # records this tool writes are far smaller;
 def iter_jsonl(path: Path, report: ReadReport | None = None,
                max_line_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, Any]]:
     """Stream (line number, parsed record). Undecodable or over-long lines are skipped and noted in `report`."""
+    for number, _, record in iter_jsonl_lines(path, report, max_line_bytes):
+        yield number, record
+
+
+def iter_jsonl_lines(path: Path, report: ReadReport | None = None,
+                     max_line_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, bytes, Any]]:
+    """`iter_jsonl` with each record's raw line beside it (callers that can skip work by looking at the bytes)."""
     report = report if report is not None else ReadReport()
     if not path.exists():
         return
@@ -140,7 +147,7 @@ def iter_jsonl(path: Path, report: ReadReport | None = None,
             if not raw.strip():
                 continue
             try:
-                yield number, orjson.loads(raw)
+                yield number, raw, orjson.loads(raw)
             except orjson.JSONDecodeError as exc:
                 reason = "torn last line" if not raw.endswith(b"\n") else f"not valid JSON ({exc})"
                 report.bad_lines.append((number, reason))
